@@ -1,0 +1,35 @@
+"""Shared fixtures: small quantizer constants for op-level tests."""
+
+import pytest
+import torch
+
+from tq_ops import TurboQuantMSE, TurboQuantProd
+
+
+def quantizer(kind: str, dim: int, bits: int, seed: int = 0):
+    """A TurboQuantMSE ('mse') or TurboQuantProd ('prod') with `bits` user bits."""
+    return (TurboQuantProd if kind == "prod" else TurboQuantMSE)(dim, bits, seed=seed)
+
+
+def key_fields(q, fields):
+    """The 4 key arguments of the ops (signs/residual_norms None for MSE) + constants."""
+    indices, norms, *rest = fields
+    signs, residual_norms = rest if q.qjl is not None else (None, None)
+    return (indices, norms, signs, residual_norms, q.rotation, q.centroids, q.qjl, q.index_bits)
+
+
+def compress(q, x):
+    return torch.ops.tq.compress(x, q.rotation, q.centroids, q.qjl, q.index_bits, q.norm_dtype)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (Dynamo wraps errors raised at trace time)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield

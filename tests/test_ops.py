@@ -1,0 +1,287 @@
+"""The `tq::` ops on CPU: opcheck, contracts, independent float64 references, compile."""
+
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from conftest import compress, key_fields, quantizer
+from tq_ops import reference
+from tq_ops.packing import packed_bytes
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def attention_args(q, kq, vq, k, v, scale=0.3, causal=False, mask=None, kv_lens=None):
+    return (q, *key_fields(kq, compress(kq, k)), *compress(vq, v)[:2], vq.rotation,
+            vq.centroids, vq.index_bits, scale, causal, mask, kv_lens)
+
+
+# ---------------------------------------------------------------- opcheck
+
+@pytest.mark.parametrize("kind,bits", [("mse", 3), ("prod", 4), ("prod", 1), ("mse", 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_compress_decompress_scores(kind, bits, dtype):
+    quant = quantizer(kind, 16, bits)
+    x = randn(2, 2, 5, 16, dtype=dtype)
+    torch.library.opcheck(torch.ops.tq.compress.default,
+                          (x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
+                           torch.float16))
+    fields = key_fields(quant, compress(quant, x))
+    torch.library.opcheck(torch.ops.tq.decompress.default, fields + (dtype,))
+    query = randn(2, 4, 3, 16, dtype=dtype, seed=1)
+    torch.library.opcheck(torch.ops.tq.scores.default, (query,) + fields)
+
+
+@pytest.mark.parametrize("kind", ["mse", "prod"])
+def test_opcheck_compress_into(kind):
+    quant = quantizer(kind, 16, 3)
+    x = randn(1, 2, 3, 16)
+    buffers = [t.new_zeros(1, 2, 10, t.shape[-1]) for t in compress(quant, x)]
+    if kind == "mse":
+        buffers[2:] = [None, None]
+    torch.library.opcheck(torch.ops.tq.compress_into.default,
+                          (x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
+                           torch.tensor([7, 2, 4]), *buffers))
+
+
+@pytest.mark.parametrize("variant", ["plain", "causal", "bool_mask", "float_mask", "kv_lens"])
+def test_opcheck_attention(variant):
+    kq, vq = quantizer("prod", 16, 3), quantizer("mse", 16, 2, seed=1)
+    q, k, v = randn(2, 4, 3, 16), randn(2, 2, 6, 16, seed=1), randn(2, 2, 6, 16, seed=2)
+    mask = {"bool_mask": randn(2, 1, 3, 6, seed=3) > 0,
+            "float_mask": randn(1, 4, 3, 6, seed=3)}.get(variant)
+    kv_lens = torch.tensor([6, 4]) if variant == "kv_lens" else None
+    args = attention_args(q, kq, vq, k, v, causal=variant == "causal", mask=mask, kv_lens=kv_lens)
+    torch.library.opcheck(torch.ops.tq.attention.default, args)
+
+
+# ------------------------------------------------------- shape/dtype contracts (fuzzed)
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["mse", "prod"]), bits=st.integers(1, 8),
+       dim=st.sampled_from([8, 9, 17, 33, 64, 80, 96, 128]), batch=st.integers(1, 2),
+       heads=st.integers(1, 3), seq=st.integers(0, 6), dtype=st.sampled_from(DTYPES),
+       out_dtype=st.sampled_from(DTYPES))
+def test_compress_decompress_contract(kind, bits, dim, batch, heads, seq, dtype, out_dtype):
+    quant = quantizer(kind, dim, bits)
+    x = randn(batch, heads, seq, dim, dtype=dtype)
+    fields = compress(quant, x)
+    lead = (batch, heads, seq)
+    assert fields[0].shape == lead + (packed_bytes(dim, quant.index_bits),)
+    assert fields[0].dtype == torch.uint8 and fields[1].shape == lead + (1,)
+    assert fields[1].dtype == torch.float16
+    has_qjl = kind == "prod"
+    assert fields[2].shape == lead + ((packed_bytes(dim, 1),) if has_qjl else (0,))
+    assert fields[3].shape == lead + ((1,) if has_qjl else (0,))
+    x_hat = torch.ops.tq.decompress(*key_fields(quant, fields), out_dtype)
+    assert x_hat.shape == x.shape and x_hat.dtype == out_dtype
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.tq.compress(mode.from_tensor(x), mode.from_tensor(quant.rotation),
+                                     mode.from_tensor(quant.centroids),
+                                     None if quant.qjl is None else mode.from_tensor(quant.qjl),
+                                     quant.index_bits, torch.float16)
+    for real, meta in zip(fields, fake):
+        assert (real.shape, real.dtype, real.stride()) == (meta.shape, meta.dtype, meta.stride())
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["mse", "prod"]), bits=st.integers(1, 4),
+       dim=st.sampled_from([16, 24, 40]), group=st.sampled_from([1, 2, 4]),
+       q_len=st.integers(1, 4), kv_len=st.integers(0, 7), dtype=st.sampled_from(DTYPES))
+def test_scores_equal_inner_products_with_the_reconstruction(kind, bits, dim, group, q_len,
+                                                               kv_len, dtype):
+    """The estimator is linear: scores == q @ decompress(k)^T (float64, independent path)."""
+    quant = quantizer(kind, dim, bits)
+    k = randn(2, 2, kv_len, dim, seed=1)
+    q = randn(2, 2 * group, q_len, dim, dtype=dtype, seed=2)
+    fields = key_fields(quant, compress(quant, k))
+    got = torch.ops.tq.scores(q, *fields)
+    assert got.shape == (2, 2 * group, q_len, kv_len) and got.dtype == dtype
+    k_hat = torch.ops.tq.decompress(*fields, torch.float32).double()
+    k_hat = k_hat.repeat_interleave(group, dim=1)
+    expected = q.double() @ k_hat.transpose(-1, -2)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()) if expected.numel() else 0.0)
+
+
+# ------------------------------------------------------------------ attention semantics
+
+def attention_float64(q, k_hat, v_hat, scale, causal, mask, kv_lens):
+    """Straightforward per-(batch, head, query) softmax attention in float64."""
+    batch, heads, q_len, _ = q.shape
+    group = heads // k_hat.shape[1]
+    out = torch.zeros(batch, heads, q_len, v_hat.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        length = k_hat.shape[2] if kv_lens is None else int(kv_lens[b])
+        for h in range(heads):
+            for i in range(q_len):
+                logits = scale * (k_hat[b, h // group] @ q[b, h, i].double())
+                allowed = torch.arange(k_hat.shape[2]) < length
+                if causal:
+                    allowed &= torch.arange(k_hat.shape[2]) <= length - q_len + i
+                if mask is not None and mask.dtype == torch.bool:
+                    allowed &= mask.expand(batch, heads, q_len, -1)[b, h, i]
+                elif mask is not None:
+                    logits = logits + mask.expand(batch, heads, q_len, -1)[b, h, i].double()
+                if allowed.any():
+                    p = torch.softmax(logits.masked_fill(~allowed, -math.inf), 0)
+                    out[b, h, i] = p @ v_hat[b, h // group]
+    return out
+
+
+@pytest.mark.parametrize("causal,mask_kind,ragged", [
+    (False, None, False), (True, None, False), (True, None, True), (False, "bool", True),
+    (False, "float", False), (True, "bool", True)])
+@pytest.mark.parametrize("key_kind", ["mse", "prod"])
+def test_attention_matches_float64_attention_on_reconstructions(causal, mask_kind, ragged,
+                                                                key_kind):
+    kq, vq = quantizer(key_kind, 32, 3), quantizer("mse", 32, 3, seed=1)
+    q, k, v = randn(2, 8, 3, 32), randn(2, 2, 9, 32, seed=1), randn(2, 2, 9, 32, seed=2)
+    mask = {"bool": randn(2, 1, 3, 9, seed=3) > -0.5, "float": randn(2, 8, 3, 9, seed=3)}.get(
+        mask_kind)
+    kv_lens = torch.tensor([9, 5]) if ragged else None
+    args = attention_args(q, kq, vq, k, v, 0.2, causal, mask, kv_lens)
+    got = torch.ops.tq.attention(*args)
+    k_hat = torch.ops.tq.decompress(*key_fields(kq, compress(kq, k)), torch.float32).double()
+    v_hat = torch.ops.tq.decompress(*key_fields(vq, compress(vq, v)), torch.float32).double()
+    expected = attention_float64(q, k_hat, v_hat, 0.2, causal, mask, kv_lens)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_uncompressed_limit_matches_sdpa():
+    """At 8 bits the compressed attention is close to SDPA on the original K/V."""
+    kq, vq = quantizer("mse", 64, 8), quantizer("mse", 64, 8, seed=1)
+    q, k, v = randn(1, 4, 16, 64), randn(1, 4, 16, 64, seed=1), randn(1, 4, 16, 64, seed=2)
+    got = torch.ops.tq.attention(*attention_args(q, kq, vq, k, v, 0.125, True))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_fully_masked_rows_are_zero_and_empty_cache_works():
+    kq, vq = quantizer("prod", 16, 3), quantizer("mse", 16, 3, seed=1)
+    q, k, v = randn(1, 2, 2, 16), randn(1, 2, 4, 16, seed=1), randn(1, 2, 4, 16, seed=2)
+    mask = torch.tensor([[True] * 4, [False] * 4]).view(1, 1, 2, 4)
+    out = torch.ops.tq.attention(*attention_args(q, kq, vq, k, v, 0.25, False, mask))
+    assert torch.isfinite(out).all() and (out[:, :, 1] == 0).all() and (out[:, :, 0] != 0).any()
+    empty = torch.ops.tq.attention(*attention_args(q, kq, vq, k[:, :, :0], v[:, :, :0]))
+    assert empty.shape == (1, 2, 2, 16) and (empty == 0).all()
+
+
+def test_gqa_equals_repeated_key_heads():
+    kq, vq = quantizer("prod", 16, 4), quantizer("mse", 16, 4, seed=1)
+    q, k, v = randn(1, 8, 2, 16), randn(1, 2, 5, 16, seed=1), randn(1, 2, 5, 16, seed=2)
+    grouped = attention_args(q, kq, vq, k, v, 0.25, True)
+    repeated = attention_args(q, kq, vq, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                              0.25, True)
+    assert torch.equal(torch.ops.tq.attention(*grouped), torch.ops.tq.attention(*repeated))
+    assert torch.equal(torch.ops.tq.scores(q, *grouped[1:9]), torch.ops.tq.scores(q, *repeated[1:9]))
+
+
+# --------------------------------------------------------------------- edge cases
+
+def test_zero_vectors_round_trip_to_zero():
+    for kind in ("mse", "prod"):
+        quant = quantizer(kind, 32, 3)
+        x = torch.zeros(1, 1, 3, 32)
+        x_hat = torch.ops.tq.decompress(*key_fields(quant, compress(quant, x)), torch.float32)
+        assert torch.equal(x_hat, x)
+
+
+def test_non_contiguous_inputs_match_contiguous():
+    quant = quantizer("prod", 32, 3)
+    base = randn(2, 5, 3, 32)  # (B, S, H, D) as projections produce it
+    x = base.transpose(1, 2)
+    assert not x.is_contiguous()
+    for a, b in zip(compress(quant, x), compress(quant, x.contiguous())):
+        assert torch.equal(a, b)
+    q = randn(2, 4, 6, 32, seed=1).transpose(1, 2)
+    fields = key_fields(quant, compress(quant, x))
+    assert torch.equal(torch.ops.tq.scores(q, *fields), torch.ops.tq.scores(q.contiguous(), *fields))
+
+
+def test_compress_into_writes_exactly_the_given_slots():
+    quant = quantizer("prod", 16, 3)
+    x = randn(2, 2, 3, 16)
+    fresh = compress(quant, x)
+    buffers = [torch.full((2, 2, 8, t.shape[-1]), 7).to(t.dtype) for t in fresh]
+    positions = torch.tensor([5, 0, 6])
+    torch.ops.tq.compress_into(x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
+                               positions, *buffers)
+    untouched = torch.tensor([i not in (5, 0, 6) for i in range(8)])
+    for buffer, new in zip(buffers, fresh):
+        assert torch.equal(buffer[:, :, positions], new)
+        assert (buffer[:, :, untouched] == 7).all()
+    with pytest.raises(IndexError, match="capacity"):
+        torch.ops.tq.compress_into(x, quant.rotation, quant.centroids, quant.qjl,
+                                   quant.index_bits, torch.tensor([1, 8, 2]), *buffers)
+
+
+# --------------------------------------------------------------------- memory
+
+class PeakMemory(TorchDispatchMode):
+    """Tracks bytes of tensors allocated by aten ops while active (views counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.owners = {}
+
+    def _free(self, key):
+        self.live -= self.owners.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.owners:
+                key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if size:
+                    self.owners[key] = size
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key)
+        return out
+
+
+def test_scoring_memory_stays_within_twice_the_output_plus_compressed_keys():
+    quant = quantizer("prod", 128, 3)
+    k = randn(1, 32, 6144, 128, seed=1)
+    q = randn(1, 32, 16, 128, seed=2)
+    fields = compress(quant, k)
+    compressed_bytes = sum(t.numel() * t.element_size() for t in fields)
+    with PeakMemory() as tracker:
+        out = reference.scores(q, *key_fields(quant, fields))
+    output_bytes = out.numel() * out.element_size()
+    assert tracker.peak >= output_bytes  # the tracker sees the output itself
+    assert tracker.peak <= 2 * output_bytes + compressed_bytes, tracker.peak / 2**20
+
+
+# --------------------------------------------------------------------- torch.compile
+
+def test_compile_fullgraph_dynamic_matches_eager_without_recompiling():
+    kq, vq = quantizer("prod", 32, 3), quantizer("mse", 32, 3, seed=1)
+
+    def step(q, k, v):
+        kf, vf = compress(kq, k), compress(vq, v)
+        scores = torch.ops.tq.scores(q, *key_fields(kq, kf))
+        out = torch.ops.tq.attention(q, *key_fields(kq, kf), vf[0], vf[1], vq.rotation,
+                                     vq.centroids, vq.index_bits, 0.2, True, None, None)
+        return scores, out
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for seq in (7, 12, 19):
+        q, k, v = randn(1, 4, 3, 32), randn(1, 2, seq, 32, seed=seq), randn(1, 2, seq, 32, seed=1)
+        for got, expected in zip(compiled(q, k, v), step(q, k, v)):
+            assert torch.equal(got, expected)
+    assert counter.frame_count == 1

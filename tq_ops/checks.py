@@ -1,0 +1,75 @@
+"""Argument validation shared by every `tq::` op.
+
+Only metadata (shapes, dtypes, devices) is inspected, so the same checks run in eager mode
+and at trace time (on fake tensors), raising TypeError / ValueError that name the argument.
+"""
+
+import torch
+from torch import Tensor
+
+from .packing import packed_bytes
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NORM_DTYPES = FLOAT_DTYPES
+
+
+def tensor(name: str, value, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        wanted = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({wanted}), got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+
+
+def same_device(reference: Tensor, **tensors: Tensor | None) -> None:
+    for name, value in tensors.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(f"{name} is on {value.device} but the input is on "
+                             f"{reference.device}; move all arguments to one device")
+
+
+def shape(name: str, value: Tensor, expected: tuple) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def quantizer(prefix: str, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
+              bits: int, dim) -> None:
+    """Rotation (D, D), centroids (2**bits,), optional QJL matrix (M, D), all float32."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= 8:
+        raise ValueError(f"{prefix}bits must be an int in [0, 8], got {bits!r}")
+    if bits == 0 and qjl is None:
+        raise ValueError(f"{prefix}bits=0 needs a QJL matrix ({prefix}qjl): nothing would be stored")
+    tensor(f"{prefix}rotation", rotation, ndim=2, dtypes=(torch.float32,))
+    shape(f"{prefix}rotation", rotation, (dim, dim))
+    tensor(f"{prefix}centroids", centroids, ndim=1, dtypes=(torch.float32,))
+    shape(f"{prefix}centroids", centroids, (1 << bits,))
+    if qjl is not None:
+        tensor(f"{prefix}qjl", qjl, ndim=2, dtypes=(torch.float32,))
+        if qjl.shape[1] != dim:
+            raise ValueError(f"{prefix}qjl must have shape (qjl_dim, {dim}), got {tuple(qjl.shape)}")
+
+
+def compressed(prefix: str, lead: tuple, dim, bits: int, qjl: Tensor | None, indices: Tensor,
+               norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None) -> None:
+    """Packed fields of (B, H, S) vectors: indices uint8, norms float, optional QJL fields."""
+    tensor(f"{prefix}indices", indices, ndim=4, dtypes=(torch.uint8,))
+    shape(f"{prefix}indices", indices, lead + (packed_bytes(dim, bits),))
+    tensor(f"{prefix}norms", norms, ndim=4, dtypes=NORM_DTYPES)
+    shape(f"{prefix}norms", norms, lead + (1,))
+    if (qjl is None) != (signs is None) or (signs is None) != (residual_norms is None):
+        raise ValueError(f"{prefix}signs, {prefix}residual_norms and {prefix}qjl must be given "
+                         "together (Prod keys) or all be None (MSE only)")
+    if signs is not None:
+        tensor(f"{prefix}signs", signs, ndim=4, dtypes=(torch.uint8,))
+        shape(f"{prefix}signs", signs, lead + (packed_bytes(qjl.shape[0], 1),))
+        tensor(f"{prefix}residual_norms", residual_norms, ndim=4, dtypes=NORM_DTYPES)
+        shape(f"{prefix}residual_norms", residual_norms, lead + (1,))
+
+
+def grouped_heads(query: Tensor, kv_heads) -> None:
+    if query.shape[1] % kv_heads != 0:
+        raise ValueError(f"query has {query.shape[1]} heads, which is not a multiple of the "
+                         f"{kv_heads} key/value heads")

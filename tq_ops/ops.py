@@ -1,0 +1,201 @@
+"""The `tq::` operators: schemas, validation, fake shapes and device dispatch.
+
+Each public op is a `triton_op`: its body validates the arguments, then runs the Triton
+launcher for CUDA tensors (Inductor sees into those kernels) or the opaque
+`tq::<name>_reference` custom op for any other device. The body doubles as the fake
+implementation, so validation also runs at trace time. Semantics: ARCHITECTURE.md.
+"""
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from . import checks, reference
+from .packing import packed_bytes
+
+
+def _on_cuda(t: Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
+    lead = tuple(x.shape[:-1])
+    sign_bytes = 0 if qjl is None else packed_bytes(qjl.shape[0], 1)
+    return (x.new_empty(lead + (packed_bytes(x.shape[-1], bits),), dtype=torch.uint8),
+            x.new_empty(lead + (1,), dtype=norm_dtype),
+            x.new_empty(lead + (sign_bytes,), dtype=torch.uint8),
+            x.new_empty(lead + (0 if qjl is None else 1,), dtype=norm_dtype))
+
+
+def _reference_op(name: str, fn, fake=None, mutates_args=()):
+    """Register `reference.<name>` as the opaque custom op `tq::<name>_reference`."""
+    op = custom_op(f"tq::{name}_reference", fn, mutates_args=mutates_args)
+    if fake is not None:
+        op.register_fake(fake)
+    return op
+
+
+_reference_op("compress", reference.compress,
+              lambda x, rotation, centroids, qjl, bits, norm_dtype:
+              _compress_outputs(x, qjl, bits, norm_dtype))
+_reference_op("compress_into", reference.compress_into,
+              mutates_args=("indices", "norms", "signs", "residual_norms"))
+_reference_op("decompress", reference.decompress,
+              lambda indices, norms, signs, residual_norms, rotation, centroids, qjl, bits, dtype:
+              norms.new_empty(tuple(norms.shape[:-1]) + (rotation.shape[0],), dtype=dtype))
+_reference_op("scores", reference.scores,
+              lambda query, indices, *_: query.new_empty(tuple(query.shape[:-1]) + (indices.shape[2],)))
+
+
+def _attention_output(query: Tensor, *keys_and_values) -> Tensor:
+    v_rotation = keys_and_values[10]  # after the 8 key arguments, v_indices and v_norms
+    return query.new_empty(tuple(query.shape[:-1]) + (v_rotation.shape[0],))
+
+
+_reference_op("attention", reference.attention, _attention_output)
+
+
+def _check_input(name: str, x: Tensor) -> None:
+    checks.tensor(name, x, ndim=4, dtypes=checks.FLOAT_DTYPES)
+
+
+@triton_op("tq::compress", mutates_args=())
+def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+             norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H, S, D) float -> (indices uint8 (B, H, S, P), norms (B, H, S, 1),
+    signs uint8 (B, H, S, ceil(M/8)) or (B, H, S, 0), residual_norms (B, H, S, 1 or 0))."""
+    _check_input("x", x)
+    checks.quantizer("", rotation, centroids, qjl, bits, x.shape[-1])
+    checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
+    if norm_dtype not in checks.NORM_DTYPES:
+        raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
+    if _on_cuda(x):
+        from .kernels import compress as kernels
+        return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
+    return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
+
+
+def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
+    checks.tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
+    if positions.shape[0] != length:
+        raise ValueError(f"positions must have one entry per token ({length}), "
+                         f"got shape {tuple(positions.shape)}")
+    eager = type(positions) is Tensor and not torch.compiler.is_compiling()
+    if eager and length and (positions.min() < 0 or positions.max() >= capacity):
+        raise IndexError(f"positions must lie in [0, {capacity}) (the buffer capacity), got "
+                         f"range [{int(positions.min())}, {int(positions.max())}]")
+
+
+@triton_op("tq::compress_into", mutates_args=("indices", "norms", "signs", "residual_norms"))
+def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+                  positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
+                  residual_norms: Tensor | None) -> None:
+    """Compress x (B, H, S, D) into preallocated (B, H, S_max, .) buffers at slots positions (S,)."""
+    _check_input("x", x)
+    checks.quantizer("", rotation, centroids, qjl, bits, x.shape[-1])
+    lead = (x.shape[0], x.shape[1], indices.shape[2] if indices.dim() == 4 else -1)
+    checks.compressed("", lead, x.shape[-1], bits, qjl, indices, norms, signs, residual_norms)
+    _check_positions(positions, x.shape[2], lead[2])
+    checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
+                       indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
+    if _on_cuda(x):
+        from .kernels import compress as kernels
+        kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
+                              residual_norms)
+        return
+    torch.ops.tq.compress_into_reference(x, rotation, centroids, qjl, bits, positions, indices,
+                                         norms, signs, residual_norms)
+
+
+def _check_keys(prefix: str, indices: Tensor, norms: Tensor, signs: Tensor | None,
+                residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
+                qjl: Tensor | None, bits: int) -> None:
+    checks.tensor(f"{prefix}indices", indices, ndim=4)
+    checks.tensor(f"{prefix}rotation", rotation, ndim=2)
+    dim = rotation.shape[0]
+    checks.quantizer(prefix, rotation, centroids, qjl, bits, dim)
+    checks.compressed(prefix, tuple(indices.shape[:3]), dim, bits, qjl, indices, norms, signs,
+                      residual_norms)
+    checks.same_device(indices, **{f"{prefix}{k}": v for k, v in dict(
+        norms=norms, signs=signs, residual_norms=residual_norms, rotation=rotation,
+        centroids=centroids, qjl=qjl).items()})
+
+
+@triton_op("tq::decompress", mutates_args=())
+def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
+               rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+               dtype: torch.dtype) -> Tensor:
+    """Packed fields of (B, H, S) vectors -> reconstruction (B, H, S, D) in `dtype`."""
+    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
+    if dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if _on_cuda(indices):
+        from .kernels import decompress as kernels
+        return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
+                                  bits, dtype)
+    return torch.ops.tq.decompress_reference(indices, norms, signs, residual_norms, rotation,
+                                             centroids, qjl, bits, dtype)
+
+
+def _check_query(query: Tensor, indices: Tensor, dim) -> None:
+    _check_input("query", query)
+    checks.same_device(query, indices=indices)
+    if query.shape[0] != indices.shape[0]:
+        raise ValueError(f"query batch {query.shape[0]} != compressed batch {indices.shape[0]}")
+    if query.shape[-1] != dim:
+        raise ValueError(f"query head_dim {query.shape[-1]} != compressed head_dim {dim}")
+    checks.grouped_heads(query, indices.shape[1])
+
+
+@triton_op("tq::scores", mutates_args=())
+def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
+           residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
+           qjl: Tensor | None, bits: int) -> Tensor:
+    """Unscaled logits (B, Hq, Lq, Lk) in the query dtype for query (B, Hq, Lq, D)."""
+    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
+    _check_query(query, indices, rotation.shape[0])
+    if _on_cuda(query):
+        from .kernels import scores as kernels
+        return kernels.scores(query, indices, norms, signs, residual_norms, rotation, centroids,
+                              qjl, bits)
+    return torch.ops.tq.scores_reference(query, indices, norms, signs, residual_norms, rotation,
+                                         centroids, qjl, bits)
+
+
+def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -> None:
+    if attn_mask is not None:
+        checks.tensor("attn_mask", attn_mask, dtypes=(torch.bool,) + checks.FLOAT_DTYPES)
+        try:
+            broadcast = torch.broadcast_shapes(attn_mask.shape, full)
+        except RuntimeError:
+            broadcast = None
+        if broadcast is None or tuple(broadcast) != tuple(full):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(B, Hq, Lq, Lk) = {tuple(full)}")
+    if kv_lens is not None:
+        checks.tensor("kv_lens", kv_lens, ndim=1, dtypes=(torch.int32, torch.int64))
+        checks.shape("kv_lens", kv_lens, (full[0],))
+
+
+@triton_op("tq::attention", mutates_args=())
+def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
+              k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
+              k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
+              v_rotation: Tensor, v_centroids: Tensor, v_bits: int, scale: float,
+              is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
+    """softmax(scale * q.k_hat + mask) @ v_hat -> (B, Hq, Lq, Dv) in the query dtype."""
+    _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                k_qjl, k_bits)
+    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits)
+    checks.shape("v_norms", v_norms, tuple(k_norms.shape))
+    _check_query(query, k_indices, k_rotation.shape[0])
+    checks.same_device(query, v_indices=v_indices, attn_mask=attn_mask, kv_lens=kv_lens)
+    full = (query.shape[0], query.shape[1], query.shape[2], k_indices.shape[2])
+    _check_mask(attn_mask, kv_lens, full)
+    args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
+            k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, float(scale),
+            bool(is_causal), attn_mask, kv_lens)
+    if _on_cuda(query):
+        from .kernels import attention as kernels
+        return kernels.attention(*args)
+    return torch.ops.tq.attention_reference(*args)

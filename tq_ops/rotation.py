@@ -1,0 +1,28 @@
+"""Seeded random matrices: the Haar rotation Pi and the Gaussian QJL projection S.
+
+Both are drawn in float64 on the CPU from a private generator, so the same seed gives the
+same matrix on every machine and device; callers move the float32 result where needed.
+"""
+
+import torch
+
+_QJL_STREAM = 0x51_4A_4C  # offsets the QJL seed so S is independent of Pi for the same seed
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
+
+
+def haar_rotation(dim: int, seed: int) -> torch.Tensor:
+    """Haar-random orthogonal Pi (dim, dim) float32: QR of a Gaussian with the sign fix."""
+    gauss = torch.randn(dim, dim, dtype=torch.float64, generator=_generator(seed))
+    q, r = torch.linalg.qr(gauss)
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def qjl_matrix(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """QJL projection S (rows, dim) float32 with i.i.d. N(0, 1) entries (not rescaled)."""
+    gen = _generator(seed + _QJL_STREAM)
+    return torch.randn(rows, dim, dtype=torch.float64, generator=gen).float()
