@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from tq_ops import TurboQuantMSE, TurboQuantProd
 
@@ -76,3 +77,20 @@ def test_mse_inner_product_is_shrunk_by_one_minus_distortion(bits):
     x_hat = quant.dequantize(*quant.quantize(x), dtype=torch.float32).double()
     shrink = (x.double() * x_hat).sum(-1).mean().item()
     assert shrink == pytest.approx(1 - D_MSE[bits], abs=0.005)
+
+
+@settings(max_examples=8, deadline=None)
+@given(bits=st.integers(1, 4), cos=st.floats(-0.95, 0.95), dim=st.sampled_from([32, 64, 96]),
+       seed=st.integers(0, 10_000))
+def test_prod_is_unbiased_over_fresh_matrices(bits, cos, dim, seed):
+    """For any fixed pair (q, k), the mean estimate over fresh (Pi, S) is <q, k>."""
+    gen = torch.Generator().manual_seed(seed)
+    k, noise = torch.randn(2, 1, 1, 1, dim, generator=gen)
+    k, noise = k / k.norm(), noise - (noise * k).sum() * k / k.norm() ** 2
+    q = cos * k + math.sqrt(1 - cos**2) * noise / noise.norm()
+    estimates = []
+    for draw in range(120):
+        quant = TurboQuantProd(dim, bits, seed=seed * 1000 + draw, norm_dtype=torch.float32)
+        estimates.append(quant.scores(q, *quant.quantize(k)).item())
+    err = torch.tensor(estimates, dtype=torch.float64) - (q * k).sum().item()
+    assert abs(err.mean().item()) < 4 * err.std().item() / math.sqrt(len(err)) + 1e-6

@@ -178,14 +178,20 @@ def test_fully_masked_rows_are_zero_and_empty_cache_works():
     assert empty.shape == (1, 2, 2, 16) and (empty == 0).all()
 
 
-def test_gqa_equals_repeated_key_heads():
-    kq, vq = quantizer("prod", 16, 4), quantizer("mse", 16, 4, seed=1)
-    q, k, v = randn(1, 8, 2, 16), randn(1, 2, 5, 16, seed=1), randn(1, 2, 5, 16, seed=2)
-    grouped = attention_args(q, kq, vq, k, v, 0.25, True)
-    repeated = attention_args(q, kq, vq, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
-                              0.25, True)
-    assert torch.equal(torch.ops.tq.attention(*grouped), torch.ops.tq.attention(*repeated))
-    assert torch.equal(torch.ops.tq.scores(q, *grouped[1:9]), torch.ops.tq.scores(q, *repeated[1:9]))
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(["mse", "prod"]), bits=st.integers(1, 5),
+       kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]), q_len=st.integers(1, 3),
+       kv_len=st.integers(1, 6), causal=st.booleans(), seed=st.integers(0, 1000))
+def test_gqa_equals_repeated_key_heads(kind, bits, kv_heads, group, q_len, kv_len, causal, seed):
+    kq, vq = quantizer(kind, 16, bits), quantizer("mse", 16, 4, seed=1)
+    q = randn(1, kv_heads * group, q_len, 16, seed=seed)
+    k, v = randn(1, kv_heads, kv_len, 16, seed=seed + 1), randn(1, kv_heads, kv_len, 16, seed=2)
+    grouped = attention_args(q, kq, vq, k, v, 0.25, causal)
+    repeated = attention_args(q, kq, vq, k.repeat_interleave(group, 1),
+                              v.repeat_interleave(group, 1), 0.25, causal)
+    torch.testing.assert_close(torch.ops.tq.attention(*grouped), torch.ops.tq.attention(*repeated))
+    torch.testing.assert_close(torch.ops.tq.scores(q, *grouped[1:9]),
+                               torch.ops.tq.scores(q, *repeated[1:9]))
 
 
 # --------------------------------------------------------------------- edge cases

@@ -14,13 +14,16 @@ from . import checks
 from .quantizer import TurboQuantMSE, TurboQuantProd
 
 
-def _nbytes(obj) -> int:
-    return sum(v.numel() * v.element_size() for f in fields(obj)
-               if isinstance(v := getattr(obj, f.name), Tensor))
+class _Sized:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(v.numel() * v.element_size() for f in fields(self)
+                   if isinstance(v := getattr(self, f.name), Tensor))
 
 
 @dataclass
-class CompressedKeys:
+class CompressedKeys(_Sized):
     """Compressed keys (Prod): attention scores come straight from these fields.
 
     indices: packed codes uint8 (batch, heads, seq, packed_bytes(head_dim, bits - 1));
@@ -34,14 +37,9 @@ class CompressedKeys:
     residual_norms: Tensor
     original_dtype: torch.dtype = torch.float16
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tensors."""
-        return _nbytes(self)
-
 
 @dataclass
-class CompressedValues:
+class CompressedValues(_Sized):
     """Compressed values (MSE): indices uint8 (batch, heads, seq, packed_bytes(head_dim, bits)),
     norms (batch, heads, seq, 1) float16."""
 
@@ -49,29 +47,35 @@ class CompressedValues:
     norms: Tensor
     original_dtype: torch.dtype = torch.float16
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tensors."""
-        return _nbytes(self)
 
+class _Compressor:
+    """Holds one quantizer; `_compress` validates (batch, heads, seq, head_dim) input."""
 
-def _check_input(name: str, x, head_dim: int) -> None:
-    checks.tensor(name, x, ndim=4, dtypes=checks.FLOAT_DTYPES)
-    if x.shape[-1] != head_dim:
-        raise ValueError(f"{name} has head_dim {x.shape[-1]}, the compressor expects {head_dim}")
-
-
-class TurboQuantCompressorV2:
-    """Key compressor: TurboQuantProd ((bits-1)-bit MSE + 1-bit QJL), unbiased q.k scores."""
+    quantizer_type: type
 
     def __init__(self, head_dim: int, bits: int = 3, seed: int = 42):
-        self.quantizer = TurboQuantProd(head_dim, bits, seed)
+        self.quantizer = self.quantizer_type(head_dim, bits, seed)
         self.bits, self.head_dim = bits, head_dim
+
+    def _check(self, name: str, x) -> None:
+        checks.tensor(name, x, ndim=4, dtypes=checks.FLOAT_DTYPES)
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"{name} has head_dim {x.shape[-1]}, the compressor expects "
+                             f"{self.head_dim}")
+
+    def _compress(self, name: str, x, container):
+        self._check(name, x)
+        return container(*self.quantizer.quantize(x), original_dtype=x.dtype)
+
+
+class TurboQuantCompressorV2(_Compressor):
+    """Key compressor: TurboQuantProd ((bits-1)-bit MSE + 1-bit QJL), unbiased q.k scores."""
+
+    quantizer_type = TurboQuantProd
 
     def compress(self, keys: Tensor) -> CompressedKeys:
         """keys (batch, heads, seq_len, head_dim) -> CompressedKeys."""
-        _check_input("keys", keys, self.head_dim)
-        return CompressedKeys(*self.quantizer.quantize(keys), original_dtype=keys.dtype)
+        return self._compress("keys", keys, CompressedKeys)
 
     def decompress(self, compressed: CompressedKeys) -> Tensor:
         """Reconstruction (MSE part + QJL term) in the original dtype.
@@ -87,22 +91,19 @@ class TurboQuantCompressorV2:
 
         query (batch, q_heads, q_len, head_dim); q_heads a multiple of the key heads (GQA).
         """
-        _check_input("query", query, self.head_dim)
+        self._check("query", query)
         c = compressed
         return self.quantizer.scores(query, c.indices, c.norms, c.qjl_signs, c.residual_norms)
 
 
-class TurboQuantCompressorMSE:
+class TurboQuantCompressorMSE(_Compressor):
     """Value compressor: TurboQuantMSE, `bits` bits per coordinate."""
 
-    def __init__(self, head_dim: int, bits: int = 3, seed: int = 42):
-        self.quantizer = TurboQuantMSE(head_dim, bits, seed)
-        self.bits, self.head_dim = bits, head_dim
+    quantizer_type = TurboQuantMSE
 
     def compress(self, values: Tensor) -> CompressedValues:
         """values (batch, heads, seq_len, head_dim) -> CompressedValues."""
-        _check_input("values", values, self.head_dim)
-        return CompressedValues(*self.quantizer.quantize(values), original_dtype=values.dtype)
+        return self._compress("values", values, CompressedValues)
 
     def decompress(self, compressed: CompressedValues) -> Tensor:
         """Reconstruction (batch, heads, seq_len, head_dim) in the original dtype."""
