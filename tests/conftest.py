@@ -1,9 +1,18 @@
-"""Shared fixtures: small quantizer constants for op-level tests."""
+"""Shared fixtures: small quantizer constants for op-level tests.
+
+Without a GPU the Triton kernels run in the interpreter: TRITON_INTERPRET must be set before
+triton is first imported (importing tq_ops does), so it is set here, first.
+"""
+
+import os
 
 import pytest
 import torch
 
-from tq_ops import TurboQuantMSE, TurboQuantProd
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tq_ops import TurboQuantMSE, TurboQuantProd  # noqa: E402
 
 
 def quantizer(kind: str, dim: int, bits: int, seed: int = 0):

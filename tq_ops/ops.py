@@ -14,8 +14,13 @@ from . import checks, reference
 from .packing import packed_bytes
 
 
-def _on_cuda(t: Tensor) -> bool:
-    return t.device.type == "cuda"
+def _use_triton(t: Tensor, dim, qjl: Tensor | None = None) -> bool:
+    """CUDA tensors whose head_dim (and qjl_dim) the kernels support: multiples of 8, >= 16.
+
+    Other shapes on CUDA run the reference (plain torch on the same device).
+    """
+    dims = (dim,) if qjl is None else (dim, qjl.shape[0])
+    return t.device.type == "cuda" and all(d % 8 == 0 and d >= 16 for d in dims)
 
 
 def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
@@ -69,7 +74,7 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
-    if _on_cuda(x):
+    if _use_triton(x, x.shape[-1], qjl):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
     return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -81,7 +86,7 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
         raise ValueError(f"positions must have one entry per token ({length}), "
                          f"got shape {tuple(positions.shape)}")
     eager = type(positions) is Tensor and not torch.compiler.is_compiling()
-    if eager and length and (positions.min() < 0 or positions.max() >= capacity):
+    if eager and length and bool(((positions < 0) | (positions >= capacity)).any()):
         raise IndexError(f"positions must lie in [0, {capacity}) (the buffer capacity), got "
                          f"range [{int(positions.min())}, {int(positions.max())}]")
 
@@ -98,7 +103,7 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
-    if _on_cuda(x):
+    if _use_triton(x, x.shape[-1], qjl):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
                               residual_norms)
@@ -129,7 +134,7 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_no
     _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
     if dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    if _on_cuda(indices):
+    if _use_triton(indices, rotation.shape[0], qjl):
         from .kernels import decompress as kernels
         return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
                                   bits, dtype)
@@ -154,7 +159,7 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype for query (B, Hq, Lq, D)."""
     _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
     _check_query(query, indices, rotation.shape[0])
-    if _on_cuda(query):
+    if _use_triton(query, rotation.shape[0], qjl):
         from .kernels import scores as kernels
         return kernels.scores(query, indices, norms, signs, residual_norms, rotation, centroids,
                               qjl, bits)
@@ -195,7 +200,7 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
             k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, float(scale),
             bool(is_causal), attn_mask, kv_lens)
-    if _on_cuda(query):
+    if _use_triton(query, k_rotation.shape[0], k_qjl) and _use_triton(query, v_rotation.shape[0]):
         from .kernels import attention as kernels
         return kernels.attention(*args)
     return torch.ops.tq.attention_reference(*args)

@@ -1,0 +1,178 @@
+"""Decode and prefill attention from the compressed cache vs fp16 SDPA (CUDA only).
+
+Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]`.
+Prints Markdown tables: device copy bandwidth, then per (keys, values, batch, context):
+time, compressed bytes read, achieved TB/s, the copy-bandwidth floor and the speedup over
+fp16 SDPA on an fp16 cache (GQA folded into the query length, as flash-decoding does);
+then causal prefill vs SDPA. Inputs are random packed bytes and norms (speed only);
+every timing is the median of CUDA-graph replays (triton.testing.do_bench).
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from tq_ops.codebook import lloyd_max
+from tq_ops.kernels import attention as attention_kernels
+from tq_ops.packing import packed_bytes
+from tq_ops.rotation import haar_rotation, qjl_matrix
+
+Q_HEADS, KV_HEADS, DIM = 32, 8, 128
+CUDA = torch.device("cuda")
+# (name, key index bits, Prod keys?, value index bits): K4 Prod = 3-bit MSE + 1-bit QJL
+CONFIGS = [("K4/V4 prod", 3, True, 4), ("K4/V4 mse", 4, False, 4),
+           ("K3/V3 prod", 2, True, 3), ("K3/V3 mse", 3, False, 3)]
+
+
+def timed(fn) -> float:
+    """Median ms of CUDA-graph replays of fn (captured after one eager warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (TB/s)."""
+    src = torch.randn(1 << 29, device=CUDA)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e9
+
+
+def cache(batch, length, k_bits, prod, v_bits):
+    """Random packed K/V of (batch, KV_HEADS, length) and the quantizer constants."""
+    def u8(width):
+        return torch.randint(0, 256, (batch, KV_HEADS, length, width), dtype=torch.uint8,
+                             device=CUDA)
+
+    def norms():
+        return (torch.rand(batch, KV_HEADS, length, 1, device=CUDA) + 0.5).half()
+
+    k = dict(k_indices=u8(packed_bytes(DIM, k_bits)), k_norms=norms(),
+             k_signs=u8(DIM // 8) if prod else None, k_residual_norms=norms() if prod else None,
+             k_rotation=haar_rotation(DIM, 0).to(CUDA),
+             k_centroids=lloyd_max(DIM, k_bits).float().to(CUDA),
+             k_qjl=qjl_matrix(DIM, DIM, 0).to(CUDA) if prod else None, k_bits=k_bits)
+    v = dict(v_indices=u8(packed_bytes(DIM, v_bits)), v_norms=norms(),
+             v_rotation=haar_rotation(DIM, 1).to(CUDA),
+             v_centroids=lloyd_max(DIM, v_bits).float().to(CUDA), v_bits=v_bits)
+    nbytes = sum(t.numel() * t.element_size() for t in (*k.values(), *v.values())
+                 if isinstance(t, torch.Tensor) and t.dim() == 4)
+    return k, v, nbytes
+
+
+def tq_call(query, k, v, is_causal, kv_lens, tune=None):
+    args = (query, k["k_indices"], k["k_norms"], k["k_signs"], k["k_residual_norms"],
+            k["k_rotation"], k["k_centroids"], k["k_qjl"], k["k_bits"], v["v_indices"],
+            v["v_norms"], v["v_rotation"], v["v_centroids"], v["v_bits"], DIM ** -0.5,
+            is_causal, None, kv_lens)
+    if tune:
+        return lambda: attention_kernels.attention(*args, tune=tune)
+    return lambda: torch.ops.tq.attention(*args)
+
+
+def sdpa_decode_ms(batch, length) -> float:
+    group = Q_HEADS // KV_HEADS
+    q = torch.randn(batch, KV_HEADS, group, DIM, device=CUDA, dtype=torch.float16)
+    kk = torch.randn(batch, KV_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
+    return timed(functools.partial(F.scaled_dot_product_attention, q, kk, torch.randn_like(kk)))
+
+
+def decode_table(bw, batches, lengths, rows_out):
+    print("\n## Decode (Hq 32, Hkv 8, d 128, q_len 1)\n")
+    print("| config | batch | context | time ms | bytes MB | TB/s | % copy | floor ms | "
+          "SDPA fp16 ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch in batches:
+        for length in lengths:
+            sdpa = sdpa_decode_ms(batch, length)
+            rows_out.append(dict(kind="sdpa", batch=batch, length=length, ms=sdpa,
+                                 bytes=4 * batch * KV_HEADS * length * DIM))
+            print(f"| SDPA fp16 | {batch} | {length} | {sdpa:.3f} | "
+                  f"{4 * batch * KV_HEADS * length * DIM / 1e6:.0f} | "
+                  f"{4 * batch * KV_HEADS * length * DIM / sdpa / 1e9:.2f} | | | | 1.00 |")
+            for name, k_bits, prod, v_bits in CONFIGS:
+                k, v, nbytes = cache(batch, length, k_bits, prod, v_bits)
+                query = torch.randn(batch, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
+                lens = torch.full((batch,), length, device=CUDA, dtype=torch.int32)
+                ms = timed(tq_call(query, k, v, False, lens))
+                tbs = nbytes / ms / 1e9
+                rows_out.append(dict(kind=name, batch=batch, length=length, ms=ms, bytes=nbytes))
+                print(f"| {name} | {batch} | {length} | {ms:.3f} | {nbytes / 1e6:.0f} | "
+                      f"{tbs:.2f} | {100 * tbs / bw:.0f}% | {nbytes / bw / 1e9:.3f} | "
+                      f"{sdpa:.3f} | {sdpa / ms:.2f} |", flush=True)
+                del k, v
+
+
+def prefill_table(lengths, rows_out):
+    print("\n## Causal prefill (batch 1, Hq 32, Hkv 8, d 128, fp16 queries)\n")
+    print("| tokens | SDPA fp16 ms | tq K4/V4 prod ms | tq K4/V4 mse ms | speedup (mse) |")
+    print("|---|---|---|---|---|")
+    for length in lengths:
+        q = torch.randn(1, Q_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
+        kk = torch.randn(1, KV_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
+        vv = torch.randn_like(kk)
+        sdpa = timed(functools.partial(F.scaled_dot_product_attention, q, kk, vv,
+                                       is_causal=True, enable_gqa=True))
+        times = []
+        for _, k_bits, prod, v_bits in CONFIGS[:2]:
+            k, v, _ = cache(1, length, k_bits, prod, v_bits)
+            times.append(timed(tq_call(q, k, v, True, None)))
+        rows_out.append(dict(kind="prefill", length=length, sdpa=sdpa, tq=times))
+        print(f"| {length} | {sdpa:.3f} | {times[0]:.3f} | {times[1]:.3f} | "
+              f"{sdpa / times[1]:.2f} |", flush=True)
+
+
+def sweep(bw, rows_out):
+    """Departures from the default tile / warp / split config, K4/V4 prod."""
+    print("\n## Sweep (K4/V4 prod)\n\n| batch | context | tune | ms | % copy |\n|---|---|---|---|---|")
+    grid = [{}, dict(BLOCK_N=64), dict(BLOCK_N=256), dict(num_warps=8), dict(waves=4)]
+    for batch, length in ((32, 32768), (1, 131072)):
+        k, v, nbytes = cache(batch, length, 3, True, 4)
+        query = torch.randn(batch, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
+        lens = torch.full((batch,), length, device=CUDA, dtype=torch.int32)
+        for tune in grid:
+            try:
+                ms = timed(tq_call(query, k, v, False, lens, tune))
+            except Exception as exc:  # a config that does not compile (resources)
+                print(f"| {batch} | {length} | {tune} | failed: {type(exc).__name__} | |")
+                continue
+            rows_out.append(dict(kind="sweep", batch=batch, length=length, tune=tune, ms=ms))
+            print(f"| {batch} | {length} | {tune} | {ms:.3f} | "
+                  f"{100 * nbytes / ms / 1e9 / bw:.0f}% |", flush=True)
+        del k, v
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
+    parser.add_argument("--quick", action="store_true", help="batch 1/32, context 32k only")
+    parser.add_argument("--json", help="write all rows to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    print(f"# tq attention benchmark: {name}, {datetime.date.today()}, torch {torch.__version__}")
+    bw = copy_bandwidth()
+    print(f"\ncopy bandwidth (read + write): {bw:.2f} TB/s")
+    rows: list = []
+    if args.sweep:
+        sweep(bw, rows)
+    batches, lengths = ((1, 32), (32768,)) if args.quick else ((1, 8, 32), (8192, 32768, 131072))
+    decode_table(bw, batches, lengths, rows)
+    prefill_table((4096,) if args.quick else (4096, 16384), rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, copy_tbs=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Benchmark the Triton compress kernels on one CUDA GPU.
+
+Run from the repository root: `PYTHONPATH=. python bench/compress.py [--sweep] [--ties]`.
+Input: fp16 (1, 8, 65536, 128). Measures the device copy bandwidth in the same run (large
+device-to-device copy, bytes read + written), then per case the median device time of the
+launcher replayed from a CUDA graph (bandwidth figures use it) and the median eager time
+through `torch.ops.tq.compress` / `compress_into` (host overhead and the op's checks
+included), bytes read + written, achieved TB/s, input-read TB/s, vectors/s and % of copy
+bandwidth. --sweep times every tuning config; --ties compares the full-size outputs with the
+CPU reference and with float64 ground truth and reports the tie rates.
+Prints a markdown table last.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from tq_ops import TurboQuantMSE, TurboQuantProd  # noqa: E402
+from tq_ops.kernels import compress as kernels  # noqa: E402
+
+SHAPE = (1, 8, 65536, 128)
+
+
+def median_ms(fn) -> float:
+    """Median ms per call with the host in the loop (eager)."""
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """Median ms per call replayed from a CUDA graph: device time without launch overhead."""
+    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """TB/s of a 2 GiB device-to-device copy, counting bytes read + written."""
+    src = torch.randn(1 << 29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))  # ~1 ms per copy: launch overhead is negligible
+    return 2 * src.numel() * 4 / ms / 1e9
+
+
+def quantizer(kind: str, bits: int):
+    q = (TurboQuantProd if kind == "prod" else TurboQuantMSE)(SHAPE[-1], bits, seed=7)
+    return q.to("cuda")
+
+
+def io_bytes(x, outputs) -> tuple[int, int]:
+    """(bytes read, bytes written): the input once, every output once (constants ignored)."""
+    return x.numel() * x.element_size(), sum(t.numel() * t.element_size() for t in outputs)
+
+
+def run_case(label, x, q, path: str, copy_tbs: float) -> dict:
+    """Device time (graph replay of the launcher) and eager time (through torch.ops.tq)."""
+    args = (x, q.rotation, q.centroids, q.qjl, q.index_bits)
+    outputs = torch.ops.tq.compress(*args, torch.float16)
+    if path == "compress":
+        launch = lambda: kernels.compress(*args, torch.float16)  # noqa: E731
+        eager = lambda: torch.ops.tq.compress(*args, torch.float16)  # noqa: E731
+    else:
+        buffers = [torch.empty_like(t) if t.shape[-1] else None for t in outputs]
+        positions = torch.randperm(x.shape[2], device="cuda")
+        launch = lambda: kernels.compress_into(*args, positions, *buffers)  # noqa: E731
+        eager = lambda: torch.ops.tq.compress_into(*args, positions, *buffers)  # noqa: E731
+    launch()
+    config = kernels._compress_tuned.best_config
+    ms = graph_ms(launch)
+    read, written = io_bytes(x, [t for t in outputs if t.shape[-1]])
+    vectors = x.numel() // x.shape[-1]
+    return dict(case=label, path=path, ms=ms, eager_ms=median_ms(eager), mb=(read + written) / 1e6,
+                tbs=(read + written) / ms / 1e9, in_tbs=read / ms / 1e9,
+                mvec=vectors / ms / 1e3, pct=100 * (read + written) / ms / 1e9 / copy_tbs,
+                config=config)
+
+
+def sweep(x, q, label: str) -> list[str]:
+    """Device time of each tuning config alone (the autotuner's cache is reset per config)."""
+    tuned = kernels._compress_tuned
+    every = list(tuned.configs)
+    lines = []
+    for config in every:
+        tuned.configs, tuned.cache = [config], {}
+        fn = lambda: kernels.compress(x, q.rotation, q.centroids, q.qjl,  # noqa: E731
+                                      q.index_bits, torch.float16)
+        fn()
+        lines.append(f"{label}: {config} -> {graph_ms(fn) * 1e3:.1f} us")
+    tuned.configs, tuned.cache = every, {}
+    return lines
+
+
+def ties(x, q, label: str) -> str:
+    """Mismatches with the fp32 CPU reference, and of both against float64 ground truth."""
+    from test_kernel_compress import check_against_reference
+    from tq_ops import reference
+    from tq_ops.packing import unpack
+    out = kernels.compress(x, q.rotation, q.centroids, q.qjl, q.index_bits, torch.float16)
+    r = check_against_reference(x, q.rotation, q.centroids, q.qjl, q.index_bits, out)
+    xd = x.cpu().double()
+    yd = xd / torch.linalg.vector_norm(xd, dim=-1, keepdim=True) @ q.rotation.cpu().double().T
+    bounds = (q.centroids[1:] + q.centroids[:-1]).cpu().double() / 2
+    truth = torch.bucketize(yd, bounds)
+    ref = reference.compress(x.cpu(), q.rotation.cpu(), q.centroids.cpu(),
+                             None if q.qjl is None else q.qjl.cpu(), q.index_bits, torch.float16)
+    wrong = {}
+    for name, packed in (("kernel", out[0].cpu()), ("fp32 reference", ref[0])):
+        bad = unpack(packed, q.index_bits, x.shape[-1]) != truth
+        gap = (yd[..., None] - bounds).abs().amin(-1)[bad] if bad.any() else torch.zeros(1)
+        wrong[name] = f"{int(bad.sum())} (max |y - boundary| {float(gap.max()):.1e})"
+    return (f"{label}: vs fp32 reference: code mismatches {r['code_mismatch']} / {r['codes']} "
+            f"(ties < 1e-5: {r['code_ties']}, max gap {r['max_gap']:.1e}); sign mismatches "
+            f"{r['sign_mismatch']} / {r['signs']} (ties {r['sign_ties']}); codes off float64 "
+            f"truth: " + ", ".join(f"{k} {v}" for k, v in wrong.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--ties", action="store_true")
+    opts = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(SHAPE, device="cuda", dtype=torch.float16)
+    copy_tbs = copy_bandwidth()
+    cases = [(f"{kind.upper()} {bits}-bit", quantizer(kind, bits))
+             for kind in ("mse", "prod") for bits in (4, 3)]
+    rows = [run_case(label, x, q, path, copy_tbs) for label, q in cases
+            for path in ("compress", "compress_into")]
+    print(f"{torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; input fp16 {SHAPE}; copy bandwidth {copy_tbs:.2f} TB/s "
+          f"(read + written)\n")
+    print("| case | path | device us | eager us | MB moved | TB/s | input TB/s | M vectors/s "
+          "| % of copy | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cfg = {k: v for k, v in r["config"].all_kwargs().items() if k in
+               ("BLOCK_M", "BLOCK_K", "num_warps")}
+        print(f"| {r['case']} | {r['path']} | {r['ms'] * 1e3:.1f} | {r['eager_ms'] * 1e3:.1f} | "
+              f"{r['mb']:.1f} | {r['tbs']:.2f} | {r['in_tbs']:.2f} | {r['mvec']:.0f} | "
+              f"{r['pct']:.0f} | {cfg} |")
+    notes = []
+    if opts.sweep:
+        for label, q in cases[::2]:  # the 4-bit cases
+            notes += sweep(x, q, label)
+    if opts.ties:
+        for label, q in cases[::2]:
+            try:
+                notes.append(ties(x, q, label))
+            except AssertionError as err:
+                notes.append(f"{label}: FAILED {err}")
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

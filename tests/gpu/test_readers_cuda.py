@@ -1,0 +1,196 @@
+"""CUDA tests of the packed-cache readers: decompress, scores and fused attention.
+
+Every kernel result is compared with the CPU reference (`tq_ops.reference`, float32) on
+fresh random data; outputs are allocated from poisoned (NaN-filled) memory and must come
+back finite. Also: opcheck, Inductor code inspection and CUDA-graph replay.
+"""
+
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from tq_ops import reference  # noqa: E402
+from tq_ops.codebook import lloyd_max  # noqa: E402
+from tq_ops.rotation import haar_rotation, qjl_matrix  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN so unwritten outputs show up."""
+    torch.cuda.synchronize()
+    blob = torch.empty(1 << 28, device=CUDA)
+    blob.fill_(float("nan"))
+    del blob
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def packed(gen, batch, heads, length, dim, bits, prod, seed):
+    """Reference-compressed random vectors: ((idx, norms, signs, rnorms), rot, cent, qjl), CPU."""
+    x = torch.randn(batch, heads, length, dim, generator=gen)
+    x = x * (0.5 + 2 * torch.rand(batch, heads, length, 1, generator=gen))
+    rotation, centroids = haar_rotation(dim, seed), lloyd_max(dim, bits).float()
+    qjl = qjl_matrix(dim, dim, seed) if prod else None
+    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, bits,
+                                                   torch.float16)
+    return ((idx, norms, signs if prod else None, rnorms if prod else None),
+            rotation, centroids, qjl)
+
+
+def cuda(args):
+    return tuple(a.to(CUDA) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def attention_args(seed, *, batch, kv_heads, group, q_len, kv_len, dim, k_bits, k_prod, v_bits,
+                   dtype, is_causal, mask=None, kv_lens=None):
+    gen = torch.Generator().manual_seed(seed)
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_bits, False, 2)
+    query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
+    return (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
+            v_bits, dim ** -0.5, is_causal, mask, kv_lens)
+
+
+def check_attention(args, tol=2e-3):
+    ref = reference.attention(args[0].float(), *args[1:])
+    poison()
+    out = torch.ops.tq.attention(*cuda(args))
+    assert out.dtype == args[0].dtype and out.shape == ref.shape
+    slack = {torch.float32: 0, torch.float16: 1e-3, torch.bfloat16: 4e-3}[args[0].dtype]
+    err = rel_err(out, ref)
+    assert err < tol + slack, err
+
+
+@pytest.mark.parametrize("dim,group,k_bits,k_prod,v_bits", [
+    (64, 1, 3, True, 4), (64, 8, 4, False, 3), (80, 4, 3, True, 4), (96, 4, 2, True, 3),
+    (96, 1, 4, False, 3), (128, 4, 3, True, 4), (128, 8, 2, True, 3), (128, 1, 1, False, 8),
+    (256, 4, 4, False, 3), (256, 8, 3, True, 4)])
+def test_decode_ragged(dim, group, k_bits, k_prod, v_bits):
+    lens = torch.tensor([1500, 37, 0, 801])
+    args = attention_args(dim + group + k_bits, batch=4, kv_heads=2, group=group, q_len=1,
+                          kv_len=1500, dim=dim, k_bits=k_bits, k_prod=k_prod, v_bits=v_bits,
+                          dtype=torch.float16, is_causal=False, kv_lens=lens)
+    check_attention(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("q_len", [4, 200])
+def test_causal_chunk_with_offset(dtype, q_len):
+    args = attention_args(q_len, batch=2, kv_heads=2, group=4, q_len=q_len, kv_len=700,
+                          dim=128, k_bits=3, k_prod=True, v_bits=4, dtype=dtype,
+                          is_causal=True, kv_lens=torch.tensor([700, 333]))
+    check_attention(args)
+
+
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_prefill_causal(dim):
+    args = attention_args(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
+                          k_bits=3, k_prod=False, v_bits=3, dtype=torch.float16, is_causal=True)
+    check_attention(args)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_explicit_masks(kind):
+    gen = torch.Generator().manual_seed(5)
+    keep = torch.rand(2, 8, 3, 300, generator=gen) > 0.5
+    keep[0, 1, 2] = False
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
+                                                   -math.inf)
+    args = attention_args(6, batch=2, kv_heads=2, group=4, q_len=3, kv_len=300, dim=128,
+                          k_bits=3, k_prod=True, v_bits=4, dtype=torch.float32, is_causal=False,
+                          mask=mask)
+    check_attention(args)
+
+
+@pytest.mark.parametrize("dim,bits,prod", [(128, 3, True), (64, 4, False), (96, 2, True),
+                                           (256, 3, False), (80, 1, True)])
+@pytest.mark.parametrize("group", [1, 4])
+def test_scores(dim, bits, prod, group):
+    gen = torch.Generator().manual_seed(dim + bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 333, dim, bits, prod, 3)
+    query = torch.randn(2, 2 * group, 5, dim, generator=gen)
+    args = (query, *fields, rotation, centroids, qjl, bits)
+    ref = reference.scores(*args)
+    poison()
+    out = torch.ops.tq.scores(*cuda(args))
+    assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("dim,bits,prod", [(128, 3, True), (64, 4, False), (80, 8, False)])
+def test_decompress(dim, bits, prod):
+    gen = torch.Generator().manual_seed(dim * bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 3, 257, dim, bits, prod, 4)
+    args = (*fields, rotation, centroids, qjl, bits, torch.float32)
+    ref = reference.decompress(*args)
+    poison()
+    out = torch.ops.tq.decompress(*cuda(args))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(9)
+    fields, rotation, centroids, qjl = packed(gen, 1, 2, 70, 64, 3, True, 5)
+    key = cuda((*fields, rotation, centroids, qjl, 3))
+    query = torch.randn(1, 4, 2, 64, generator=gen).to(CUDA)
+    torch.library.opcheck(torch.ops.tq.decompress.default, key + (torch.float16,))
+    torch.library.opcheck(torch.ops.tq.scores.default, (query,) + key)
+    args = attention_args(10, batch=1, kv_heads=2, group=2, q_len=2, kv_len=70, dim=64,
+                          k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16, is_causal=True,
+                          kv_lens=torch.tensor([50]))
+    torch.library.opcheck(torch.ops.tq.attention.default, cuda(args))
+
+
+def test_inductor_sees_the_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    args = cuda(attention_args(11, batch=2, kv_heads=2, group=4, q_len=1, kv_len=2048, dim=128,
+                               k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16,
+                               is_causal=False, kv_lens=torch.tensor([2048, 1000])))
+    key = args[1:9]
+
+    def step(query, *rest):
+        logits = torch.ops.tq.scores(query, *key)
+        return torch.ops.tq.attention(query * 1.0, *rest), logits.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    (out, _), codes = run_and_get_code(compiled, *args)
+    source = "\n".join(codes)
+    for name in ("_attention_kernel", "_merge_kernel", "_scores_kernel"):
+        assert name in source, name
+    ref = reference.attention(args[0].float().cpu(), *(a.cpu() if isinstance(a, torch.Tensor)
+                                                       else a for a in args[1:]))
+    assert rel_err(out, ref) < 3e-3
+
+
+def test_cuda_graph_replay_with_new_lengths():
+    args = list(cuda(attention_args(12, batch=3, kv_heads=2, group=4, q_len=1, kv_len=3000,
+                                    dim=128, k_bits=3, k_prod=True, v_bits=4,
+                                    dtype=torch.float16, is_causal=True,
+                                    kv_lens=torch.tensor([10, 10, 10]))))
+    lens = args[-1]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.tq.attention(*args)  # warm up (compile) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.tq.attention(*args)
+    for new in ([3000, 1, 1234], [7, 2999, 0]):
+        lens.copy_(torch.tensor(new))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        ref = reference.attention(cpu[0].float(), *cpu[1:])
+        assert rel_err(out, ref) < 3e-3

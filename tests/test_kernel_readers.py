@@ -1,0 +1,131 @@
+"""The Triton readers of the packed cache (decompress, scores, attention) under TRITON_INTERPRET.
+
+The kernels run on CPU tensors through the Triton interpreter on tiny shapes and are
+compared with `tq_ops.reference` on fresh random data. tests/conftest.py switches the
+interpreter on before triton is imported; on a machine with a GPU tests/gpu covers the kernels.
+"""
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from tq_ops import reference
+from tq_ops.codebook import lloyd_max
+from tq_ops.kernels import attention as attention_kernels
+from tq_ops.kernels import decompress as decompress_kernels
+from tq_ops.kernels import scores as scores_kernels
+from tq_ops.rotation import haar_rotation, qjl_matrix
+
+# tests/conftest.py turns the interpreter on when there is no GPU; tests/gpu covers a GPU.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests/gpu covers the kernels")
+assert torch.cuda.is_available() or isinstance(attention_kernels._attention_kernel, InterpretedFunction)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere counts as failure)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def packed(gen, batch, heads, length, dim, bits, prod, seed=0):
+    """Random vectors compressed by the reference: (fields, rotation, centroids, qjl).
+
+    `bits` is the index bit width; Prod keys add a QJL matrix with qjl_dim = dim.
+    """
+    x = torch.randn(batch, heads, length, dim, generator=gen)
+    x = x * (0.5 + torch.rand(batch, heads, length, 1, generator=gen) * 2)
+    rotation = haar_rotation(dim, seed)
+    centroids = lloyd_max(dim, bits).float()
+    qjl = qjl_matrix(dim, dim, seed) if prod else None
+    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, bits,
+                                                   torch.float16)
+    if not prod:
+        signs = rnorms = None
+    return (idx, norms, signs, rnorms), rotation, centroids, qjl
+
+
+@pytest.mark.parametrize("dim,bits,prod", [(64, 4, False), (64, 3, True), (80, 2, True),
+                                           (64, 1, False), (96, 8, False)])
+def test_decompress(dim, bits, prod):
+    gen = torch.Generator().manual_seed(dim * 10 + bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 5, dim, bits, prod)
+    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, bits, torch.float32)
+    ref = reference.decompress(*fields, rotation, centroids, qjl, bits, torch.float32)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("group,bits,prod,dtype", [(1, 4, False, torch.float32),
+                                                   (4, 3, True, torch.float16),
+                                                   (4, 2, True, torch.bfloat16)])
+def test_scores(group, bits, prod, dtype):
+    gen = torch.Generator().manual_seed(group * 100 + bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 70, 64, bits, prod)
+    query = torch.randn(2, 2 * group, 3, 64, generator=gen).to(dtype)
+    out = scores_kernels.scores(query, *fields, rotation, centroids, qjl, bits)
+    ref = reference.scores(query.float(), *fields, rotation, centroids, qjl, bits)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 1e-3 if dtype == torch.float32 else 4e-3  # output rounding of fp16 / bf16 logits
+    assert rel_err(out, ref) < tol
+
+
+def attention_case(gen, *, batch=2, kv_heads=2, group=4, q_len=1, kv_len=150, dim=64,
+                   k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16, is_causal=False,
+                   mask=None, kv_lens=None, tune=None):
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_bits, False, 2)
+    query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
+    args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
+            v_bits, dim ** -0.5, is_causal, mask, kv_lens)
+    out = attention_kernels.attention(*args, tune=tune)
+    ref = reference.attention(query.float(), *args[1:])
+    assert out.shape == ref.shape and out.dtype == dtype
+    return out, ref
+
+
+@pytest.mark.parametrize("group,k_bits,k_prod,v_bits", [(1, 3, True, 4), (4, 4, False, 3),
+                                                        (4, 2, True, 2)])
+def test_attention_decode_ragged(group, k_bits, k_prod, v_bits):
+    gen = torch.Generator().manual_seed(7 * group + k_bits)
+    kv_lens = torch.tensor([150, 61])
+    out, ref = attention_case(gen, group=group, k_bits=k_bits, k_prod=k_prod, v_bits=v_bits,
+                              kv_lens=kv_lens)
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_attention_byte_tables_for_1_and_8_bits():
+    """Single-plane codes are looked up by raw byte (1-bit keys: 8 lanes; 8-bit values)."""
+    gen = torch.Generator().manual_seed(3)
+    out, ref = attention_case(gen, k_bits=1, k_prod=False, v_bits=8,
+                              kv_lens=torch.tensor([150, 9]))
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_attention_causal_chunk_with_offset():
+    """A continuation chunk of 5 queries at the end of 150 keys, GQA 4, two KV splits."""
+    gen = torch.Generator().manual_seed(11)
+    out, ref = attention_case(gen, q_len=5, is_causal=True, kv_lens=torch.tensor([150, 90]))
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_attention_prefill_bf16_dim80():
+    gen = torch.Generator().manual_seed(12)
+    out, ref = attention_case(gen, batch=1, kv_heads=1, q_len=40, kv_len=40, dim=80,
+                              is_causal=True, dtype=torch.bfloat16)
+    assert rel_err(out, ref) < 2e-3 + 4e-3  # plus bf16 output rounding
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attention_explicit_mask_and_empty_rows(kind):
+    gen = torch.Generator().manual_seed(13)
+    q_len, kv_len = 3, 70
+    keep = torch.rand(2, 1, q_len, kv_len, generator=gen) > 0.3
+    keep[1, :, 0] = False  # a fully masked row must give zeros
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
+                                                   float("-inf"))
+    out, ref = attention_case(gen, q_len=q_len, kv_len=kv_len, mask=mask, dtype=torch.float32,
+                              kv_lens=torch.tensor([70, 0]) if kind == "float" else None)
+    assert rel_err(out, ref) < 2e-3
+    assert out[1, :, 0].abs().max() == 0

@@ -1,0 +1,187 @@
+"""Shared Triton helpers that decode the split-plane packed cache (layout in ARCHITECTURE.md).
+
+A b-bit code is stored in planes of width W0 > W1 > W2 (0 = absent), widest (high-order)
+first; in a plane of width w, coordinate j sits in byte `j % seg_w` at bit
+`(j // seg_w) * w`, with seg_w = dim * w / 8. The narrowest plane cuts the coordinates into
+NSEG = 8 / w_min "finest segments" of SEGLEN = dim / NSEG coordinates, and segment f of
+every plane is the byte run `[(f % R) * SEGLEN, +SEGLEN)` shifted right by `(f // R) * w`
+(R = seg_w / SEGLEN). A tile is decoded segment by segment from contiguous byte runs (vector
+loads, constant shifts, no repeated loads) and the segments are interleaved with
+`tl.join`, so tile column `k * NSEG + f` holds coordinate `f * SEGLEN + k`
+(`tile_coords`). Dot partners (rotated queries) are loaded in the same column order, so
+nothing is ever shuffled back into coordinate order except the final output.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..packing import plane_widths
+
+TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroid table values
+SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
+BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
+
+
+def byte_table(centroids: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Table (8 // bits * 256,) in `dtype` for single-plane codes (bits in 1, 2, 4, 8).
+
+    Entry [i * 256 + byte] is the centroid of the code in bit lane i of `byte`, so the
+    kernel indexes with the raw byte (no shift or mask). Torch ops only (trace-safe).
+    """
+    lanes = torch.arange(8 // bits, device=centroids.device) * bits
+    byte = torch.arange(256, device=centroids.device)
+    return centroids[(byte[None, :] >> lanes[:, None]) & ((1 << bits) - 1)].to(dtype).flatten()
+
+
+def plane_layout(dim: int, bits: int) -> dict:
+    """Constexpr description of `dim` codes of `bits` bits (bits = 1 also describes signs).
+
+    W0..W2: plane widths (0 = absent); NSEG, SEGLEN, SEG_PAD: finest segments, their
+    length and its power-of-two padding; OFF1, OFF2: byte offsets of planes 1 and 2.
+    """
+    widths = list(plane_widths(bits)) if bits > 0 else []
+    nseg = 8 // min(widths) if widths else 1
+    if dim % nseg:
+        raise ValueError(f"the CUDA kernels need head_dim (or qjl_dim) divisible by {nseg} "
+                         f"for {bits}-bit codes, got {dim}")
+    if triton.next_power_of_2(dim // nseg) * nseg < 16:
+        raise ValueError(f"the CUDA kernels need head_dim (or qjl_dim) >= 16, got {dim}")
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + dim * w // 8)
+    widths += [0] * (3 - len(widths))
+    offsets += [0] * (4 - len(offsets))
+    return dict(W0=widths[0], W1=widths[1], W2=widths[2], NSEG=nseg, SEGLEN=dim // nseg,
+                SEG_PAD=triton.next_power_of_2(dim // nseg), OFF1=offsets[1], OFF2=offsets[2])
+
+
+def prefixed(prefix: str, layout: dict) -> dict:
+    """The same layout with every key prefixed (e.g. K_W0), for kernels reading K and V."""
+    return {prefix + key: value for key, value in layout.items()}
+
+
+@triton.jit
+def tile_coords(cols, NSEG: tl.constexpr, SEGLEN: tl.constexpr):
+    """Coordinate held by each tile column, and whether it is a real (unpadded) one."""
+    k = cols // NSEG
+    return (cols % NSEG) * SEGLEN + k, k < SEGLEN
+
+
+@triton.jit
+def _plane_bits(row_ptr, mask, k, W: tl.constexpr, BASE: tl.constexpr, F: tl.constexpr,
+                NSEG: tl.constexpr, SEGLEN: tl.constexpr):
+    R: tl.constexpr = NSEG * W // 8
+    byte = tl.load(row_ptr + BASE + (F % R) * SEGLEN + k[None, :], mask=mask, other=0)
+    return (byte.to(tl.int32) >> ((F // R) * W)) & ((1 << W) - 1)
+
+
+@triton.jit
+def _segment(row_ptr, mask, k, cent_ptr, F: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+             W2: tl.constexpr, NSEG: tl.constexpr, SEGLEN: tl.constexpr, OFF1: tl.constexpr,
+             OFF2: tl.constexpr, MODE: tl.constexpr):
+    """Values [BLOCK_N, SEG_PAD] of finest segment F (coordinates F * SEGLEN + k)."""
+    if MODE == BYTES:
+        R: tl.constexpr = NSEG * W0 // 8
+        byte = tl.load(row_ptr + (F % R) * SEGLEN + k[None, :], mask=mask, other=0)
+        val = tl.load(cent_ptr + (F // R) * 256 + byte.to(tl.int32))
+    else:
+        code = tl.where(mask, 0, 0)
+        if W0 > 0:
+            code = _plane_bits(row_ptr, mask, k, W0, 0, F, NSEG, SEGLEN)
+        if W1 > 0:
+            code = (code << W1) | _plane_bits(row_ptr, mask, k, W1, OFF1, F, NSEG, SEGLEN)
+        if W2 > 0:
+            code = (code << W2) | _plane_bits(row_ptr, mask, k, W2, OFF2, F, NSEG, SEGLEN)
+        if MODE == SIGNS:
+            val = tl.where(code != 0, 1.0, -1.0)
+        else:
+            val = tl.load(cent_ptr + code)
+    return val
+
+
+@triton.jit
+def _flat(x):
+    return tl.reshape(x, [x.shape[0], x.numel // x.shape[0]])
+
+
+@triton.jit
+def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
+                W2: tl.constexpr, NSEG: tl.constexpr, SEGLEN: tl.constexpr,
+                SEG_PAD: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+                MODE: tl.constexpr):
+    """Decoded values [BLOCK_N, SEG_PAD * NSEG] of packed rows, column order of `tile_coords`.
+
+    row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
+    [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
+    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only).
+    Padded columns and masked rows hold the value of code 0 (callers zero their partners).
+    """
+    k = tl.arange(0, SEG_PAD)
+    mask = key_ok[:, None] & (k < SEGLEN)[None, :]
+    if NSEG == 1:
+        out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
+    elif NSEG == 2:
+        out = _flat(tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)))
+    elif NSEG == 4:
+        out = _flat(tl.join(tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
+            tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))))
+    else:
+        out = _flat(tl.join(tl.join(tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 4, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
+            tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 6, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))),
+            tl.join(tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 5, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
+            tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 7, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)))))
+    return out
+
+
+@triton.jit
+def operand(tile, key_ok, ROWS: tl.constexpr):
+    """A decoded tile ready to feed tl.dot with ROWS rows on the other side.
+
+    For ROWS >= 64 (Hopper wgmma) rows past the end are zeroed with a select: without an op
+    between join/reshape and the dot, Triton 3.6's OptimizeDotOperands pass crashes. The
+    select costs one instruction per element, so smaller (mma v2) dots skip it.
+    """
+    if ROWS >= 64:
+        tile = tl.where(key_ok[:, None], tile, 0.0)
+    return tile
+
+
+@triton.jit
+def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
+               K_W0: tl.constexpr, K_W1: tl.constexpr, K_W2: tl.constexpr,
+               K_NSEG: tl.constexpr, K_SEGLEN: tl.constexpr, K_SEG_PAD: tl.constexpr,
+               K_OFF1: tl.constexpr, K_OFF2: tl.constexpr, S_NSEG: tl.constexpr,
+               S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr, HAS_QJL: tl.constexpr,
+               K_MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """Key estimates [BLOCK_M, BLOCK_N] float32 before the key norm: <q, c[idx]> (+ QJL term).
+
+    q: rotated queries [BLOCK_M, K tile width] in key tile column order (zero in padded
+    columns), in the dot dtype; sq: sketch queries S q * sqrt(pi/2)/m in sign tile order;
+    gamma: residual norms [BLOCK_N] float32; K_MODE: TABLE or BYTES (cent_ptr to match).
+    Keys are decoded in registers, never stored.
+    """
+    keys = decode_tile(idx_rows, key_ok, cent_ptr, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN,
+                       K_SEG_PAD, K_OFF1, K_OFF2, K_MODE)
+    keys = operand(keys, key_ok, q.shape[0]).to(q.dtype)
+    s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+    if HAS_QJL:
+        signs = decode_tile(sign_rows, key_ok, cent_ptr, 1, 0, 0, S_NSEG, S_SEGLEN, S_SEG_PAD,
+                            0, 0, SIGNS)
+        signs = operand(signs, key_ok, q.shape[0]).to(sq.dtype)
+        s += tl.dot(sq, tl.trans(signs), input_precision=PRECISION) * gamma[None, :]
+    return s

@@ -1,0 +1,361 @@
+"""Triton TurboQuant compress (CUDA tensors only): one pass per tile of BLOCK_M tokens of a head.
+
+Per vector x (head_dim D, D % 8 == 0): n = ||x||, y = (x / n) @ Pi^T, codes = #{boundaries
+< y}, split-plane bit packing (ARCHITECTURE.md); Prod adds gamma = ||r_rot|| and the signs of
+S r = r_rot @ (Pi S^T), with r_rot = y - c[codes] the residual in the rotated domain.
+
+Precision: the rotation runs on tensor cores in fp16 with fp32 accumulation, exact to about
+2^-22 relative. Pi^T is split into fp16 hi + lo; fp16 x is exact in fp16, so x @ hi + x @ lo
+(two dots); bf16 / fp32 input is normalised to u and split too, u_hi @ hi + u_hi @ lo +
+u_lo @ hi. The QJL projection splits r_rot and Pi S^T the same way (three dots). Codes and
+sign bits so differ from an fp32 reference only at rounding ties. A small prepare kernel
+builds the split, column-arranged operands and the codebook midpoints once per call.
+
+Bucketing is an exact bisection over the 2^b - 1 midpoints: its first four levels choose
+their midpoint with selects among scalars (no memory access), deeper levels (b > 4) read
+it from the table.
+
+Column arrangement: the rotated coordinates are held as an (8, SEG_P) grid, column
+i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of two). A plane
+of width w packs fine segments i' * w + a into byte a * SEG + k, so every plane is a reshape
+and a shifted sum, with no gather; padding columns are masked out, never stored.
+
+Triton 3.6 on Hopper races (seen on the H200: wrong codes for ~1% of vectors at 65k tokens)
+when a loaded block feeds both a wgmma and another use, or when a register operand of an
+async wgmma is rewritten in a loop; every dot loop here therefore only loads and dots.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..packing import packed_bytes, plane_widths
+
+ROT_SCALE = tl.constexpr(256.0)  # Pi^T, Pi S^T scaled by 2^8 before the split: no fp16 subnormals
+UNIT_SCALE = tl.constexpr(4096.0)  # u and r_rot are scaled by 2^12 before the hi/lo split
+
+
+@triton.jit
+def _split_f16(v):
+    """fp32 v -> fp16 (hi, lo) with hi + lo == v to ~2^-22 relative."""
+    hi = v.to(tl.float16)
+    return hi, (v - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _load_x(ptrs, in_rows, offs_k, cols_left, FULL: tl.constexpr):
+    """Load a (BLOCK_M, KB) input block (0 outside); FULL (D a power of two) masks rows
+    only, so the loads stay vectorised."""
+    if FULL:
+        return tl.load(ptrs, mask=in_rows[:, None], other=0.0)
+    return tl.load(ptrs, mask=in_rows[:, None] & (offs_k < cols_left)[None, :], other=0.0)
+
+
+@triton.jit
+def _mid(bnd_ptr, J: tl.constexpr, LEVEL: tl.constexpr, BITS: tl.constexpr):
+    """The boundary bisection level LEVEL tests for code prefix J (a scalar)."""
+    return tl.load(bnd_ptr + ((2 * J + 1) << (BITS - 1 - LEVEL)) - 1)
+
+
+@triton.jit
+def _bucketize(y, bnd_ptr, BITS: tl.constexpr):
+    """codes = #{k : boundary_k < y} (int32, shaped like y) by exact bisection: levels 0-3
+    pick their boundary with selects among scalars, deeper levels look it up in the table."""
+    c0 = y > _mid(bnd_ptr, 0, 0, BITS)
+    codes = c0.to(tl.int32)
+    if BITS > 1:
+        c1 = y > tl.where(c0, _mid(bnd_ptr, 1, 1, BITS), _mid(bnd_ptr, 0, 1, BITS))
+        codes = codes * 2 + c1.to(tl.int32)
+    if BITS > 2:
+        t2 = tl.where(c0,
+                      tl.where(c1, _mid(bnd_ptr, 3, 2, BITS), _mid(bnd_ptr, 2, 2, BITS)),
+                      tl.where(c1, _mid(bnd_ptr, 1, 2, BITS), _mid(bnd_ptr, 0, 2, BITS)))
+        c2 = y > t2
+        codes = codes * 2 + c2.to(tl.int32)
+    if BITS > 3:
+        t3_hi = tl.where(c1,
+                         tl.where(c2, _mid(bnd_ptr, 7, 3, BITS), _mid(bnd_ptr, 6, 3, BITS)),
+                         tl.where(c2, _mid(bnd_ptr, 5, 3, BITS), _mid(bnd_ptr, 4, 3, BITS)))
+        t3_lo = tl.where(c1,
+                         tl.where(c2, _mid(bnd_ptr, 3, 3, BITS), _mid(bnd_ptr, 2, 3, BITS)),
+                         tl.where(c2, _mid(bnd_ptr, 1, 3, BITS), _mid(bnd_ptr, 0, 3, BITS)))
+        codes = codes * 2 + (y > tl.where(c0, t3_hi, t3_lo)).to(tl.int32)
+    for level in tl.static_range(4, BITS):
+        thr = tl.load(bnd_ptr + ((codes * 2 + 1) << (BITS - 1 - level)) - 1)
+        codes = codes * 2 + (y > thr).to(tl.int32)
+    return codes
+
+
+@triton.jit
+def _store_plane(codes, row_ptr, stride_p, row_ok, W: tl.constexpr, SHIFT: tl.constexpr,
+                 OFFSET: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Pack bits [SHIFT, SHIFT + W) of codes (BLOCK_M, 8 * SEG_P) into one plane at OFFSET."""
+    PER: tl.constexpr = 8 // W
+    part = (codes >> SHIFT) & ((1 << W) - 1)
+    part = tl.reshape(part, (BLOCK_M, PER, W * SEG_P))
+    lanes = tl.arange(0, PER) * W
+    byte = tl.sum(part << lanes[None, :, None], axis=1)
+    t = tl.arange(0, W * SEG_P)
+    if SEG == SEG_P:  # the plane is one contiguous run of bytes: vector stores
+        tl.store(row_ptr[:, None] + (OFFSET + t)[None, :] * stride_p, byte.to(tl.uint8),
+                 mask=row_ok[:, None])
+    else:
+        col = OFFSET + (t // SEG_P) * SEG + t % SEG_P
+        tl.store(row_ptr[:, None] + col[None, :] * stride_p, byte.to(tl.uint8),
+                 mask=row_ok[:, None] & (t % SEG_P < SEG)[None, :])
+
+
+@triton.jit
+def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1, cent_ptr,
+                    rot_out, qjl_out, bnd_out,
+                    D: tl.constexpr, D_P: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
+                    M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
+                    N_BOUNDS: tl.constexpr, N_BOUNDS_P: tl.constexpr, HAS_QJL: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Operands for `_compress_kernel`, for BLOCK_C arranged columns per program.
+
+    rot_out (2, D_P, NCOL) fp16: hi/lo of ROT_SCALE * Pi^T[:, coord(c)];
+    qjl_out (2, NCOL, QCOL) fp16: hi/lo of ROT_SCALE * (Pi S^T)[coord(c), row(q)];
+    bnd_out (N_BOUNDS,) fp32: codebook midpoints (written by program 0).
+    """
+    NCOL: tl.constexpr = 8 * SEG_P
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    coord = (offs_c // SEG_P) * SEG + offs_c % SEG_P
+    c_ok = offs_c % SEG_P < SEG
+    offs_k = tl.arange(0, D_P)
+    pi = tl.load(rot_ptr + coord[:, None] * stride_r0 + offs_k[None, :] * stride_r1,
+                 mask=c_ok[:, None] & (offs_k[None, :] < D), other=0.0).to(tl.float32)
+    hi, lo = _split_f16(pi * ROT_SCALE)
+    out = rot_out + offs_k[None, :] * NCOL + offs_c[:, None]
+    tl.store(out, hi)
+    tl.store(out + D_P * NCOL, lo)
+    if HAS_QJL:
+        QCOL: tl.constexpr = 8 * QSEG_P
+        offs_q = tl.arange(0, QCOL)
+        row = (offs_q // QSEG_P) * QSEG + offs_q % QSEG_P
+        q_ok = (offs_q % QSEG_P < QSEG) & (row < M_QJL)
+        acc = tl.zeros((BLOCK_C, QCOL), tl.float32)
+        for j in range(D):
+            a = tl.load(rot_ptr + coord * stride_r0 + j * stride_r1, mask=c_ok, other=0.0)
+            s = tl.load(qjl_ptr + row * stride_q0 + j * stride_q1, mask=q_ok, other=0.0)
+            acc += a.to(tl.float32)[:, None] * s.to(tl.float32)[None, :]
+        hi, lo = _split_f16(acc * ROT_SCALE)
+        out = qjl_out + offs_c[:, None] * QCOL + offs_q[None, :]
+        tl.store(out, hi)
+        tl.store(out + NCOL * QCOL, lo)
+    if pid == 0:
+        offs_b = tl.arange(0, N_BOUNDS_P)
+        b_ok = offs_b < N_BOUNDS
+        c0 = tl.load(cent_ptr + offs_b, mask=b_ok, other=0.0)
+        c1 = tl.load(cent_ptr + offs_b + 1, mask=b_ok, other=0.0)
+        tl.store(bnd_out + offs_b, (c0 + c1) * 0.5, mask=b_ok)
+
+
+@triton.jit
+def _compress_kernel(
+        x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
+        rot_ptr, qjl_ptr, bnd_ptr, cent_ptr, pos_ptr,
+        idx_ptr, stride_ib, stride_ih, stride_is, stride_ip,
+        nrm_ptr, stride_nb, stride_nh, stride_ns,
+        sgn_ptr, stride_gb, stride_gh, stride_gs, stride_gp,
+        res_ptr, stride_rb, stride_rh, stride_rs,
+        H, S, S_out,
+        D: tl.constexpr, D_P: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
+        M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
+        BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+        HAS_QJL: tl.constexpr, HAS_POS: tl.constexpr, X_FP16: tl.constexpr,
+        QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """Compress tokens [BLOCK_M * pid1, + BLOCK_M) of head pid0 (= b * H + h) per program.
+
+    With HAS_POS, token s goes to slot pos[s] of the (B, H, S_out, .) outputs; rows whose
+    slot is outside [0, S_out) are not written.
+    """
+    NCOL: tl.constexpr = 8 * SEG_P
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = s < S
+    if HAS_POS:
+        slot = tl.load(pos_ptr + s, mask=in_rows, other=-1).to(tl.int64)
+        row_ok = in_rows & (slot >= 0) & (slot < S_out)
+    else:
+        slot = s.to(tl.int64)
+        row_ok = in_rows
+
+    x_row = b * stride_xb + h * stride_xh + s.to(tl.int64) * stride_xs
+    KB: tl.constexpr = BLOCK_K if BLOCK_K < D_P else D_P
+    offs_k = tl.arange(0, KB)
+    x_ptrs = x_ptr + x_row[:, None] + offs_k[None, :] * stride_xd
+    offs_c = tl.arange(0, NCOL)
+    rot = rot_ptr + offs_k[:, None] * NCOL + offs_c[None, :]
+    # The norm first; then plain GEMM loops whose loads feed only the dot (a block shared with
+    # another use, or register operands rewritten while an async wgmma reads them, race).
+    sumsq = tl.zeros((BLOCK_M,), tl.float32)
+    for kx in range(0, D_P, KB):
+        xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P).to(tl.float32)
+        sumsq += tl.sum(xf * xf, axis=1)
+    norm = tl.sqrt(sumsq)
+    inv_norm = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+    acc = tl.zeros((BLOCK_M, NCOL), tl.float32)
+    if X_FP16:  # x is exact in fp16: x @ hi + x @ lo
+        for kx in range(0, D_P, KB):
+            acc = tl.dot(_load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P),
+                         tl.load(rot + kx * NCOL), acc)
+        for kx in range(0, D_P, KB):
+            acc = tl.dot(_load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P),
+                         tl.load(rot + (D_P + kx) * NCOL), acc)
+        y = acc * (inv_norm * (1.0 / ROT_SCALE))[:, None]
+    else:  # u = x / n split into fp16 hi + lo: u_hi @ hi + u_hi @ lo + u_lo @ hi
+        scale = (inv_norm * UNIT_SCALE)[:, None]
+        for kx in range(0, D_P, KB):
+            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+            acc = tl.dot((xf.to(tl.float32) * scale).to(tl.float16), tl.load(rot + kx * NCOL),
+                         acc)
+        for kx in range(0, D_P, KB):
+            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+            acc = tl.dot((xf.to(tl.float32) * scale).to(tl.float16),
+                         tl.load(rot + (D_P + kx) * NCOL), acc)
+        for kx in range(0, D_P, KB):
+            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+            u_lo = _split_f16(xf.to(tl.float32) * scale)[1]
+            acc = tl.dot(u_lo, tl.load(rot + kx * NCOL), acc)
+        y = acc * (1.0 / (ROT_SCALE * UNIT_SCALE))
+    tl.store(nrm_ptr + b * stride_nb + h * stride_nh + slot * stride_ns, norm, mask=row_ok)
+
+    if BITS > 0:
+        codes = _bucketize(y, bnd_ptr, BITS)
+        idx_row = idx_ptr + b * stride_ib + h * stride_ih + slot * stride_is
+        _store_plane(codes, idx_row, stride_ip, row_ok, W0, BITS - W0, 0, SEG, SEG_P, BLOCK_M)
+        if W1 > 0:
+            _store_plane(codes, idx_row, stride_ip, row_ok, W1, BITS - W0 - W1, W0 * SEG, SEG,
+                         SEG_P, BLOCK_M)
+        if W2 > 0:
+            _store_plane(codes, idx_row, stride_ip, row_ok, W2, BITS - W0 - W1 - W2,
+                         (W0 + W1) * SEG, SEG, SEG_P, BLOCK_M)
+
+    if HAS_QJL:
+        if BITS > 0:
+            resid = y - tl.load(cent_ptr + codes)
+        else:
+            resid = y
+        resid = tl.where((offs_c % SEG_P < SEG)[None, :], resid, 0.0)
+        gamma = tl.sqrt(tl.sum(resid * resid, axis=1))
+        tl.store(res_ptr + b * stride_rb + h * stride_rh + slot * stride_rs, gamma, mask=row_ok)
+        r_hi, r_lo = _split_f16(resid * UNIT_SCALE)
+        QCOL: tl.constexpr = 8 * QSEG_P
+        LANES: tl.constexpr = QBLOCK // QSEG_P  # sign bit lanes per block of projection columns
+        offs_q = tl.arange(0, QBLOCK)
+        proj = qjl_ptr + offs_c[:, None] * QCOL + offs_q[None, :]
+        lane = offs_q // QSEG_P
+        k_q = offs_q % QSEG_P
+        packed = tl.zeros((BLOCK_M, QSEG_P), tl.int32)
+        for q0 in range(0, QCOL, QBLOCK):  # r_hi, r_lo stay fixed while the dots read them
+            proj_hi = tl.load(proj + q0)
+            z = tl.dot(r_hi, proj_hi)
+            z = tl.dot(r_hi, tl.load(proj + NCOL * QCOL + q0), z)
+            z = tl.dot(r_lo, proj_hi, z)
+            bit_lane = q0 // QSEG_P + lane
+            q_ok = (k_q < QSEG) & (bit_lane * QSEG + k_q < M_QJL)
+            bit = ((z >= 0) & q_ok[None, :]).to(tl.int32) << bit_lane[None, :]
+            packed += tl.sum(tl.reshape(bit, (BLOCK_M, LANES, QSEG_P)), axis=1)
+        k_out = tl.arange(0, QSEG_P)
+        sgn_row = sgn_ptr + b * stride_gb + h * stride_gh + slot * stride_gs
+        tl.store(sgn_row[:, None] + k_out[None, :] * stride_gp, packed.to(tl.uint8),
+                 mask=row_ok[:, None] & (k_out < QSEG)[None, :])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
+            for m, k, w in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8))]
+
+
+_compress_tuned = triton.autotune(
+    configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16"])(_compress_kernel)
+
+
+def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+            positions: Tensor | None, indices: Tensor, norms: Tensor, signs: Tensor | None,
+            residual_norms: Tensor | None) -> None:
+    """Prepare the operands, then compress x (B, H, S, D) into the (B, H, S_out, .) outputs."""
+    batch, heads, seq, dim = x.shape
+    if batch * heads * seq == 0:
+        return
+    if dim % 8 or dim < 16:
+        raise NotImplementedError(f"the Triton compress kernel needs head_dim % 8 == 0 and >= 16, "
+                                  f"got {dim}")
+    seg = dim // 8
+    seg_p = _next_pow2(seg)
+    dim_p, ncol = _next_pow2(dim), 8 * seg_p
+    m_qjl = 0 if qjl is None else qjl.shape[0]
+    qseg = -(-m_qjl // 8)
+    qseg_p = max(2, _next_pow2(qseg))
+    widths = plane_widths(bits) + (0, 0, 0)
+    n_bounds = (1 << bits) - 1
+    dev = x.device
+    rot_ops = torch.empty((2, dim_p, ncol), dtype=torch.float16, device=dev)
+    qjl_ops = torch.empty((2, ncol, 8 * qseg_p) if qjl is not None else (0,), dtype=torch.float16,
+                          device=dev)
+    bounds = torch.empty((max(1, n_bounds),), dtype=torch.float32, device=dev)
+    proj = qjl if qjl is not None else rotation
+    block_c = min(16, ncol)
+    torch.library.wrap_triton(_prepare_kernel)[(ncol // block_c,)](
+        rotation, rotation.stride(0), rotation.stride(1), proj, proj.stride(0), proj.stride(1),
+        centroids, rot_ops, qjl_ops, bounds,
+        D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
+        N_BOUNDS=n_bounds, N_BOUNDS_P=_next_pow2(max(1, n_bounds)), HAS_QJL=qjl is not None,
+        BLOCK_C=block_c)
+    sgn = signs if signs is not None else indices
+    res = residual_norms if residual_norms is not None else norms
+    grid = lambda meta: (batch * heads, triton.cdiv(seq, meta["BLOCK_M"]))  # noqa: E731
+    torch.library.wrap_triton(_compress_tuned)[grid](
+        x, *x.stride(), rot_ops, qjl_ops, bounds, centroids,
+        positions if positions is not None else bounds,
+        indices, *indices.stride(), norms, *norms.stride()[:3], sgn, *sgn.stride(),
+        res, *res.stride()[:3],
+        heads, seq, indices.shape[2],
+        D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
+        BITS=bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
+        HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
+        QBLOCK=max(qseg_p, min(8 * qseg_p, 64)))
+
+
+def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+             norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H, S, D) fp16/bf16/fp32 -> (indices uint8 (B, H, S, packed_bytes(D, bits)),
+    norms (B, H, S, 1) norm_dtype, signs uint8 (B, H, S, ceil(M / 8)) or (B, H, S, 0),
+    residual_norms (B, H, S, 1) or (B, H, S, 0) norm_dtype). rotation (D, D), centroids
+    (2**bits,), qjl (M, D) or None: float32. Arguments are validated by `tq::compress`."""
+    batch, heads, seq, dim = x.shape
+    lead = (batch, heads, seq)
+    indices = x.new_empty(lead + (packed_bytes(dim, bits),), dtype=torch.uint8)
+    norms = x.new_empty(lead + (1,), dtype=norm_dtype)
+    if qjl is None:
+        signs = x.new_empty(lead + (0,), dtype=torch.uint8)
+        residual_norms = x.new_empty(lead + (0,), dtype=norm_dtype)
+    else:
+        signs = x.new_empty(lead + (packed_bytes(qjl.shape[0], 1),), dtype=torch.uint8)
+        residual_norms = x.new_empty(lead + (1,), dtype=norm_dtype)
+    _launch(x, rotation, centroids, qjl, bits, None, indices, norms,
+            signs if qjl is not None else None, residual_norms if qjl is not None else None)
+    return indices, norms, signs, residual_norms
+
+
+def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+                  positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
+                  residual_norms: Tensor | None) -> None:
+    """Compress x (B, H, S, D) and write token s to slot positions[s] (int32/int64 (S,)) of the
+    preallocated (B, H, S_max, .) buffers; slots outside [0, S_max) are never written."""
+    _launch(x, rotation, centroids, qjl, bits, positions, indices, norms, signs, residual_norms)
