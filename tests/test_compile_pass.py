@@ -1,0 +1,242 @@
+"""The FX attention pass on small Dynamo graphs, run eagerly after the rewrite (no Inductor).
+
+Oracle: the plain-torch reference (`tq_ops.reference`) applied to the same K/V with the
+quantizer constants of the site (`site_quantizers`), i.e. an independent eager simulation.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tq_ops import reference
+from tq_ops.compile import (
+    TurboQuantConfig,
+    TurboQuantPass,
+    backend,
+    rewrite_attention,
+    site_quantizers,
+)
+
+B, HQ, HKV, L, D = 2, 4, 2, 6, 16
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def simulate(config, index, q, k, v, scale, is_causal=False, mask=None):
+    """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer)."""
+    kq, vq = site_quantizers(config, index, k.shape[-1], v.shape[-1])
+    kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, torch.float16)
+    vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
+    k_extra = (kc[2], kc[3]) if kq.qjl is not None else (None, None)
+    return reference.attention(q, kc[0], kc[1], *k_extra, kq.rotation, kq.centroids, kq.qjl,
+                               kq.index_bits, vc[0], vc[1], vq.rotation, vq.centroids,
+                               vq.index_bits, scale, is_causal, mask, None)
+
+
+def rewrite_and_run(fn, *args, config=None):
+    """Compile `fn` with a backend that rewrites the Dynamo graph and runs it eagerly."""
+    config = config or TurboQuantConfig()
+    found = []
+
+    def eager_rewrite(gm, example_inputs):
+        found.extend(rewrite_attention(gm, config))
+        found.append(gm)
+        return gm.forward
+
+    out = torch.compile(fn, backend=eager_rewrite, fullgraph=True)(*args)
+    return out, found[:-1], found[-1]
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def qkv(kv_heads=HKV, q_len=L, kv_len=L):
+    return randn(B, HQ, q_len, D), randn(B, kv_heads, kv_len, D, seed=1), \
+        randn(B, kv_heads, kv_len, D, seed=2)
+
+
+SDPA_FORMS = {
+    "plain": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v), HQ, None, False, None),
+    "causal": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               HQ, None, True, None),
+    "bool_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m > 0),
+                  HQ, "bool", False, None),
+    "float_mask_scale": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, 0.0,
+                                                                           False, scale=0.3),
+                         HQ, "float", False, 0.3),
+    "enable_gqa": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                   HKV, None, False, None),
+    "repeat_kv": (lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=m), HKV, "float", False, None),
+    "repeat_interleave": (lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True),
+        HKV, None, True, None),
+}
+
+
+@pytest.mark.parametrize("form", SDPA_FORMS)
+@pytest.mark.parametrize("key_quantizer", ["mse", "prod"])
+def test_sdpa_forms_match_eager_simulation(form, key_quantizer):
+    fn, kv_heads, mask_kind, causal, scale = SDPA_FORMS[form]
+    q, k, v = qkv(kv_heads)
+    mask = randn(B, 1, L, L, seed=3)
+    config = TurboQuantConfig(k_bits=4, v_bits=3, key_quantizer=key_quantizer)
+    out, sites, gm = rewrite_and_run(lambda q, k, v, m: fn(q, k, v, m) * 2, q, k, v, mask,
+                                     config=config)
+    assert len(sites) == 1 and sites[0].key_shape == (B, kv_heads, L, D)
+    assert sites[0].kind == ("sdpa+repeat_kv" if form.startswith("repeat") else "sdpa")
+    assert not any(n.target in (F.scaled_dot_product_attention,
+                                torch._C._nn.scaled_dot_product_attention)
+                   for n in gm.graph.nodes)
+    used_mask = {"bool": mask > 0, "float": mask, None: None}[mask_kind]
+    expected = simulate(config, 0, q, k, v, scale or 1 / math.sqrt(D), causal, used_mask) * 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    exact = fn(q, k, v, mask) * 2
+    error = ((out - exact).norm() / exact.norm()).item()
+    assert 0.01 < error < 0.5, error  # compressed: close to, but not equal to, exact attention
+
+
+def gpt2_style(q, k, v, mask):
+    w = torch.matmul(q, k.transpose(-1, -2))
+    w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)
+    w = w + mask
+    w = F.softmax(w, dim=-1).type(v.dtype)
+    return torch.matmul(F.dropout(w, p=0.1, training=False), v)
+
+
+def llama_eager_style(q, k, v, mask):
+    k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+    w = torch.matmul(q, k.transpose(2, 3)) * 0.25
+    w = w + mask[:, :, :, : k.shape[-2]]
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(w, p=0.0, training=True), v)
+
+
+@pytest.mark.parametrize("fn,kv_heads,kind", [(gpt2_style, HQ, "matmul"),
+                                              (llama_eager_style, HKV, "matmul+repeat_kv")])
+def test_explicit_matmul_softmax_attention(fn, kv_heads, kind):
+    q, k, v = qkv(kv_heads)
+    mask = torch.zeros(B, 1, L, L).masked_fill(torch.ones(L, L).triu(1).bool(), -1e9)
+    out, sites, _ = rewrite_and_run(fn, q, k, v, mask)
+    assert [s.kind for s in sites] == [kind]
+    torch.testing.assert_close(out, simulate(TurboQuantConfig(), 0, q, k, v, 0.25, mask=mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+def escaping_weights(q, k, v, mask):
+    w = F.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+    return w @ v, w
+
+
+UNPROVABLE = {
+    "dropout": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5), L,
+                "dropout_p"),
+    "causal_q_ne_k": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      3, "top-left"),
+    "weights_escape": (lambda q, k, v: escaping_weights(q, k, v, None), L, "used elsewhere"),
+    "softmax_other_dim": (lambda q, k, v: F.softmax(q @ k.transpose(-1, -2), dim=2) @ v, L,
+                          "dim 2"),
+    "bool_added": (lambda q, k, v: F.softmax(q @ k.transpose(-1, -2) + (k[:, :, :, 0] > 0)[
+        :, :, None], dim=-1) @ v, L, "floating mask"),
+}
+
+
+@pytest.mark.parametrize("case", [*UNPROVABLE, "requires_grad"])
+def test_unprovable_sites_are_left_alone_and_logged(case, caplog):
+    fn, q_len, reason = UNPROVABLE.get(case) or (F.scaled_dot_product_attention, L, "grad")
+    q, k, v = qkv(HQ, q_len=q_len)
+    q.requires_grad_(case == "requires_grad")
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="tq_ops"):
+        out, sites, _ = rewrite_and_run(fn, q, k, v)
+    assert sites == []
+    assert any(reason in r.getMessage() for r in caplog.records), caplog.text
+    if case != "dropout":
+        torch.testing.assert_close(out, fn(q, k, v), rtol=0, atol=0)
+
+
+def test_graph_without_attention_is_unchanged():
+    def mlp(x, w):
+        return F.softmax(torch.relu(x @ w) @ w.T, dim=-1)
+
+    x, w = randn(3, 8), randn(8, 8, seed=1)
+    out, sites, _ = rewrite_and_run(mlp, x, w)
+    assert sites == [] and torch.equal(out, mlp(x, w))
+
+
+def cache_step(x, k_new, v_new, q, buffers, consts, counter):
+    """A hand-written TurboQuantCache-like step: append, bump the counter, decompress, attend."""
+    k_idx, k_norms, v_idx, v_norms = buffers
+    k_rot, k_cent, v_rot, v_cent = consts
+    pos = torch.arange(k_new.shape[2]) + counter
+    counter.add_(k_new.shape[2])
+    torch.ops.tq.compress_into(k_new, k_rot, k_cent, None, 3, pos, k_idx, k_norms, None, None)
+    torch.ops.tq.compress_into(v_new, v_rot, v_cent, None, 2, pos, v_idx, v_norms, None, None)
+    k = torch.ops.tq.decompress(k_idx, k_norms, None, None, k_rot, k_cent, None, 3, q.dtype)
+    v = torch.ops.tq.decompress(v_idx, v_norms, None, None, v_rot, v_cent, None, 2, q.dtype)
+    keep = torch.arange(k.shape[2]) < counter
+    return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2),
+                                          attn_mask=keep[None, None, None, :]) + x
+
+
+def test_cache_reads_fuse_into_compressed_attention():
+    kq, vq = site_quantizers(TurboQuantConfig(k_bits=3, v_bits=2), 0, D, D)
+    capacity = 10
+    buffers = [torch.zeros(1, HKV, capacity, n, dtype=dt) for n, dt in
+               ((6, torch.uint8), (1, torch.float16), (4, torch.uint8), (1, torch.float16))]
+    consts = (kq.rotation, kq.centroids, vq.rotation, vq.centroids)
+    counter = torch.zeros((), dtype=torch.long)
+    prefill = randn(1, HKV, 4, D), randn(1, HKV, 4, D, seed=1)
+    cache_step(torch.zeros(()), *prefill, randn(1, HQ, 4, D), buffers, consts, counter)
+    expected_buffers = [b.clone() for b in buffers]
+    expected_counter = counter.clone()
+    k_new, v_new = randn(1, HKV, 1, D, seed=2), randn(1, HKV, 1, D, seed=3)
+    q, x = randn(1, HQ, 1, D, seed=4), randn(1, HQ, 1, D, seed=5)
+    expected = cache_step(x, k_new, v_new, q, expected_buffers, consts, expected_counter)
+    out, sites, gm = rewrite_and_run(cache_step, x, k_new, v_new, q, buffers, consts, counter,
+                                     config=TurboQuantConfig(mode="cache"))
+    assert [(s.source, s.kind, s.k_bits, s.v_bits) for s in sites] == \
+        [("cache", "sdpa+repeat_kv", 3, 2)]
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert not any("decompress" in t for t in targets)  # never materialised
+    assert sum("compress_into" in t for t in targets) == 2
+    assert "add_" in targets  # the in-place counter survives (no DCE)
+    assert int(counter) == 5
+    for got, want in zip(buffers, expected_buffers):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_mode_leaves_plain_attention(caplog):
+    q, k, v = qkv(HQ)
+    with caplog.at_level(logging.INFO, logger="tq_ops"):
+        out, sites, _ = rewrite_and_run(F.scaled_dot_product_attention, q, k, v,
+                                        config=TurboQuantConfig(mode="cache"))
+    assert sites == [] and "TurboQuantCache" in caplog.text
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_config_validation_and_pass_uuid():
+    with pytest.raises(ValueError, match="key_quantizer"):
+        TurboQuantConfig(key_quantizer="qjl")
+    with pytest.raises(ValueError, match="mode"):
+        TurboQuantConfig(mode="fast")
+    with pytest.raises(ValueError, match="v_bits"):
+        TurboQuantConfig(v_bits=9)
+    a, b = TurboQuantPass(), TurboQuantPass(TurboQuantConfig(mode="cache", k_bits=3))
+    assert a.uuid() == TurboQuantPass().uuid() and a.uuid() != b.uuid()
+    assert backend(k_bits=3, v_bits=2, key_quantizer="prod").config == TurboQuantConfig(
+        3, 2, "prod")
+
+
+def test_backend_is_registered():
+    import tq_ops.compile  # noqa: F401
+
+    assert "turboquant" in torch._dynamo.list_backends(exclude_tags=())

@@ -1,0 +1,396 @@
+"""The FX attention pass, the "turboquant" torch.compile backend and the Inductor hook pass.
+
+`rewrite_attention(gm, config)` edits a Dynamo GraphModule in place: each attention site whose
+K and V come from `tq::decompress` (a `TurboQuantCache`) becomes one `tq::attention` on the
+packed cache; in "simulate" mode every other provable site gets its K and V compressed with
+`tq::compress` and attends with `tq::attention`. Sites that cannot be proven equivalent stay
+as they are and are logged (logger `tq_ops`) with the reason. The pass never runs dead-code
+elimination over the graph (that would drop in-place cache counters); it only erases the
+pure nodes its own replacement made dead.
+"""
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..quantizer import TurboQuantMSE, TurboQuantProd
+from . import patterns
+from .patterns import Attention, Compressed, value_of
+
+log = logging.getLogger("tq_ops")
+
+KEY_QUANTIZERS = ("mse", "prod")
+DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
+MODES = ("simulate", "cache")
+_CONSTANT_PREFIX = "_tq_const_"
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """Settings of the pass.
+
+    k_bits / v_bits: user bits per coordinate (Prod keys spend k_bits - 1 on MSE codes and one
+    on QJL signs). key_quantizer: "mse" or "prod". mode: "simulate" compresses K and V of every
+    attention call; "cache" only fuses `TurboQuantCache` reads into `tq::attention`. seed: site
+    i of a graph uses seeds seed + 2i (keys) and seed + 2i + 1 (values). qjl_dim: QJL rows
+    (default head_dim). norm_dtype: dtype of the stored norms.
+    """
+
+    k_bits: int = 4
+    v_bits: int = 3
+    key_quantizer: str = DEFAULT_KEY_QUANTIZER
+    mode: str = "simulate"
+    seed: int = 0
+    qjl_dim: int | None = None
+    norm_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.key_quantizer not in KEY_QUANTIZERS:
+            raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, "
+                             f"got {self.key_quantizer!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+                raise ValueError(f"{name} must be an int in [1, 8], got {bits!r}")
+
+
+@dataclass
+class RewrittenSite:
+    """One rewritten attention: the new `tq::attention` node, the matched form ("sdpa",
+    "sdpa+repeat_kv", "matmul", "matmul+repeat_kv"), where K/V come from ("cache": packed
+    TurboQuantCache buffers, "simulate": compressed on the fly), shapes (B, H, L, D) and user
+    bits."""
+
+    node: Node
+    kind: str
+    source: str
+    query_shape: tuple
+    key_shape: tuple
+    value_shape: tuple
+    k_bits: int
+    v_bits: int
+    key_quantizer: str
+
+    def __str__(self) -> str:
+        return (f"{self.node.name}: {self.kind} from {self.source}, q{self.query_shape} "
+                f"k{self.key_shape} v{self.value_shape}, K{self.k_bits} ({self.key_quantizer}) "
+                f"V{self.v_bits}")
+
+
+def site_quantizers(config: TurboQuantConfig, index: int, k_dim: int, v_dim: int):
+    """(key quantizer, value quantizer) modules of simulate-mode site `index` of a graph."""
+    seed = config.seed + 2 * index
+    if config.key_quantizer == "prod":
+        keys = TurboQuantProd(k_dim, config.k_bits, seed, qjl_dim=config.qjl_dim,
+                              norm_dtype=config.norm_dtype)
+    else:
+        keys = TurboQuantMSE(k_dim, config.k_bits, seed, norm_dtype=config.norm_dtype)
+    return keys, TurboQuantMSE(v_dim, config.v_bits, seed + 1, norm_dtype=config.norm_dtype)
+
+
+def _where(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"{node.name} ({path})" if path else node.name
+
+
+class _Builder:
+    """Inserts nodes before `anchor`, giving each the fake value Dynamo would have recorded."""
+
+    def __init__(self, gm: GraphModule, anchor: Node):
+        self.gm, self.graph, self.anchor = gm, gm.graph, anchor
+        fakes = [value_of(n) for n in anchor.all_input_nodes]
+        self.fake_mode = next((v.fake_mode for v in fakes
+                               if isinstance(v, torch._subclasses.FakeTensor)), None)
+
+    def _fake(self, value):
+        if (isinstance(value, torch.Tensor) and self.fake_mode is not None
+                and not isinstance(value, torch._subclasses.FakeTensor)):
+            return self.fake_mode.from_tensor(value, static_shapes=True)
+        return value
+
+    def call(self, target, *args) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args)
+        inputs = map_arg(args, lambda n: self._fake(value_of(n)))
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["example_value"] = target(*inputs)
+        else:
+            node.meta["example_value"] = target(*inputs)
+        return node
+
+    def constant(self, name: str, tensor: torch.Tensor) -> Node:
+        self.gm.register_buffer(name, tensor, persistent=False)
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.get_attr(name)
+        node.meta["example_value"] = self._fake(tensor)
+        return node
+
+
+_PURE_FUNCTIONS = {operator.getitem, operator.add, operator.mul, operator.truediv,
+                   operator.matmul, torch.matmul, torch.mul, torch.div, torch.add, torch.softmax,
+                   F.softmax, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze,
+                   torch.repeat_interleave, *patterns.SDPA_TARGETS}
+_PURE_METHODS = {"transpose", "permute", "reshape", "view", "expand", "unsqueeze", "contiguous",
+                 "to", "type", "float", "half", "bfloat16", "repeat_interleave", "softmax",
+                 "matmul", "__matmul__", "mul", "div", "add", "__add__", "__mul__",
+                 "__truediv__"}
+
+
+def _erase_if_dead(graph: torch.fx.Graph, node: Node, also: set) -> None:
+    """Erase `node` if unused and a known pure op (or in `also`), then its dead inputs."""
+    if node._erased or node.users:
+        return
+    pure = (node in also
+            or (node.op == "call_function" and (node.target in _PURE_FUNCTIONS or node.target in (
+                torch.ops.tq.decompress.default, torch.ops.tq.decompress)))
+            or (node.op == "call_method" and node.target in _PURE_METHODS))
+    if not pure:
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for parent in inputs:
+        _erase_if_dead(graph, parent, also)
+
+
+def _field(build: _Builder, source: Compressed, name: str):
+    node = source.fields.get(name)
+    if node is None or source.length is None or not isinstance(node, Node):
+        return node
+    full = slice(None, None, None)
+    if name in ("rotation", "centroids", "qjl"):
+        return node
+    return build.call(operator.getitem, node, (full, full, slice(None, source.length, None)))
+
+
+def _user_bits(source: Compressed) -> tuple[int, str]:
+    prod = source.fields.get("qjl") is not None
+    return source.fields["bits"] + (1 if prod else 0), "prod" if prod else "mse"
+
+
+@dataclass
+class _Replacement:
+    """A `tq::attention` node inserted for a site, and what the report says about it."""
+
+    out: Node
+    build: _Builder
+    source: str
+    k_bits: int
+    v_bits: int
+    key_quantizer: str
+    dead: tuple = ()  # nodes that become unused besides the matched ones
+
+
+def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
+    """tq::attention straight on the packed fields the two decompress nodes read."""
+    ks, vs = site.key_source, site.value_source
+    if vs.fields.get("qjl") is not None or vs.fields.get("signs") is not None:
+        return "values carry QJL fields; tq::attention reads MSE values only"
+    if ks.length != vs.length:
+        return "key and value are cut to different lengths"
+    build = _Builder(gm, site.output)
+    k = {n: _field(build, ks, n) for n in ("indices", "norms", "signs", "residual_norms",
+                                          "rotation", "centroids", "qjl")}
+    v = {n: _field(build, vs, n) for n in ("indices", "norms", "rotation", "centroids")}
+    out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
+                     k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
+                     ks.fields["bits"], v["indices"], v["norms"], v["rotation"], v["centroids"],
+                     vs.fields["bits"], site.scale, site.is_causal, site.attn_mask, None)
+    k_bits, key_quantizer = _user_bits(ks)
+    return _Replacement(out, build, "cache", k_bits, _user_bits(vs)[0], key_quantizer,
+                        (ks.decompress, vs.decompress))
+
+
+def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
+              index: int) -> _Replacement:
+    """tq::compress of K and V, then tq::attention on the compressed form."""
+    build = _Builder(gm, site.output)
+    k_dim, v_dim = value_of(site.key).shape[-1], value_of(site.value).shape[-1]
+    device = value_of(site.query).device
+    kq, vq = site_quantizers(config, index, k_dim, v_dim)
+    kq, vq = kq.to(device), vq.to(device)
+
+    def const(name, tensor):
+        return None if tensor is None else build.constant(f"{_CONSTANT_PREFIX}{index}_{name}",
+                                                          tensor)
+
+    k_rot, k_cent = const("k_rotation", kq.rotation), const("k_centroids", kq.centroids)
+    k_qjl = const("k_qjl", kq.qjl)
+    v_rot, v_cent = const("v_rotation", vq.rotation), const("v_centroids", vq.centroids)
+    kc = build.call(torch.ops.tq.compress.default, site.key, k_rot, k_cent, k_qjl, kq.index_bits,
+                    config.norm_dtype)
+    vc = build.call(torch.ops.tq.compress.default, site.value, v_rot, v_cent, None,
+                    vq.index_bits, config.norm_dtype)
+    k_fields = [build.call(operator.getitem, kc, i) for i in range(4 if kq.qjl is not None else 2)]
+    k_fields += [None] * (4 - len(k_fields))
+    v_fields = [build.call(operator.getitem, vc, i) for i in range(2)]
+    out = build.call(torch.ops.tq.attention.default, site.query, *k_fields, k_rot, k_cent, k_qjl,
+                     kq.index_bits, *v_fields, v_rot, v_cent, vq.index_bits, site.scale,
+                     site.is_causal, site.attn_mask, None)
+    return _Replacement(out, build, "simulate", config.k_bits, config.v_bits,
+                        config.key_quantizer)
+
+
+def rewrite_attention(gm: GraphModule, config: TurboQuantConfig | None = None, *,
+                      constants: bool = True) -> list[RewrittenSite]:
+    """Replace the attention sites of a Dynamo GraphModule with `tq::` ops, in place.
+
+    Returns the rewritten sites in graph order. `constants=False` (Inductor hook use, where new
+    tensors cannot be added to the graph) limits the pass to TurboQuantCache sites.
+    """
+    config = config or TurboQuantConfig()
+    graph = gm.graph
+    sites: list[RewrittenSite] = []
+    simulated = 0
+    for node in list(graph.nodes):
+        if node._erased:
+            continue  # erased by an earlier rewrite
+        site = patterns.match(node)
+        if site is None:
+            continue
+        if isinstance(site, str):
+            log.warning("tq_ops: attention at %s left unchanged: %s", _where(node), site)
+            continue
+        if site.key_source is not None and site.value_source is not None:
+            new = _fuse_cache(gm, site)
+            if isinstance(new, str):
+                log.warning("tq_ops: cache attention at %s left unchanged: %s", _where(node), new)
+                continue
+        elif config.mode == "cache":
+            log.info("tq_ops: attention at %s does not read a TurboQuantCache; left unchanged "
+                     "(mode='cache')", _where(node))
+            continue
+        elif not constants:
+            log.warning("tq_ops: attention at %s left unchanged: simulate mode needs new "
+                        "constant tensors, which an Inductor hook cannot add; use "
+                        "backend='turboquant'", _where(node))
+            continue
+        else:
+            new = _simulate(gm, site, config, simulated)
+            simulated += 1
+        result = new.out
+        if value_of(new.out).dtype != value_of(site.output).dtype:
+            result = new.build.call(torch.Tensor.to, new.out, value_of(site.output).dtype)
+        site.output.replace_all_uses_with(result)
+        also = set(site.replaced)
+        for dead in site.replaced + list(new.dead):
+            _erase_if_dead(graph, dead, also)
+        found = RewrittenSite(new.out, site.kind, new.source, tuple(value_of(site.query).shape),
+                              tuple(value_of(site.key).shape),
+                              tuple(value_of(site.value).shape), new.k_bits, new.v_bits,
+                              new.key_quantizer)
+        log.info("tq_ops: rewrote attention at %s -> %s", _where(node), found)
+        sites.append(found)
+    if sites:
+        graph.lint()
+        gm.recompile()
+    return sites
+
+
+def _clone_dynamo_module(gm: GraphModule) -> GraphModule:
+    """A copy of a Dynamo GraphModule that AOTAutograd still recognises as Dynamo's (Dynamo keeps
+    reading the original's placeholders after the backend returns)."""
+    graph = torch.fx.Graph()
+    mapping: dict = {}
+    graph.output(graph.graph_copy(gm.graph, mapping))
+    for old, new in mapping.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    clone = GraphModule(gm, graph, gm.__class__.__name__)
+    clone.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        clone._param_name_to_source = gm._param_name_to_source
+    return clone
+
+
+def _lift_constants(gm: GraphModule) -> list[torch.Tensor]:
+    """Turn the pass's get_attr constants into trailing graph inputs (AOTAutograd accepts no new
+    module state); returns the tensors to append to every call."""
+    graph = gm.graph
+    last = list(graph.find_nodes(op="placeholder"))[-1]
+    lifted = []
+    for node in list(graph.find_nodes(op="get_attr")):
+        if not node.target.startswith(_CONSTANT_PREFIX):
+            continue
+        with graph.inserting_after(last):
+            placeholder = graph.placeholder(node.target)
+        placeholder._dynamo_source = None
+        placeholder.meta.update(node.meta)
+        placeholder.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        lifted.append(getattr(gm, node.target))
+        delattr(gm, node.target)
+        last = placeholder
+    gm.recompile()
+    return lifted
+
+
+class TurboQuantBackend:
+    """torch.compile backend: rewrite attention in the Dynamo graph, then compile with Inductor.
+
+    Accepts torch.compile's `mode=` / `options=` (passed on to Inductor, e.g.
+    mode="reduce-overhead" for CUDA graphs). `sites` collects the rewritten sites of every
+    graph compiled so far.
+    """
+
+    def __init__(self, config: TurboQuantConfig | None = None):
+        self.config = config or TurboQuantConfig()
+        self.sites: list[RewrittenSite] = []
+
+    def __call__(self, gm: GraphModule, example_inputs, mode: str | None = None,
+                 options: dict | None = None):
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode)) if mode else {}
+        patches.update(options or {})
+        rewritten = _clone_dynamo_module(gm)
+        sites = rewrite_attention(rewritten, self.config)
+        self.sites.extend(sites)
+        if not sites:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        lifted = _lift_constants(rewritten)
+        compiled = compile_fx(rewritten, list(example_inputs) + lifted, config_patches=patches)
+        if not lifted:
+            return compiled
+
+        def run(*args):
+            return compiled(*args, *lifted)
+
+        return run
+
+
+class TurboQuantPass(CustomGraphPass):
+    """The pass as an Inductor `pre_grad_custom_pass` (for users of the default backend):
+
+        torch.compile(model, options={"pre_grad_custom_pass": TurboQuantPass()})
+
+    Hooks cannot add constant tensors, so only TurboQuantCache sites are rewritten here.
+    """
+
+    def __init__(self, config: TurboQuantConfig | None = None):
+        self.config = config or TurboQuantConfig(mode="cache")
+        self.sites: list[RewrittenSite] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.sites.extend(rewrite_attention(graph.owning_module, self.config, constants=False))
+
+    def uuid(self):
+        return (get_hash_for_files((__file__, patterns.__file__)), repr(self.config))
+
+
+def backend(k_bits: int = 4, v_bits: int = 3, key_quantizer: str = DEFAULT_KEY_QUANTIZER,
+            mode: str = "simulate", seed: int = 0, qjl_dim: int | None = None,
+            norm_dtype: torch.dtype = torch.float16) -> TurboQuantBackend:
+    """A "turboquant" backend with explicit settings: `torch.compile(m, backend=backend(...))`."""
+    return TurboQuantBackend(TurboQuantConfig(k_bits, v_bits, key_quantizer, mode, seed, qjl_dim,
+                                              norm_dtype))

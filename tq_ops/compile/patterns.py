@@ -1,0 +1,369 @@
+"""Recognise attention in a Dynamo (pre-grad, torch IR) FX graph.
+
+Each matcher takes the node that produces the attention output and returns either an
+`Attention` (what the site computes, with the proof obligations checked) or a string saying
+why the site cannot be proven equivalent to `softmax(scale * q.k + mask) @ v`. Nothing here
+edits the graph. Shapes and dtypes come from the Dynamo metadata (`node.meta["example_value"]`,
+fake tensors).
+"""
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Compressed:
+    """The packed fields a `tq::decompress` node reads, optionally cut to the first `length`
+    tokens (a `[:, :, :length]` slice of its output)."""
+
+    decompress: Node
+    fields: dict  # the decompress op's arguments by name
+    length: int | None = None
+
+
+@dataclass
+class Attention:
+    """One attention site: output = softmax(scale * q.k^T + mask) @ v over (B, H, L, D).
+
+    `key`/`value` are the tensors before any repeat-the-KV-heads step (query head h reads
+    kv head h // (Hq // Hkv)); `key_source`/`value_source` are set when they are the
+    output of `tq::decompress` (a TurboQuantCache).
+    """
+
+    kind: str
+    output: Node
+    query: Node
+    key: Node
+    value: Node
+    attn_mask: Node | None
+    scale: float
+    is_causal: bool
+    key_source: Compressed | None = None
+    value_source: Compressed | None = None
+    replaced: list = field(default_factory=list)  # nodes the rewrite makes dead, output first
+
+
+def value_of(node):
+    """The fake tensor (or number) Dynamo recorded for `node`, or None."""
+    if not isinstance(node, Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _same(a, b) -> bool:
+    """a == b provably (ints or SymInts), without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def _shape(node) -> tuple | None:
+    val = value_of(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _float_4d(node) -> bool:
+    val = value_of(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype in _FLOAT
+
+
+def _is_method(node, *names) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+def _is_function(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _arg(node: Node, index: int, name: str, default=None):
+    """Argument `name` of a call, given positionally at `index` (counting self) or by keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _number(value) -> float | None:
+    """A Python number, or a 0-d constant node (`torch.full([], c)`, `torch.tensor(c)`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if _is_function(value, torch.full) and not value.kwargs.get("requires_grad", False):
+        size, fill = _arg(value, 0, "size"), _arg(value, 1, "fill_value")
+        if tuple(size) == () and isinstance(fill, (int, float)):
+            return float(fill)
+    if _is_function(value, torch.tensor) and isinstance(_arg(value, 0, "data"), (int, float)):
+        return float(_arg(value, 0, "data"))
+    return None
+
+
+def _dim(node) -> int | None:
+    shape = _shape(node)
+    return None if shape is None else len(shape)
+
+
+def _is_last_two_transpose(node) -> bool:
+    """x.transpose(-2, -1) (any dim spelling) or x.permute(0, 1, 3, 2) of a 4-D x."""
+    if _is_method(node, "transpose") or _is_function(node, torch.transpose):
+        dims = {d % 4 for d in node.args[1:3]} if len(node.args) >= 3 else None
+        return _dim(node.args[0]) == 4 and dims == {2, 3}
+    if _is_method(node, "permute") or _is_function(node, torch.permute):
+        order = node.args[1] if len(node.args) == 2 else node.args[1:]
+        return _dim(node.args[0]) == 4 and tuple(d % 4 for d in order) == (0, 1, 3, 2)
+    return False
+
+
+def strip_repeat_kv(node: Node) -> tuple[Node, int, list]:
+    """(x, n_rep, nodes) when `node` repeats each head of x (B, Hkv, S, D) n_rep times in place,
+    head h of the result being head h // n_rep of x; (node, 1, []) otherwise.
+
+    Recognises x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D) (also with
+    unsqueeze(2) and view) and x.repeat_interleave(n, dim=1).
+    """
+    if _is_method(node, "repeat_interleave") or _is_function(node, torch.repeat_interleave):
+        base, reps = node.args[0], _arg(node, 1, "repeats")
+        dim = _arg(node, 2, "dim")
+        if isinstance(reps, int) and dim is not None and _dim(base) == 4 and dim % 4 == 1:
+            return base, reps, [node]
+        return node, 1, []
+    if not (_is_method(node, "reshape", "view") or _is_function(node, torch.reshape)):
+        return node, 1, []
+    expand = node.args[0]
+    if not _is_method(expand, "expand"):
+        return node, 1, []
+    inserted = expand.args[0]
+    if _is_method(inserted, "unsqueeze") or _is_function(inserted, torch.unsqueeze):
+        base = inserted.args[0]
+        ok = _dim(base) == 4 and _arg(inserted, 1, "dim") in (2, -3)
+    elif _is_function(inserted, operator.getitem) and isinstance(inserted.args[1], tuple):
+        base, index = inserted.args
+        full = slice(None, None, None)
+        ok = _dim(base) == 4 and index in ((full, full, None), (full, full, None, full),
+                                           (full, full, None, full, full))
+    else:
+        return node, 1, []
+    if not ok:
+        return node, 1, []
+    b, h, s, d = _shape(base)
+    eb, eh, n, es, ed = _shape(expand)
+    rb, rh, rs, rd = _shape(node) if _dim(node) == 4 else (None,) * 4
+    if not (isinstance(n, int) and all(_same(x, y) for x, y in
+                                       ((b, eb), (h, eh), (s, es), (d, ed), (b, rb), (s, rs),
+                                        (d, rd), (h * n, rh)))):
+        return node, 1, []
+    return base, n, [node, expand, inserted]
+
+
+def compressed_source(node: Node) -> Compressed | None:
+    """The `tq::decompress` whose output `node` is (possibly `.contiguous()` or cut to the first
+    L tokens with [:, :, :L]), else None."""
+    length = None
+    while _is_method(node, "contiguous"):
+        node = node.args[0]
+    if _is_function(node, operator.getitem) and isinstance(node.args[1], tuple):
+        full = slice(None, None, None)
+        index = node.args[1]
+        if index[:2] != (full, full) or len(index) not in (3, 4) or index[3:] not in ((), (full,)):
+            return None
+        cut = index[2]
+        if not (isinstance(cut, slice) and cut.start in (None, 0) and cut.step in (None, 1)
+                and isinstance(cut.stop, int)):
+            return None
+        length, node = cut.stop, node.args[0]
+    decompress = torch.ops.tq.decompress
+    if not _is_function(node, decompress.default, decompress):
+        return None
+    names = [a.name for a in decompress.default._schema.arguments]
+    fields = dict(zip(names, node.args))
+    fields.update(node.kwargs)
+    return Compressed(node, fields, length)
+
+
+def _finish(site: Attention, q_heads, k_heads, v_heads) -> Attention | str:
+    """Shared proof obligations on the heads and the causal convention; sets the sources."""
+    if any(getattr(value_of(x), "requires_grad", False) for x in
+           (site.query, site.key, site.value, site.attn_mask)):
+        return "inputs require grad (the tq:: ops have no backward; run under torch.no_grad())"
+    if not _same(k_heads, v_heads):
+        return "key and value have different head counts after removing repeat-KV"
+    if not (isinstance(q_heads, int) and isinstance(k_heads, int) and q_heads % k_heads == 0):
+        return f"query heads {q_heads} are not a static multiple of key/value heads {k_heads}"
+    q_len, k_len = _shape(site.query)[2], _shape(site.key)[2]
+    if site.is_causal and not _same(q_len, k_len):
+        return (f"is_causal with q_len {q_len} != kv_len {k_len}: SDPA aligns the causal mask "
+                "top-left, tq::attention bottom-right")
+    if site.attn_mask is not None:
+        mask = value_of(site.attn_mask)
+        if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool,) + _FLOAT:
+            return "attn_mask is not a bool or floating tensor"
+        full = (_shape(site.query)[0], q_heads, q_len, k_len)
+        if mask.dim() > 4 or not all(_same(m, 1) or _same(m, f) for m, f in
+                                     zip(reversed(mask.shape), reversed(full))):
+            return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {full}"
+    site.key_source = compressed_source(site.key)
+    site.value_source = compressed_source(site.value)
+    return site
+
+
+def match_sdpa(node: Node) -> Attention | str | None:
+    """A scaled_dot_product_attention call (any argument form); None if `node` is not SDPA."""
+    if not _is_function(node, *SDPA_TARGETS):
+        return None
+    args = dict(_SDPA_DEFAULTS)
+    args.update(zip(_SDPA_PARAMS, node.args))
+    args.update(node.kwargs)
+    if set(args) - set(_SDPA_PARAMS):
+        return f"unknown SDPA arguments {sorted(set(args) - set(_SDPA_PARAMS))}"
+    dropout = args["dropout_p"]
+    if not isinstance(dropout, (int, float)) or dropout != 0:
+        return f"dropout_p={dropout!r} is not a constant 0"
+    for name in ("is_causal", "enable_gqa"):
+        if not isinstance(args[name], bool):
+            return f"{name} is not a constant bool"
+    if args["scale"] is not None and _number(args["scale"]) is None:
+        return "scale is not a constant"
+    if args["is_causal"] and args["attn_mask"] is not None:
+        return "both attn_mask and is_causal are set"
+    q, k, v = args["query"], args["key"], args["value"]
+    if not all(_float_4d(x) for x in (q, k, v)):
+        return "query, key and value are not all 4-D floating tensors"
+    k_base, k_rep, k_nodes = strip_repeat_kv(k)
+    v_base, v_rep, v_nodes = strip_repeat_kv(v)
+    if k_rep != v_rep:
+        return f"key repeated {k_rep}x but value {v_rep}x"
+    q_shape, k_shape = _shape(q), _shape(k_base)
+    if not isinstance(q_shape[3], int):
+        return "head_dim is not static"
+    if not args["enable_gqa"] and k_rep == 1 and not _same(q_shape[1], k_shape[1]):
+        return "query and key head counts differ without enable_gqa"
+    scale = (1 / math.sqrt(q_shape[3]) if args["scale"] is None else _number(args["scale"]))
+    kind = "sdpa+repeat_kv" if k_rep > 1 else "sdpa"
+    site = Attention(kind, node, q, k_base, v_base, args["attn_mask"], scale, args["is_causal"],
+                     replaced=[node] + k_nodes + v_nodes)
+    return _finish(site, q_shape[1], k_shape[1], _shape(v_base)[1])
+
+
+def _is_matmul(node) -> bool:
+    return (_is_function(node, torch.matmul, operator.matmul)
+            or _is_method(node, "matmul", "__matmul__"))
+
+
+def _skip_casts_and_identity(node: Node, chain: list) -> Node:
+    """Walk up through dtype casts and inactive dropout, recording the nodes in `chain`."""
+    while True:
+        if _is_method(node, "to", "type") and len(node.args) == 2 and not node.kwargs:
+            ok = node.args[1] in _FLOAT
+        elif _is_method(node, "to") and len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
+            ok = node.kwargs["dtype"] in _FLOAT
+        elif _is_method(node, *_CAST_METHODS) and len(node.args) == 1:
+            ok = True
+        elif _is_function(node, F.dropout, torch.dropout):
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "train" if node.target is
+                                                          torch.dropout else "training", True)
+            ok = training is False or p == 0
+        else:
+            return node
+        if not ok:
+            return node
+        chain.append(node)
+        node = node.args[0]
+
+
+def _softmax_dim(node) -> int | None:
+    if _is_function(node, F.softmax, torch.softmax) or _is_method(node, "softmax"):
+        return _arg(node, 1, "dim")
+    return None
+
+
+def match_matmul(node: Node) -> Attention | str | None:
+    """matmul(softmax(scale * (q @ k^T) + mask), v) with optional casts and inactive dropout
+    between the steps. None if `node` is not a matmul fed by a softmax."""
+    if not _is_matmul(node) or len(node.args) != 2:
+        return None
+    chain = [node]
+    probs = _skip_casts_and_identity(node.args[0], chain)
+    dim = _softmax_dim(probs)
+    if dim is None:
+        return None
+    v = node.args[1]
+    if not all(_float_4d(x) for x in (probs, v)):
+        return "softmax or value is not a 4-D floating tensor"
+    if dim % 4 != 3:
+        return f"softmax over dim {dim}, not the key dimension"
+    chain.append(probs)
+    x = _skip_casts_and_identity(probs.args[0], chain)
+    mask, scale = None, 1.0
+    if _is_function(x, operator.add, torch.add) or _is_method(x, "add", "__add__"):
+        left, right = x.args[:2]
+        if len(x.args) > 2 or x.kwargs:
+            return "mask addition has an alpha"
+        scores, mask = (left, right) if _is_scores(left) else (right, left)
+        if not (isinstance(value_of(mask), torch.Tensor) and value_of(mask).dtype in _FLOAT):
+            return "added term is not a floating mask tensor"
+        chain.append(x)
+        x = _skip_casts_and_identity(scores, chain)
+    while (_is_function(x, operator.mul, operator.truediv, torch.mul, torch.div)
+           or _is_method(x, "mul", "div", "__mul__", "__truediv__")):
+        left, right = x.args[:2]
+        divide = x.target in (operator.truediv, torch.div, "div", "__truediv__")
+        if len(x.args) > 2 or x.kwargs:
+            return "scaling has extra arguments (rounding mode?)"
+        factor, scores = (_number(right), left)
+        if factor is None and not divide:
+            factor, scores = _number(left), right
+        if factor is None or factor == 0:
+            return "attention logits are scaled by a non-constant"
+        scale *= 1 / factor if divide else factor
+        chain.append(x)
+        x = _skip_casts_and_identity(scores, chain)
+    if not (_is_matmul(x) and len(x.args) == 2 and _is_last_two_transpose(x.args[1])):
+        return "softmax input is not (scaled, masked) q @ k.transpose(-2, -1)"
+    chain.append(x)
+    for inner in chain[1:]:
+        if len(inner.users) != 1:
+            return f"intermediate {inner.name} is also used elsewhere (attention weights escape)"
+    q, key_t = x.args
+    k = key_t.args[0]
+    if not all(_float_4d(t) for t in (q, k)):
+        return "query and key are not 4-D floating tensors"
+    k_base, k_rep, k_nodes = strip_repeat_kv(k)
+    v_base, v_rep, v_nodes = strip_repeat_kv(v)
+    if k_rep != v_rep:
+        return f"key repeated {k_rep}x but value {v_rep}x"
+    if not _same(_shape(q)[1], _shape(k)[1]):
+        return "query and key head counts differ"
+    replaced = chain + ([key_t] if len(key_t.users) == 1 else []) + k_nodes + v_nodes
+    site = Attention("matmul" if k_rep == 1 else "matmul+repeat_kv", node, q, k_base, v_base,
+                     mask, scale, False, replaced=replaced)
+    return _finish(site, _shape(q)[1], _shape(k_base)[1], _shape(v_base)[1])
+
+
+def _is_scores(node) -> bool:
+    """True if `node` (through casts and scalings) is a matmul: the logits side of `+ mask`."""
+    chain: list = []
+    while True:
+        node = _skip_casts_and_identity(node, chain)
+        if (_is_function(node, operator.mul, operator.truediv, torch.mul, torch.div)
+                or _is_method(node, "mul", "div", "__mul__", "__truediv__")):
+            left, right = node.args[:2]
+            node = left if isinstance(left, Node) and _number(left) is None else right
+            continue
+        return _is_matmul(node)
+
+
+def match(node: Node) -> Attention | str | None:
+    """Attention site ending at `node`, a reason it is not rewritable, or None (not attention)."""
+    found = match_sdpa(node)
+    return found if found is not None else match_matmul(node)
