@@ -86,13 +86,13 @@ class TurboQuantLayer(CacheLayerMixin):
         self.lazy_initialization(key_states, value_states)
         length = key_states.shape[-2]
         positions = torch.arange(length, device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(length)
         torch.ops.tq.compress_into(key_states, self.k_rotation, self.k_centroids, self.k_qjl,
                                    self.k_bits, positions, self.k_indices, self.k_norms,
                                    self.k_signs, self.k_residual_norms)
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_bits, positions, self.v_indices, self.v_norms, None,
                                    None)
+        self.cumulative_length.add_(length)  # after the writes: a full cache raises, unchanged
         keys = torch.ops.tq.decompress(self.k_indices, self.k_norms, self.k_signs,
                                        self.k_residual_norms, self.k_rotation, self.k_centroids,
                                        self.k_qjl, self.k_bits, key_states.dtype)
