@@ -8,6 +8,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True)  # CI runs the same examples every time
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
