@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .codes import (BYTES, TABLE, byte_table, decode_tile, key_logits, operand, plane_layout,
-                    prefixed, tile_coords)
+                    prefixed, query_rows, strided, tile_coords)
 
 LOG2E = 1.4426950408889634
 
@@ -169,21 +169,6 @@ def _merge_kernel(o_ptr, ml_ptr, out_ptr, R, NSPLIT, DV: tl.constexpr, DV_PAD: t
     tl.store(out_ptr + (pid_bh * R + rows)[:, None] * DV + cols[None, :], out, mask=mask)
 
 
-def _rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(B, Hq, Lq, D) -> (B, Hkv, Lq * G, D) contiguous, row = token * G + group head."""
-    batch, q_heads, q_len, dim = x.shape
-    group = q_heads // kv_heads
-    return x.view(batch, kv_heads, group, q_len, dim).transpose(2, 3).reshape(
-        batch, kv_heads, q_len * group, dim)
-
-
-def _strided(t: torch.Tensor) -> tuple:
-    """(tensor with unit last stride, stride_b, stride_h, stride_s) of a (B, H, S, .) tensor."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0), t.stride(1), t.stride(2)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -233,18 +218,18 @@ def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, 
 
     dot_dtype = torch.float16
     qf = query.float()
-    q_rot = (_rows(qf @ k_rotation.T, kv_heads) * (scale * LOG2E)).to(dot_dtype)
+    q_rot = (query_rows(qf @ k_rotation.T, kv_heads) * (scale * LOG2E)).to(dot_dtype)
     has_qjl = k_qjl is not None
     m = k_qjl.shape[0] if has_qjl else 1
     if has_qjl:
         sketch = qf @ k_qjl.T * (scale * LOG2E * math.sqrt(math.pi / 2) / m)
-        sq = _rows(sketch, kv_heads).to(dot_dtype)
-        ks, kr = _strided(k_signs), _strided(k_residual_norms)
+        sq = query_rows(sketch, kv_heads).to(dot_dtype)
+        ks, kr = strided(k_signs), strided(k_residual_norms)
     else:
         sq = q_rot
         ks = kr = (k_indices, 0, 0, 0)
-    ki, kn = _strided(k_indices), _strided(k_norms)
-    vi, vn = _strided(v_indices), _strided(v_norms)
+    ki, kn = strided(k_indices), strided(k_norms)
+    vi, vn = strided(v_indices), strided(v_norms)
     if attn_mask is not None:
         mask = attn_mask.expand(batch, q_heads, q_len, kv_len)
         mask_args = (mask,) + tuple(mask.stride())

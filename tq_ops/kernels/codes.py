@@ -34,6 +34,21 @@ def byte_table(centroids: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.
     return centroids[(byte[None, :] >> lanes[:, None]) & ((1 << bits) - 1)].to(dtype).flatten()
 
 
+def query_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, Lq, D) -> (B, Hkv, Lq * G, D) contiguous, row = token * G + group head."""
+    batch, q_heads, q_len, dim = x.shape
+    group = q_heads // kv_heads
+    return x.view(batch, kv_heads, group, q_len, dim).transpose(2, 3).reshape(
+        batch, kv_heads, q_len * group, dim)
+
+
+def strided(t: torch.Tensor) -> tuple:
+    """(tensor with unit last stride, stride_b, stride_h, stride_s) of a (B, H, S, .) tensor."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1), t.stride(2)
+
+
 def plane_layout(dim: int, bits: int) -> dict:
     """Constexpr description of `dim` codes of `bits` bits (bits = 1 also describes signs).
 

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _rows, _strided
-from .codes import TABLE, key_logits, plane_layout, prefixed, tile_coords
+from .codes import TABLE, key_logits, plane_layout, prefixed, query_rows, strided, tile_coords
 
 
 @triton.jit
@@ -71,12 +70,12 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
     kv_heads, kv_len = indices.shape[1], indices.shape[2]
     rows = q_len * (q_heads // kv_heads)
     qf = query.float()
-    q_rot = _rows(qf @ rotation.T, kv_heads)
+    q_rot = query_rows(qf @ rotation.T, kv_heads)
     has_qjl = qjl is not None
     m = qjl.shape[0] if has_qjl else 1
     if has_qjl:
-        sq = _rows(qf @ qjl.T * (math.sqrt(math.pi / 2) / m), kv_heads)
-        ks, kr = _strided(signs), _strided(residual_norms)
+        sq = query_rows(qf @ qjl.T * (math.sqrt(math.pi / 2) / m), kv_heads)
+        ks, kr = strided(signs), strided(residual_norms)
     else:
         sq = q_rot
         ks = kr = (indices, 0, 0, 0)
@@ -85,7 +84,7 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
     grid = (batch * kv_heads, triton.cdiv(rows, block_m), triton.cdiv(kv_len, block_n))
     torch.library.wrap_triton(_scores_kernel)[grid](
         q_rot, sq, out, out.stride(0), out.stride(1), out.stride(2),
-        *_strided(indices), *_strided(norms), *ks, *kr, centroids,
+        *strided(indices), *strided(norms), *ks, *kr, centroids,
         kv_heads, kv_len, rows, G=q_heads // kv_heads, D=dim, M=m,
         **prefixed("K_", plane_layout(dim, bits)),
         **prefixed("S_", plane_layout(m if has_qjl else 16, 1)), HAS_QJL=has_qjl,
