@@ -6,7 +6,6 @@ launcher for CUDA tensors (Inductor sees into those kernels) or the opaque
 implementation, so validation also runs at trace time. Semantics: ARCHITECTURE.md.
 """
 
-import os
 
 import torch
 from torch import Tensor
@@ -23,13 +22,6 @@ def _use_triton(t: Tensor, dim, qjl: Tensor | None = None) -> bool:
     """
     dims = (dim,) if qjl is None else (dim, qjl.shape[0])
     return t.device.type == "cuda" and all(d % 8 == 0 and d >= 16 for d in dims)
-
-
-def _use_triton_compress(x: Tensor, qjl: Tensor | None) -> bool:
-    """The Triton compress kernel is opt-in (TQ_OPS_TRITON_COMPRESS=1) until its current
-    version passes tests/gpu/test_compress_cuda.py on a GPU (issue 3); otherwise CUDA inputs
-    are compressed by the reference, on the GPU."""
-    return os.environ.get("TQ_OPS_TRITON_COMPRESS") == "1" and _use_triton(x, x.shape[-1], qjl)
 
 
 def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
@@ -83,7 +75,7 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
-    if _use_triton_compress(x, qjl):
+    if _use_triton(x, x.shape[-1], qjl):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
     return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -112,7 +104,7 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
-    if _use_triton_compress(x, qjl):
+    if _use_triton(x, x.shape[-1], qjl):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
                               residual_norms)

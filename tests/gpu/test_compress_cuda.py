@@ -23,11 +23,6 @@ from tq_ops.kernels import compress as kernels  # noqa: E402
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def _route_ops_to_the_kernel(monkeypatch):
-    """tq::compress / compress_into use this kernel on CUDA only when opted in (tq_ops/ops.py)."""
-    monkeypatch.setenv("TQ_OPS_TRITON_COMPRESS", "1")
-
 # One tuning config keeps compile time down here; bench/compress.py tunes over all of them.
 kernels._compress_tuned.configs = kernels._compress_tuned.configs[:1]
 
