@@ -120,3 +120,39 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim, norm_dtype):
             continue
         assert torch.equal(buf[:, :, written], new[:, :, source])
         assert torch.equal(buf[:, :, keep].view(torch.uint8), before[:, :, keep].view(torch.uint8))
+
+
+@pytest.mark.parametrize("bits,qjl_dim", [(3, None), (2, 32)])
+def test_compress_asymmetric_codebook(bits, qjl_dim):
+    """Codebooks that are not symmetric take the counting path, with the same results."""
+    rotation, centroids, qjl = constants(32, bits, qjl_dim)
+    centroids = centroids + torch.linspace(0.0, 0.01, centroids.numel())
+    x = torch.randn(1, 2, 9, 32, dtype=torch.float16)
+    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
+    report = check_against_reference(x, rotation, centroids, qjl, bits, out)
+    assert report["code_mismatch"] == report["code_ties"], report
+    assert report["sign_mismatch"] == report["sign_ties"], report
+
+
+def test_bucketize_exact_at_boundaries():
+    """The symmetric bisection decides y > boundary exactly: at each boundary, one float to
+    either side of it, at +-0 and beyond the extremes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bucketize(y_ptr, bnd_ptr, out_ptr, BITS: tl.constexpr):
+        offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+        tl.store(out_ptr + offs, kernels._bucketize(tl.load(y_ptr + offs), bnd_ptr, BITS, True))
+
+    for bits in (1, 2, 4, 6):
+        centroids = lloyd_max(64, bits).float()
+        bounds = (centroids[1:] + centroids[:-1]) / 2
+        near = torch.cat([bounds, bounds.nextafter(torch.tensor(1.0)),
+                          bounds.nextafter(torch.tensor(-1.0)),
+                          torch.tensor([0.0, -0.0, 1.0, -1.0])])
+        y = torch.zeros(256)
+        y[:near.numel()] = near
+        out = torch.empty(256, dtype=torch.int32)
+        bucketize[(1,)](y, bounds, out, BITS=bits)
+        assert torch.equal(out, torch.bucketize(y, bounds).int()), bits

@@ -24,6 +24,13 @@ def _use_triton(t: Tensor, dim, qjl: Tensor | None = None) -> bool:
     return t.device.type == "cuda" and all(d % 8 == 0 and d >= 16 for d in dims)
 
 
+def _use_triton_compress(x: Tensor, qjl: Tensor | None, bits: int) -> bool:
+    """As `_use_triton`, except QJL-only keys (bits = 0): the Triton 3.6 build of that case
+    wrote wrong sign bits for bf16 input on the H200 (tests/gpu/test_compress_cuda.py), so it
+    runs the reference on the GPU."""
+    return bits > 0 and _use_triton(x, x.shape[-1], qjl)
+
+
 def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
     lead = tuple(x.shape[:-1])
     sign_bytes = 0 if qjl is None else packed_bytes(qjl.shape[0], 1)
@@ -75,7 +82,7 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
-    if _use_triton(x, x.shape[-1], qjl):
+    if _use_triton_compress(x, qjl, bits):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
     return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -104,7 +111,7 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
-    if _use_triton(x, x.shape[-1], qjl):
+    if _use_triton_compress(x, qjl, bits):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
                               residual_norms)

@@ -12,13 +12,14 @@ Decompressed K or V never reach memory.
 """
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .codes import (BYTES, TABLE, byte_table, decode_tile, key_logits, operand, plane_layout,
-                    prefixed, query_rows, strided, tile_coords)
+from .codes import (BYTES, NIBBLES, TABLE, byte_table, decode_tile, key_logits, nibble_table,
+                    operand, plane_layout, prefixed, query_rows, strided, tile_coords)
 
 LOG2E = 1.4426950408889634
 
@@ -176,7 +177,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _lookup(centroids: torch.Tensor, bits: int, dtype: torch.dtype):
-    """(table, decode_tile mode): a byte-indexed table for single-plane codes, else centroids."""
+    """(table, decode_tile mode): byte permutes from a `nibble_table` for 4-bit codes on a GPU,
+    a byte-indexed table for other single-plane codes, else the centroids."""
+    if bits == 4 and dtype == torch.float16 and os.environ.get("TRITON_INTERPRET") != "1":
+        return nibble_table(centroids), NIBBLES.value
     if bits in (1, 2, 4, 8):
         return byte_table(centroids, bits, dtype), BYTES.value
     return centroids.to(dtype), TABLE.value

@@ -21,6 +21,16 @@ from ..packing import plane_widths
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroid table values
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
 BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
+NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes (`nibble_table`)
+
+def nibble_table(centroids: torch.Tensor) -> torch.Tensor:
+    """(8,) int32 words for NIBBLES mode: low bytes, then high bytes, of the 16 fp16 centroids
+    (little-endian, entry i in byte i % 4 of word i // 4). Torch ops only (trace-safe)."""
+    half = centroids.to(torch.float16).view(torch.int16).to(torch.int32)
+    lanes = torch.stack([half & 0xFF, (half >> 8) & 0xFF]).view(2, 4, 4)
+    shifts = torch.arange(4, device=centroids.device, dtype=torch.int32) * 8
+    words = (lanes.to(torch.int64) << shifts).sum(-1).flatten()
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
 def byte_table(centroids: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,6 +146,44 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
     mask = key_ok[:, None] & (k < SEGLEN)[None, :]
     if NSEG == 1:
         out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
+    elif MODE == NIBBLES:  # 4 bits: NSEG == 2 and one byte holds both segments
+        byte = tl.load(row_ptr + k[None, :], mask=mask, other=0)
+        # Per 4 packed bytes: fp16 centroids of the 4 low nibbles ($0, $1) and of the 4 high
+        # nibbles ($2, $3). Table words $5, $9, ..., $33: low bytes, then high bytes, of the 16
+        # fp16 centroids. A prmt selector nibble picks one of 8 bytes, so entries 0-7 and 8-15
+        # are looked up apart (bit 3 cleared) and merged by a byte mask built from bit 3 with
+        # prmt's sign-replicate mode: 21 instructions per 8 codes, no memory access.
+        lo, hi = tl.inline_asm_elementwise(
+            "{ "
+            ".reg .b32 s7, sh, s, m, a, b, lo, hi; "
+            "and.b32 s7, $4, 0x77777777; "
+            "shl.b32 sh, $4, 4; "
+            "prmt.b32 m, $4, sh, 0x9D8C; "
+            "prmt.b32 a, $5, $9, s7; "
+            "prmt.b32 b, $13, $17, s7; "
+            "lop3.b32 lo, a, b, m, 0xD8; "
+            "prmt.b32 a, $21, $25, s7; "
+            "prmt.b32 b, $29, $33, s7; "
+            "lop3.b32 hi, a, b, m, 0xD8; "
+            "prmt.b32 $0, lo, hi, 0x6240; "
+            "prmt.b32 $2, lo, hi, 0x7351; "
+            "shr.b32 s, s7, 16; "
+            "prmt.b32 m, $4, sh, 0xBFAE; "
+            "prmt.b32 a, $5, $9, s; "
+            "prmt.b32 b, $13, $17, s; "
+            "lop3.b32 lo, a, b, m, 0xD8; "
+            "prmt.b32 a, $21, $25, s; "
+            "prmt.b32 b, $29, $33, s; "
+            "lop3.b32 hi, a, b, m, 0xD8; "
+            "prmt.b32 $1, lo, hi, 0x6240; "
+            "prmt.b32 $3, lo, hi, 0x7351; "
+            "} ",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [byte, tl.load(cent_ptr), tl.load(cent_ptr + 1), tl.load(cent_ptr + 2),
+             tl.load(cent_ptr + 3), tl.load(cent_ptr + 4), tl.load(cent_ptr + 5),
+             tl.load(cent_ptr + 6), tl.load(cent_ptr + 7)],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        out = _flat(tl.join(lo, hi))
     elif NSEG == 2:
         out = _flat(tl.join(
             _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),

@@ -1,4 +1,4 @@
-"""Triton TurboQuant compress (CUDA tensors only): one pass per tile of BLOCK_M tokens of a head.
+"""Triton TurboQuant compress (CUDA tensors only): one pass over x, in tiles of BLOCK_M tokens.
 
 Per vector x (head_dim D, D % 8 == 0): n = ||x||, y = (x / n) @ Pi^T, codes = #{boundaries
 < y}, split-plane bit packing (ARCHITECTURE.md); Prod adds gamma = ||r_rot|| and the signs of
@@ -11,9 +11,12 @@ u_lo @ hi. The QJL projection splits r_rot and Pi S^T the same way (three dots).
 sign bits so differ from an fp32 reference only at rounding ties. A small prepare kernel
 builds the split, column-arranged operands and the codebook midpoints once per call.
 
-Bucketing is an exact bisection over the 2^b - 1 midpoints: its first four levels choose
-their midpoint with selects among scalars (no memory access), deeper levels (b > 4) read
-it from the table.
+Bucketing is exact. For symmetric codebooks (all of tq_ops') it bisects |y| over the positive
+midpoints as integer bit patterns (3 compares at 4 bits, levels 0-3 by selects among scalars,
+deeper levels by register gathers) and fixes the side with the sign; other codebooks are
+counted. The norm of fp16 input is that of the rotated row (Pi orthogonal), so x is loaded
+once, by the dots only. Programs (two per SM) loop over runs of consecutive tiles and keep
+the rotation (and QJL) operands in shared memory across them when D <= 128.
 
 Column arrangement: the rotated coordinates are held as an (8, SEG_P) grid, column
 i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of two). A plane
@@ -22,7 +25,10 @@ and a shifted sum, with no gather; padding columns are masked out, never stored.
 
 Triton 3.6 on Hopper races (seen on the H200: wrong codes for ~1% of vectors at 65k tokens)
 when a loaded block feeds both a wgmma and another use, or when a register operand of an
-async wgmma is rewritten in a loop; every dot loop here therefore only loads and dots.
+async wgmma is rewritten in a loop; here every loaded block feeds only dots or only register
+math, and each tile's dot results are used before the next tile's operands are written.
+Prod reads c[codes] from a register copy of the codebook (tl.gather): a load there, at an
+address computed from a dot, feeding another dot, stops the Triton 3.6 pipeliner.
 """
 
 import os
@@ -55,37 +61,68 @@ def _load_x(ptrs, in_rows, offs_k, cols_left, FULL: tl.constexpr):
 
 
 @triton.jit
-def _mid(bnd_ptr, J: tl.constexpr, LEVEL: tl.constexpr, BITS: tl.constexpr):
-    """The boundary bisection level LEVEL tests for code prefix J (a scalar)."""
-    return tl.load(bnd_ptr + ((2 * J + 1) << (BITS - 1 - LEVEL)) - 1)
+def _node(tab_ptr, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr):
+    """The entry bisection level LEVEL compares with after code prefix J (an int32 scalar)."""
+    return tl.load(tab_ptr + ((2 * J + 1) << (LEVELS - 1 - LEVEL)) - 1).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _bucketize(y, bnd_ptr, BITS: tl.constexpr):
-    """codes = #{k : boundary_k < y} (int32, shaped like y) by exact bisection: levels 0-3
-    pick their boundary with selects among scalars, deeper levels look it up in the table."""
-    c0 = y > _mid(bnd_ptr, 0, 0, BITS)
-    codes = c0.to(tl.int32)
-    if BITS > 1:
-        c1 = y > tl.where(c0, _mid(bnd_ptr, 1, 1, BITS), _mid(bnd_ptr, 0, 1, BITS))
-        codes = codes * 2 + c1.to(tl.int32)
-    if BITS > 2:
+def _bisect(key, tab_ptr, LEVELS: tl.constexpr):
+    """#{j : tab[j] < key} (int32) for int32 keys (BLOCK_M, N) and a sorted table of
+    2**LEVELS - 1 entries (read as int32), by bisection: levels 0-3 pick their entry with
+    selects among scalars, deeper levels gather it from registers."""
+    m = tl.zeros(key.shape, tl.int32)
+    if LEVELS > 0:
+        c0 = key > _node(tab_ptr, 0, 0, LEVELS)
+        m = c0.to(tl.int32)
+    if LEVELS > 1:
+        c1 = key > tl.where(c0, _node(tab_ptr, 1, 1, LEVELS), _node(tab_ptr, 0, 1, LEVELS))
+        m = m * 2 + c1.to(tl.int32)
+    if LEVELS > 2:
         t2 = tl.where(c0,
-                      tl.where(c1, _mid(bnd_ptr, 3, 2, BITS), _mid(bnd_ptr, 2, 2, BITS)),
-                      tl.where(c1, _mid(bnd_ptr, 1, 2, BITS), _mid(bnd_ptr, 0, 2, BITS)))
-        c2 = y > t2
-        codes = codes * 2 + c2.to(tl.int32)
-    if BITS > 3:
+                      tl.where(c1, _node(tab_ptr, 3, 2, LEVELS), _node(tab_ptr, 2, 2, LEVELS)),
+                      tl.where(c1, _node(tab_ptr, 1, 2, LEVELS), _node(tab_ptr, 0, 2, LEVELS)))
+        c2 = key > t2
+        m = m * 2 + c2.to(tl.int32)
+    if LEVELS > 3:
         t3_hi = tl.where(c1,
-                         tl.where(c2, _mid(bnd_ptr, 7, 3, BITS), _mid(bnd_ptr, 6, 3, BITS)),
-                         tl.where(c2, _mid(bnd_ptr, 5, 3, BITS), _mid(bnd_ptr, 4, 3, BITS)))
+                         tl.where(c2, _node(tab_ptr, 7, 3, LEVELS), _node(tab_ptr, 6, 3, LEVELS)),
+                         tl.where(c2, _node(tab_ptr, 5, 3, LEVELS), _node(tab_ptr, 4, 3, LEVELS)))
         t3_lo = tl.where(c1,
-                         tl.where(c2, _mid(bnd_ptr, 3, 3, BITS), _mid(bnd_ptr, 2, 3, BITS)),
-                         tl.where(c2, _mid(bnd_ptr, 1, 3, BITS), _mid(bnd_ptr, 0, 3, BITS)))
-        codes = codes * 2 + (y > tl.where(c0, t3_hi, t3_lo)).to(tl.int32)
-    for level in tl.static_range(4, BITS):
-        thr = tl.load(bnd_ptr + ((codes * 2 + 1) << (BITS - 1 - level)) - 1)
-        codes = codes * 2 + (y > thr).to(tl.int32)
+                         tl.where(c2, _node(tab_ptr, 3, 3, LEVELS), _node(tab_ptr, 2, 3, LEVELS)),
+                         tl.where(c2, _node(tab_ptr, 1, 3, LEVELS), _node(tab_ptr, 0, 3, LEVELS)))
+        m = m * 2 + (key > tl.where(c0, t3_hi, t3_lo)).to(tl.int32)
+    if LEVELS > 4:  # a register copy of the table (a load at a dot-derived address, feeding
+        # the QJL dots, stops the pipeliner)
+        offs = tl.arange(0, 1 << LEVELS)
+        tab = tl.load(tab_ptr + offs, mask=offs < (1 << LEVELS) - 1, other=0.0)
+        tab = tl.broadcast_to(tab.to(tl.int32, bitcast=True)[None, :], (key.shape[0], 1 << LEVELS))
+    for level in tl.static_range(4, LEVELS):
+        thr = tl.gather(tab, ((m * 2 + 1) << (LEVELS - 1 - level)) - 1, 1)
+        m = m * 2 + (key > thr).to(tl.int32)
+    return m
+
+
+@triton.jit
+def _bucketize(y, bnd_ptr, BITS: tl.constexpr, SYM: tl.constexpr):
+    """codes = #{k : boundary_k < y} (int32, shaped like y), exactly.
+
+    SYM (symmetric boundaries, b[n-1-k] == -b[k], so the middle one is 0; every tq_ops
+    codebook): bisect |y| over the 2**(BITS-1) - 1 positive ones, comparing fp32 bit patterns
+    as integers (ordered like the values for non-negative floats). y > 0 gives
+    HALF + #{b+ < y}; y <= 0 gives HALF - 1 - #{b+ <= |y|}, where b+ <= |y| is
+    b+ < the next float above |y|, whose bits are those of |y| plus 1.
+    Otherwise count the boundaries (slow, small)."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    if SYM:
+        yb = y.to(tl.int32, bitcast=True)
+        key = (yb & 0x7FFFFFFF) + (yb < 0).to(tl.int32)
+        m = _bisect(key, bnd_ptr + HALF, BITS - 1)
+        codes = tl.where(yb > 0, HALF + m, HALF - 1 - m)
+    else:
+        codes = tl.zeros(y.shape, tl.int32)
+        for k in range(2 * HALF - 1):
+            codes += (y > tl.load(bnd_ptr + k)).to(tl.int32)
     return codes
 
 
@@ -120,7 +157,8 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
 
     rot_out (2, D_P, NCOL) fp16: hi/lo of ROT_SCALE * Pi^T[:, coord(c)];
     qjl_out (2, NCOL, QCOL) fp16: hi/lo of ROT_SCALE * (Pi S^T)[coord(c), row(q)];
-    bnd_out (N_BOUNDS,) fp32: codebook midpoints (written by program 0).
+    bnd_out (N_BOUNDS + 1,) fp32: codebook midpoints, then 1.0 when they are symmetric
+    (b[N_BOUNDS-1-k] == -b[k] for all k), else 0.0 (written by program 0).
     """
     NCOL: tl.constexpr = 8 * SEG_P
     pid = tl.program_id(0)
@@ -151,9 +189,12 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
     if pid == 0:
         offs_b = tl.arange(0, N_BOUNDS_P)
         b_ok = offs_b < N_BOUNDS
-        c0 = tl.load(cent_ptr + offs_b, mask=b_ok, other=0.0)
-        c1 = tl.load(cent_ptr + offs_b + 1, mask=b_ok, other=0.0)
-        tl.store(bnd_out + offs_b, (c0 + c1) * 0.5, mask=b_ok)
+        bnd = (tl.load(cent_ptr + offs_b, mask=b_ok, other=0.0)
+               + tl.load(cent_ptr + offs_b + 1, mask=b_ok, other=0.0)) * 0.5
+        mirror = (tl.load(cent_ptr + N_BOUNDS - offs_b, mask=b_ok, other=0.0)
+                  + tl.load(cent_ptr + N_BOUNDS - 1 - offs_b, mask=b_ok, other=0.0)) * 0.5
+        tl.store(bnd_out + offs_b, bnd, mask=b_ok)
+        tl.store(bnd_out + N_BOUNDS, tl.min((bnd == -mirror).to(tl.float32), axis=0))
 
 
 @triton.jit
@@ -164,111 +205,135 @@ def _compress_kernel(
         nrm_ptr, stride_nb, stride_nh, stride_ns,
         sgn_ptr, stride_gb, stride_gh, stride_gs, stride_gp,
         res_ptr, stride_rb, stride_rh, stride_rs,
-        H, S, S_out,
+        BH, H, S, S_out,
         D: tl.constexpr, D_P: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
         M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
         BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
         HAS_QJL: tl.constexpr, HAS_POS: tl.constexpr, X_FP16: tl.constexpr,
-        QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr):
-    """Compress tokens [BLOCK_M * pid1, + BLOCK_M) of head pid0 (= b * H + h) per program.
+        KB: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SYM: tl.constexpr):
+    """Compress x into the outputs if the prepare kernel's symmetry flag equals SYM, else
+    return at once: the launcher starts both variants (symmetric codebook boundaries, or any),
+    since the host cannot read the flag without a sync and one loop with a branch inside
+    costs registers.
 
-    With HAS_POS, token s goes to slot pos[s] of the (B, H, S_out, .) outputs; rows whose
-    slot is outside [0, S_out) are not written.
+    The n_tiles = BH * cdiv(S, BLOCK_M) tiles of BLOCK_M tokens are split into equal runs of
+    consecutive tiles, one per program; tile t covers tokens [BLOCK_M * (t % cdiv(S, BLOCK_M)),
+    + BLOCK_M) of head t // cdiv(S, BLOCK_M) (= b * H + h).
+
+    The rotation runs in KB-row chunks of its operands (KB = D_P when D_P <= 128: then the
+    operand loads are loop-invariant and stay in shared memory for all the program's tiles), the QJL
+    projection in QBLOCK-column chunks likewise. With HAS_POS, token s goes to slot pos[s] of
+    the (B, H, S_out, .) outputs; rows whose slot is outside [0, S_out) are not written.
     """
+    if (tl.load(bnd_ptr + (1 << BITS) - 1) != 0) != SYM:
+        return
     NCOL: tl.constexpr = 8 * SEG_P
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = s < S
-    if HAS_POS:
-        slot = tl.load(pos_ptr + s, mask=in_rows, other=-1).to(tl.int64)
-        row_ok = in_rows & (slot >= 0) & (slot < S_out)
-    else:
-        slot = s.to(tl.int64)
-        row_ok = in_rows
-
-    x_row = b * stride_xb + h * stride_xh + s.to(tl.int64) * stride_xs
-    KB: tl.constexpr = BLOCK_K if BLOCK_K < D_P else D_P
+    QCOL: tl.constexpr = 8 * QSEG_P
+    tiles_s = tl.cdiv(S, BLOCK_M)
+    per_program = tl.cdiv(BH * tiles_s, tl.num_programs(0))
     offs_k = tl.arange(0, KB)
-    x_ptrs = x_ptr + x_row[:, None] + offs_k[None, :] * stride_xd
     offs_c = tl.arange(0, NCOL)
+    col_ok = (offs_c % SEG_P < SEG)[None, :]
     rot = rot_ptr + offs_k[:, None] * NCOL + offs_c[None, :]
-    # The norm first; then plain GEMM loops whose loads feed only the dot (a block shared with
-    # another use, or register operands rewritten while an async wgmma reads them, race).
-    sumsq = tl.zeros((BLOCK_M,), tl.float32)
-    for kx in range(0, D_P, KB):
-        xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P).to(tl.float32)
-        sumsq += tl.sum(xf * xf, axis=1)
-    norm = tl.sqrt(sumsq)
-    inv_norm = tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
-    acc = tl.zeros((BLOCK_M, NCOL), tl.float32)
-    if X_FP16:  # x is exact in fp16: x @ hi + x @ lo
-        for kx in range(0, D_P, KB):
-            acc = tl.dot(_load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P),
-                         tl.load(rot + kx * NCOL), acc)
-        for kx in range(0, D_P, KB):
-            acc = tl.dot(_load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P),
-                         tl.load(rot + (D_P + kx) * NCOL), acc)
-        y = acc * (inv_norm * (1.0 / ROT_SCALE))[:, None]
-    else:  # u = x / n split into fp16 hi + lo: u_hi @ hi + u_hi @ lo + u_lo @ hi
-        scale = (inv_norm * UNIT_SCALE)[:, None]
-        for kx in range(0, D_P, KB):
-            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-            acc = tl.dot((xf.to(tl.float32) * scale).to(tl.float16), tl.load(rot + kx * NCOL),
-                         acc)
-        for kx in range(0, D_P, KB):
-            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-            acc = tl.dot((xf.to(tl.float32) * scale).to(tl.float16),
-                         tl.load(rot + (D_P + kx) * NCOL), acc)
-        for kx in range(0, D_P, KB):
-            xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-            u_lo = _split_f16(xf.to(tl.float32) * scale)[1]
-            acc = tl.dot(u_lo, tl.load(rot + kx * NCOL), acc)
-        y = acc * (1.0 / (ROT_SCALE * UNIT_SCALE))
-    tl.store(nrm_ptr + b * stride_nb + h * stride_nh + slot * stride_ns, norm, mask=row_ok)
-
-    if BITS > 0:
-        codes = _bucketize(y, bnd_ptr, BITS)
-        idx_row = idx_ptr + b * stride_ib + h * stride_ih + slot * stride_is
-        _store_plane(codes, idx_row, stride_ip, row_ok, W0, BITS - W0, 0, SEG, SEG_P, BLOCK_M)
-        if W1 > 0:
-            _store_plane(codes, idx_row, stride_ip, row_ok, W1, BITS - W0 - W1, W0 * SEG, SEG,
-                         SEG_P, BLOCK_M)
-        if W2 > 0:
-            _store_plane(codes, idx_row, stride_ip, row_ok, W2, BITS - W0 - W1 - W2,
-                         (W0 + W1) * SEG, SEG, SEG_P, BLOCK_M)
-
-    if HAS_QJL:
-        if BITS > 0:
-            resid = y - tl.load(cent_ptr + codes)
+    if KB == D_P:  # the rotation operands fit in shared memory: load them once
+        rot_hi = tl.load(rot)
+        rot_lo = tl.load(rot + D_P * NCOL)
+    proj = qjl_ptr + offs_c[:, None] * QCOL + tl.arange(0, QBLOCK)[None, :]
+    if HAS_QJL and QBLOCK == QCOL:  # so do the projection operands
+        proj_hi = tl.load(proj)
+        proj_lo = tl.load(proj + NCOL * QCOL)
+    if HAS_QJL and BITS > 0:
+        centroids = tl.load(cent_ptr + tl.arange(0, 1 << BITS))
+    for t in range(per_program):
+        tile = tl.program_id(0) * per_program + t
+        bh = tile // tiles_s
+        s = (tile - bh * tiles_s) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = (s < S) & (bh < BH)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        if HAS_POS:
+            slot = tl.load(pos_ptr + s, mask=in_rows, other=-1).to(tl.int64)
+            row_ok = in_rows & (slot >= 0) & (slot < S_out)
         else:
-            resid = y
-        resid = tl.where((offs_c % SEG_P < SEG)[None, :], resid, 0.0)
-        gamma = tl.sqrt(tl.sum(resid * resid, axis=1))
-        tl.store(res_ptr + b * stride_rb + h * stride_rh + slot * stride_rs, gamma, mask=row_ok)
-        r_hi, r_lo = _split_f16(resid * UNIT_SCALE)
-        QCOL: tl.constexpr = 8 * QSEG_P
-        LANES: tl.constexpr = QBLOCK // QSEG_P  # sign bit lanes per block of projection columns
-        offs_q = tl.arange(0, QBLOCK)
-        proj = qjl_ptr + offs_c[:, None] * QCOL + offs_q[None, :]
-        lane = offs_q // QSEG_P
-        k_q = offs_q % QSEG_P
-        packed = tl.zeros((BLOCK_M, QSEG_P), tl.int32)
-        for q0 in range(0, QCOL, QBLOCK):  # r_hi, r_lo stay fixed while the dots read them
-            proj_hi = tl.load(proj + q0)
-            z = tl.dot(r_hi, proj_hi)
-            z = tl.dot(r_hi, tl.load(proj + NCOL * QCOL + q0), z)
-            z = tl.dot(r_lo, proj_hi, z)
-            bit_lane = q0 // QSEG_P + lane
-            q_ok = (k_q < QSEG) & (bit_lane * QSEG + k_q < M_QJL)
-            bit = ((z >= 0) & q_ok[None, :]).to(tl.int32) << bit_lane[None, :]
-            packed += tl.sum(tl.reshape(bit, (BLOCK_M, LANES, QSEG_P)), axis=1)
-        k_out = tl.arange(0, QSEG_P)
-        sgn_row = sgn_ptr + b * stride_gb + h * stride_gh + slot * stride_gs
-        tl.store(sgn_row[:, None] + k_out[None, :] * stride_gp, packed.to(tl.uint8),
-                 mask=row_ok[:, None] & (k_out < QSEG)[None, :])
+            slot = s.to(tl.int64)
+            row_ok = in_rows
+        x_ptrs = (x_ptr + (b * stride_xb + h * stride_xh + s.to(tl.int64) * stride_xs)[:, None]
+                  + offs_k[None, :] * stride_xd)
+        # Every loaded block feeds only dots, or only register math (a block feeding a wgmma and
+        # another use, or a register operand rewritten while an async wgmma reads it, races).
+        acc = tl.zeros((BLOCK_M, NCOL), tl.float32)
+        if X_FP16:  # x is exact in fp16: x @ hi + x @ lo; the norm is that of the rotated row
+            for kx in range(0, D_P, KB):  # one iteration when KB == D_P
+                if KB < D_P:
+                    rot_hi = tl.load(rot + kx * NCOL)
+                    rot_lo = tl.load(rot + (D_P + kx) * NCOL)
+                xk = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+                acc = tl.dot(xk, rot_hi, acc)
+                acc = tl.dot(xk, rot_lo, acc)
+            scaled = tl.sqrt(tl.sum(acc * acc, axis=1))  # ROT_SCALE * ||x|| (Pi orthogonal)
+            norm = scaled * (1.0 / ROT_SCALE)
+            y = acc * tl.where(scaled > 0, 1.0 / tl.where(scaled > 0, scaled, 1.0), 0.0)[:, None]
+        else:  # u = x / n split into fp16 hi + lo: u_hi @ hi + u_hi @ lo + u_lo @ hi
+            sumsq = tl.zeros((BLOCK_M,), tl.float32)
+            for kx in range(0, D_P, KB):  # one iteration when KB == D_P
+                xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+                sumsq += tl.sum(xf.to(tl.float32) * xf.to(tl.float32), axis=1)
+            norm = tl.sqrt(sumsq)
+            scale = (tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0) * UNIT_SCALE)
+            for kx in range(0, D_P, KB):  # one iteration when KB == D_P
+                if KB < D_P:
+                    rot_hi = tl.load(rot + kx * NCOL)
+                    rot_lo = tl.load(rot + (D_P + kx) * NCOL)
+                xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+                u_hi, u_lo = _split_f16(xf.to(tl.float32) * scale[:, None])
+                acc = tl.dot(u_hi, rot_hi, acc)
+                acc = tl.dot(u_hi, rot_lo, acc)
+                acc = tl.dot(u_lo, rot_hi, acc)
+            y = acc * (1.0 / (ROT_SCALE * UNIT_SCALE))
+        tl.store(nrm_ptr + b * stride_nb + h * stride_nh + slot * stride_ns, norm, mask=row_ok)
+
+        if BITS > 0:
+            codes = _bucketize(y, bnd_ptr, BITS, SYM)
+            idx_row = idx_ptr + b * stride_ib + h * stride_ih + slot * stride_is
+            _store_plane(codes, idx_row, stride_ip, row_ok, W0, BITS - W0, 0, SEG, SEG_P,
+                         BLOCK_M)
+            if W1 > 0:
+                _store_plane(codes, idx_row, stride_ip, row_ok, W1, BITS - W0 - W1, W0 * SEG,
+                             SEG, SEG_P, BLOCK_M)
+            if W2 > 0:
+                _store_plane(codes, idx_row, stride_ip, row_ok, W2, BITS - W0 - W1 - W2,
+                             (W0 + W1) * SEG, SEG, SEG_P, BLOCK_M)
+
+        if HAS_QJL:
+            if BITS > 0:  # c[codes] from registers: a load here would stall the pipeliner
+                cent = tl.broadcast_to(centroids[None, :], (BLOCK_M, 1 << BITS))
+                resid = tl.where(col_ok, y - tl.gather(cent, codes, 1), 0.0)
+            else:
+                resid = y
+            gamma = tl.sqrt(tl.sum(resid * resid, axis=1))
+            tl.store(res_ptr + b * stride_rb + h * stride_rh + slot * stride_rs, gamma,
+                     mask=row_ok)
+            r_hi, r_lo = _split_f16(resid * UNIT_SCALE)
+            LANES: tl.constexpr = QBLOCK // QSEG_P  # sign bit lanes per chunk of columns
+            offs_q = tl.arange(0, QBLOCK)
+            lane = offs_q // QSEG_P
+            k_q = offs_q % QSEG_P
+            packed = tl.zeros((BLOCK_M, QSEG_P), tl.int32)
+            for q0 in tl.static_range(0, QCOL, QBLOCK):
+                if QBLOCK < QCOL:
+                    proj_hi = tl.load(proj + q0)
+                    proj_lo = tl.load(proj + NCOL * QCOL + q0)
+                z = tl.dot(r_hi, proj_hi)
+                z = tl.dot(r_hi, proj_lo, z)
+                z = tl.dot(r_lo, proj_hi, z)
+                bit_lane = q0 // QSEG_P + lane
+                q_ok = (k_q < QSEG) & (bit_lane * QSEG + k_q < M_QJL)
+                bit = ((z >= 0) & q_ok[None, :]).to(tl.int32) << bit_lane[None, :]
+                packed += tl.sum(tl.reshape(bit, (BLOCK_M, LANES, QSEG_P)), axis=1)
+            k_out = tl.arange(0, QSEG_P)
+            sgn_row = sgn_ptr + b * stride_gb + h * stride_gh + slot * stride_gs
+            tl.store(sgn_row[:, None] + k_out[None, :] * stride_gp, packed.to(tl.uint8),
+                     mask=row_ok[:, None] & (k_out < QSEG)[None, :])
 
 
 def _next_pow2(n: int) -> int:
@@ -277,13 +342,21 @@ def _next_pow2(n: int) -> int:
 
 def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
-            for m, k, w in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8))]
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
+            for m, w, st in ((64, 4, 2), (64, 4, 3), (128, 8, 2))]
+
+
+def _programs(device: torch.device) -> int:
+    """Programs to launch at most: two per SM (one when the interpreter runs on the CPU: two
+    programs, so tests cover the tile loop)."""
+    if device.type != "cuda":
+        return 2
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _compress_tuned = triton.autotune(
-    configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16"])(_compress_kernel)
+    configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16", "SYM"])(_compress_kernel)
 
 
 def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
@@ -302,13 +375,14 @@ def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, 
     m_qjl = 0 if qjl is None else qjl.shape[0]
     qseg = -(-m_qjl // 8)
     qseg_p = max(2, _next_pow2(qseg))
+    qcol = 8 * qseg_p
     widths = plane_widths(bits) + (0, 0, 0)
     n_bounds = (1 << bits) - 1
     dev = x.device
     rot_ops = torch.empty((2, dim_p, ncol), dtype=torch.float16, device=dev)
-    qjl_ops = torch.empty((2, ncol, 8 * qseg_p) if qjl is not None else (0,), dtype=torch.float16,
+    qjl_ops = torch.empty((2, ncol, qcol) if qjl is not None else (0,), dtype=torch.float16,
                           device=dev)
-    bounds = torch.empty((max(1, n_bounds),), dtype=torch.float32, device=dev)
+    bounds = torch.empty((n_bounds + 1,), dtype=torch.float32, device=dev)
     proj = qjl if qjl is not None else rotation
     block_c = min(16, ncol)
     torch.library.wrap_triton(_prepare_kernel)[(ncol // block_c,)](
@@ -319,17 +393,21 @@ def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, 
         BLOCK_C=block_c)
     sgn = signs if signs is not None else indices
     res = residual_norms if residual_norms is not None else norms
-    grid = lambda meta: (batch * heads, triton.cdiv(seq, meta["BLOCK_M"]))  # noqa: E731
-    torch.library.wrap_triton(_compress_tuned)[grid](
-        x, *x.stride(), rot_ops, qjl_ops, bounds, centroids,
-        positions if positions is not None else bounds,
-        indices, *indices.stride(), norms, *norms.stride()[:3], sgn, *sgn.stride(),
-        res, *res.stride()[:3],
-        heads, seq, indices.shape[2],
-        D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
-        BITS=bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
-        HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
-        QBLOCK=max(qseg_p, min(8 * qseg_p, 64)))
+    programs = _programs(dev)
+    tiles = lambda meta: batch * heads * triton.cdiv(seq, meta["BLOCK_M"])  # noqa: E731
+    grid = lambda meta: (min(programs, tiles(meta)),)  # noqa: E731
+    for sym in (True, False):  # one of the two returns at once (see _compress_kernel)
+        torch.library.wrap_triton(_compress_tuned)[grid](
+            x, *x.stride(), rot_ops, qjl_ops, bounds, centroids,
+            positions if positions is not None else bounds,
+            indices, *indices.stride(), norms, *norms.stride()[:3], sgn, *sgn.stride(),
+            res, *res.stride()[:3],
+            batch * heads, heads, seq, indices.shape[2],
+            D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
+            BITS=bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
+            HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
+            KB=dim_p if dim_p <= 128 else 64,
+            QBLOCK=qcol if qcol <= 128 else max(qseg_p, 64), SYM=sym)
 
 
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
