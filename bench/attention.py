@@ -134,7 +134,8 @@ def prefill_table(lengths, rows_out):
 
 def sweep(bw, rows_out):
     """Departures from the default tile / warp / split config, K4/V4 mse."""
-    print("\n## Sweep (K4/V4 mse)\n\n| batch | context | tune | ms | % copy |\n|---|---|---|---|---|")
+    print("\n## Sweep (K4/V4 mse)\n")
+    print("| batch | context | tune | ms | % copy |\n|---|---|---|---|---|")
     grid = [{}, dict(BLOCK_N=64), dict(BLOCK_N=256), dict(num_warps=8), dict(num_warps=2),
             dict(waves=4), dict(BLOCK_N=64, num_stages=3), dict(BLOCK_N=256, num_warps=8)]
     for batch, length in ((32, 32768), (1, 131072)):

@@ -6,7 +6,6 @@ launcher for CUDA tensors (Inductor sees into those kernels) or the opaque
 implementation, so validation also runs at trace time. Semantics: ARCHITECTURE.md.
 """
 
-
 import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
