@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tq_ops.codebook import lloyd_max
 from tq_ops.kernels import codes
@@ -72,22 +74,42 @@ def execute(asm: str, operands: dict[int, int]) -> dict[int, int]:
     return operands
 
 
+def lookup(centroids: torch.Tensor, packed: list[int]) -> tuple[list[int], list[int]]:
+    """(fp16 bit patterns the PTX returns for the low nibbles, for the high nibbles)."""
+    operands = {4: sum(b << 8 * i for i, b in enumerate(packed))}
+    for i, word in enumerate(codes.nibble_table(centroids).tolist()):
+        operands.update({5 + 4 * i + j: word & MASK for j in range(4)})  # pack=4: 4 copies
+    out = execute(nibble_asm(), operands)
+    lanes = [out[r] >> shift & 0xFFFF for r in range(4) for shift in (0, 16)]
+    return lanes[:4], lanes[4:]
+
+
+def fp16_bits(centroids: torch.Tensor) -> list[int]:
+    return (centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF).tolist()
+
+
 def test_nibble_asm_matches_table_lookup():
-    asm = nibble_asm()
     rng = np.random.default_rng(0)
     for dim in (64, 128):
         centroids = lloyd_max(dim, 4).float()
-        words = [int(w) & MASK for w in codes.nibble_table(centroids)]
-        half = (centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF).tolist()
+        half = fp16_bits(centroids)
         for _ in range(300):
             packed = rng.integers(0, 256, 4).tolist()
-            operands = {4: sum(b << 8 * i for i, b in enumerate(packed))}
-            for i, word in enumerate(words):  # pack=4: each scalar table word fills 4 operands
-                operands.update({5 + 4 * i + j: word for j in range(4)})
-            out = execute(asm, operands)
-            lanes = [out[r] >> s & 0xFFFF for r in range(4) for s in (0, 16)]
-            assert lanes[:4] == [half[b & 15] for b in packed]
-            assert lanes[4:] == [half[b >> 4] for b in packed]
+            low, high = lookup(centroids, packed)
+            assert low == [half[b & 15] for b in packed]
+            assert high == [half[b >> 4] for b in packed]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-65504, 65504, width=16), min_size=16, max_size=16),
+       st.lists(st.integers(0, 255), min_size=4, max_size=4))
+def test_nibble_asm_is_a_plain_lookup_for_any_table(values, packed):
+    """Any 16 fp16 values (unsorted, asymmetric, signed zeros, subnormals): a table lookup."""
+    centroids = torch.tensor(values, dtype=torch.float32)
+    half = fp16_bits(centroids)
+    low, high = lookup(centroids, packed)
+    assert low == [half[b & 15] for b in packed]
+    assert high == [half[b >> 4] for b in packed]
 
 
 def test_nibble_table_layout():
