@@ -1,6 +1,7 @@
 """Decode and prefill attention from the compressed cache vs fp16 SDPA (CUDA only).
 
-Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]`.
+Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]
+[--lookup default|bytes|table] [--profile-once]`.
 Prints Markdown tables: device copy bandwidth, then per (keys, values, batch, context):
 time, compressed bytes read, achieved TB/s, the copy-bandwidth floor and the speedup over
 fp16 SDPA on an fp16 cache (GQA folded into the query length, as flash-decoding does);
@@ -154,13 +155,38 @@ def sweep(bw, rows_out):
         del k, v
 
 
+LOOKUPS = {  # --lookup: how the kernel turns single-plane codes into values (kernels/codes.py)
+    "default": attention_kernels._lookup,
+    "bytes": lambda c, bits, dtype: ((attention_kernels.byte_table(c, bits, dtype),
+                                      attention_kernels.BYTES.value) if bits in (1, 2, 4, 8)
+                                     else (c.to(dtype), attention_kernels.TABLE.value)),
+    "table": lambda c, bits, dtype: (c.to(dtype), attention_kernels.TABLE.value),
+}
+
+
+def profile_once() -> None:
+    """One decode call at batch 32 / 32k, K4/V4 mse, default config: a target for ncu."""
+    k, v, _ = cache(32, 32768, 4, False, 4)
+    query = torch.randn(32, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
+    lens = torch.full((32,), 32768, device=CUDA, dtype=torch.int32)
+    tq_call(query, k, v, False, lens)()
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
     parser.add_argument("--quick", action="store_true", help="batch 1/32, context 32k/128k only")
     parser.add_argument("--json", help="write all rows to this file")
+    parser.add_argument("--lookup", choices=sorted(LOOKUPS), default="default",
+                        help="force the code lookup of the decode kernel (comparisons)")
+    parser.add_argument("--profile-once", action="store_true",
+                        help="run one decode call and exit (under ncu -k regex:_attention)")
     args = parser.parse_args()
+    attention_kernels._lookup = LOOKUPS[args.lookup]
     torch.manual_seed(0)
+    if args.profile_once:
+        return profile_once()
     name = torch.cuda.get_device_name()
     print(f"# tq attention benchmark: {name}, {datetime.date.today()}, torch {torch.__version__}")
     bw = copy_bandwidth()
