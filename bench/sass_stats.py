@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tq_ops.kernels import attention, compress
-from tq_ops.kernels.codes import BYTES, NIBBLES, TABLE, plane_layout, prefixed
+from tq_ops.kernels.codes import (BYTES, NIBBLES, PLANES3, SIGN_BITS, SIGNS, TABLE, plane_layout,
+                                  prefixed)
 from tq_ops.packing import plane_widths
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -79,22 +80,30 @@ def summary(kernel) -> str:
     return f"| {regs} | {stack} | {loop[0]} | {top} |"
 
 
-def attention_decode(mode: int, block_n: int = 128, num_warps: int = 4):
-    """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128, 4-bit MSE keys and values."""
+def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: int,
+                     s_mode: int, block_n: int = 128, num_warps: int = 4):
+    """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs)."""
     length = 32768
-    ints = dict(ki_sb=8 * length * 64, ki_sh=length * 64, ki_ss=64, kn_sb=8 * length,
-                kn_sh=length, kn_ss=1, ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0,
-                vi_sb=8 * length * 64, vi_sh=length * 64, vi_ss=64, vn_sb=8 * length,
-                vn_sh=length, vn_ss=1, m_sb=0, m_sh=0, m_sq=0, m_sk=0, HKV=8, Lq=1,
-                Lk=length, R=4, CHUNK=length // 2)
-    table = {NIBBLES.value: "*i32", BYTES.value: "*fp16", TABLE.value: "*fp16"}[mode]
-    constexprs = dict(G=4, DK=128, DV=128, M=1, **prefixed("K_", plane_layout(128, 4)),
-                      **prefixed("V_", plane_layout(128, 4)), **prefixed("S_", plane_layout(16, 1)),
-                      HAS_QJL=False, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
-                      HAS_LENS=True, SPLIT=True, K_MODE=mode, V_MODE=mode, BLOCK_M=16,
-                      BLOCK_N=block_n)
+    k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
+    ints = dict(ki_sb=8 * length * k_bytes, ki_sh=length * k_bytes, ki_ss=k_bytes,
+                kn_sb=8 * length, kn_sh=length, kn_ss=1,
+                ks_sb=8 * length * 16, ks_sh=length * 16, ks_ss=16, kr_sb=8 * length,
+                kr_sh=length, kr_ss=1, vi_sb=8 * length * v_bytes, vi_sh=length * v_bytes,
+                vi_ss=v_bytes, vn_sb=8 * length, vn_sh=length, vn_ss=1, m_sb=0, m_sh=0, m_sq=0,
+                m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2)
+    if not prod:
+        ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
+    tables = {NIBBLES.value: "*i32", PLANES3.value: "*i32", BYTES.value: "*fp16",
+              TABLE.value: "*fp16"}
+    constexprs = dict(G=4, DK=128, DV=128, M=128 if prod else 1,
+                      **prefixed("K_", plane_layout(128, k_bits)),
+                      **prefixed("V_", plane_layout(128, v_bits)),
+                      **prefixed("S_", plane_layout(128 if prod else 16, 1)),
+                      HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
+                      HAS_LENS=True, SPLIT=True, K_MODE=k_mode, V_MODE=v_mode, S_MODE=s_mode,
+                      BLOCK_M=16, BLOCK_N=block_n)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
-                    lens_ptr="*i32", kc_ptr=table, vc_ptr=table)
+                    lens_ptr="*i32", kc_ptr=tables[k_mode], vc_ptr=tables[v_mode])
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
                  num_stages=2)
 
@@ -118,12 +127,22 @@ def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4
                  num_stages=2)
 
 
+DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, key mode, value mode, sign mode)
+    ("K4/V4 mse, NIBBLES", 4, False, 4, NIBBLES, NIBBLES, SIGNS),
+    ("K4/V4 mse, BYTES", 4, False, 4, BYTES, BYTES, SIGNS),
+    ("K3/V3 mse, PLANES3", 3, False, 3, PLANES3, PLANES3, SIGNS),
+    ("K3/V3 mse, TABLE", 3, False, 3, TABLE, TABLE, SIGNS),
+    ("K4/V4 prod, PLANES3 + SIGN_BITS + NIBBLES", 3, True, 4, PLANES3, NIBBLES, SIGN_BITS),
+    ("K4/V4 prod, TABLE + SIGNS + NIBBLES", 3, True, 4, TABLE, NIBBLES, SIGNS),
+]
+
+
 def main() -> None:
     print("| kernel | registers | stack bytes | loop instructions | top opcodes in the loop |")
     print("|---|---|---|---|---|")
-    for name, mode in (("NIBBLES", NIBBLES.value), ("BYTES", BYTES.value), ("TABLE", TABLE.value)):
-        print(f"| attention decode K4/V4 mse, {name} " + summary(attention_decode(mode)),
-              flush=True)
+    for label, k_bits, prod, v_bits, k_mode, v_mode, s_mode in DECODE_VARIANTS:
+        kernel = attention_decode(k_bits, prod, v_bits, k_mode.value, v_mode.value, s_mode.value)
+        print(f"| attention decode {label} " + summary(kernel), flush=True)
     for label, qjl_dim, bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
         print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, bits)), flush=True)
 

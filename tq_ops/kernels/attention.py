@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import (BYTES, NIBBLES, TABLE, byte_table, decode_tile, key_logits, nibble_table,
-                    operand, plane_layout, prefixed, query_rows, strided, tile_coords)
+from .codes import (BYTES, NIBBLES, PLANES3, SIGN_BITS, SIGNS, TABLE, byte_table, decode_tile,
+                    key_logits, operand, permute_table, plane_layout, prefixed, query_rows,
+                    strided, tile_coords)
 
 LOG2E = 1.4426950408889634
 
@@ -44,7 +45,7 @@ def _attention_kernel(
         S_OFF2: tl.constexpr,
         HAS_QJL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
-        K_MODE: tl.constexpr, V_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+        K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr):
     """Partial attention of rows [pid_m * BLOCK_M, +BLOCK_M) of one KV head over one split.
 
@@ -53,7 +54,8 @@ def _attention_kernel(
     the normalised rotated-domain output. SPLIT=True: o (B, HKV, S, R, DV) gets the
     unnormalised accumulator and ml (B, HKV, S, R, 2) the running max and sum.
     K_*, V_*, S_*: `plane_layout` of key codes, value codes and QJL signs; K_MODE, V_MODE:
-    TABLE (kc/vc: centroids in the dot dtype) or BYTES (kc/vc: `byte_table`).
+    `decode_tile` modes of keys and values (kc/vc: the matching table, from `_lookup`);
+    S_MODE: how the QJL signs are decoded (SIGNS, or SIGN_BITS on a GPU).
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -104,7 +106,8 @@ def _attention_kernel(
             gamma = tl.load(kr_base + keys * kr_ss, mask=key_ok, other=0.0).to(tl.float32)
         s = key_logits(q, sq, ki_base + keys[:, None] * ki_ss, ks_base + keys[:, None] * ks_ss,
                        key_ok, gamma, kc_ptr, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD,
-                       K_OFF1, K_OFF2, S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, K_MODE, "ieee")
+                       K_OFF1, K_OFF2, S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, K_MODE, S_MODE,
+                       "ieee")
         kn = tl.load(kn_base + keys * kn_ss, mask=key_ok, other=0.0).to(tl.float32)
         s = s * kn[None, :]
         keep = key_ok[None, :] & row_ok[:, None]
@@ -176,11 +179,16 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _use_ptx() -> bool:
+    """The byte-permute decode modes are inline PTX, which the Triton interpreter cannot run."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _lookup(centroids: torch.Tensor, bits: int, dtype: torch.dtype):
-    """(table, decode_tile mode): byte permutes from a `nibble_table` for 4-bit codes on a GPU,
-    a byte-indexed table for other single-plane codes, else the centroids."""
-    if bits == 4 and dtype == torch.float16 and os.environ.get("TRITON_INTERPRET") != "1":
-        return nibble_table(centroids), NIBBLES.value
+    """(table, decode_tile mode): byte permutes from a `permute_table` for 3- and 4-bit codes
+    on a GPU, a byte-indexed table for other single-plane codes, else the centroids."""
+    if bits in (3, 4) and dtype == torch.float16 and _use_ptx():
+        return permute_table(centroids), (NIBBLES if bits == 4 else PLANES3).value
     if bits in (1, 2, 4, 8):
         return byte_table(centroids, bits, dtype), BYTES.value
     return centroids.to(dtype), TABLE.value
@@ -260,7 +268,8 @@ def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, 
         **prefixed("S_", plane_layout(m if has_qjl else 16, 1)),
         HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
         MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        HAS_LENS=kv_lens is not None, SPLIT=splits > 1, K_MODE=k_mode, V_MODE=v_mode, **cfg)
+        HAS_LENS=kv_lens is not None, SPLIT=splits > 1, K_MODE=k_mode, V_MODE=v_mode,
+        S_MODE=(SIGN_BITS if _use_ptx() else SIGNS).value, **cfg)
     if splits > 1:
         block = 16
         torch.library.wrap_triton(_merge_kernel)[(batch * kv_heads, triton.cdiv(rows, block))](

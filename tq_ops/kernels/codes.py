@@ -21,13 +21,16 @@ from ..packing import plane_widths
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroid table values
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
 BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
-NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes (`nibble_table`)
+NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes
+SIGN_BITS = tl.constexpr(4)  # decode_tile MODE: QJL sign bits -> fp16 +-1.0 by shifts and lop3
+PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
 
-def nibble_table(centroids: torch.Tensor) -> torch.Tensor:
-    """(8,) int32 words for NIBBLES mode: low bytes, then high bytes, of the 16 fp16 centroids
-    (little-endian, entry i in byte i % 4 of word i // 4). Torch ops only (trace-safe)."""
+def permute_table(centroids: torch.Tensor) -> torch.Tensor:
+    """int32 words for the byte-permute modes (8 or 16 centroids -> 4 or 8 words): the low
+    bytes, then the high bytes, of the fp16 centroids, entry i in byte i % 4 of word i // 4
+    (little-endian). Torch ops only (trace-safe)."""
     half = centroids.to(torch.float16).view(torch.int16).to(torch.int32)
-    lanes = torch.stack([half & 0xFF, (half >> 8) & 0xFF]).view(2, 4, 4)
+    lanes = torch.stack([half & 0xFF, (half >> 8) & 0xFF]).view(2, -1, 4)
     shifts = torch.arange(4, device=centroids.device, dtype=torch.int32) * 8
     words = (lanes.to(torch.int64) << shifts).sum(-1).flatten()
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
@@ -131,6 +134,151 @@ def _flat(x):
 
 
 @triton.jit
+def _nibble_values(byte, tab_ptr):
+    """fp16 centroids of the low and of the high nibbles of uint8 `byte`, from the 8 words of
+    a 16-entry `permute_table` at tab_ptr, by byte permutes in registers (NIBBLES mode)."""
+    # Per 4 packed bytes: fp16 centroids of the 4 low nibbles ($0, $1) and of the 4 high
+    # nibbles ($2, $3). Table words $5, $9, ..., $33: low bytes, then high bytes, of the 16
+    # fp16 centroids. A prmt selector nibble picks one of 8 bytes, so entries 0-7 and 8-15
+    # are looked up apart (bit 3 cleared) and merged by a byte mask built from bit 3 with
+    # prmt's sign-replicate mode: 21 instructions per 8 codes, no memory access.
+    return tl.inline_asm_elementwise(
+        "{ "
+        ".reg .b32 s7, sh, s, m, a, b, lo, hi; "
+        "and.b32 s7, $4, 0x77777777; "
+        "shl.b32 sh, $4, 4; "
+        "prmt.b32 m, $4, sh, 0x9D8C; "
+        "prmt.b32 a, $5, $9, s7; "
+        "prmt.b32 b, $13, $17, s7; "
+        "lop3.b32 lo, a, b, m, 0xD8; "
+        "prmt.b32 a, $21, $25, s7; "
+        "prmt.b32 b, $29, $33, s7; "
+        "lop3.b32 hi, a, b, m, 0xD8; "
+        "prmt.b32 $0, lo, hi, 0x6240; "
+        "prmt.b32 $2, lo, hi, 0x7351; "
+        "shr.b32 s, s7, 16; "
+        "prmt.b32 m, $4, sh, 0xBFAE; "
+        "prmt.b32 a, $5, $9, s; "
+        "prmt.b32 b, $13, $17, s; "
+        "lop3.b32 lo, a, b, m, 0xD8; "
+        "prmt.b32 a, $21, $25, s; "
+        "prmt.b32 b, $29, $33, s; "
+        "lop3.b32 hi, a, b, m, 0xD8; "
+        "prmt.b32 $1, lo, hi, 0x6240; "
+        "prmt.b32 $3, lo, hi, 0x7351; "
+        "} ",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [byte, tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2),
+         tl.load(tab_ptr + 3), tl.load(tab_ptr + 4), tl.load(tab_ptr + 5),
+         tl.load(tab_ptr + 6), tl.load(tab_ptr + 7)],
+        dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _sign_values(byte):
+    """QJL signs +-1.0 (fp16) of bits 0..7 of uint8 `byte`, eight tensors (SIGN_BITS mode)."""
+    # Per 4 packed bytes ($16): lo / hi hold bytes 0, 1 / 2, 3 in the low byte of each 16-bit
+    # half; shifting by 15 - f moves bit f to both halves' sign positions, and one lop3 makes
+    # (~bit) << 15 | 1.0, i.e. +1.0 where the bit is set: 2 instructions per 2 signs.
+    return tl.inline_asm_elementwise(
+        "{ "
+        ".reg .b32 lo, hi, t, z, m, one; "
+        "mov.b32 z, 0; "
+        "mov.b32 m, 0x80008000; "
+        "mov.b32 one, 0x3C003C00; "
+        "prmt.b32 lo, $16, z, 0x4140; "
+        "prmt.b32 hi, $16, z, 0x4342; "
+        "shl.b32 t, lo, 15; lop3.b32 $0, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 15; lop3.b32 $1, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 14; lop3.b32 $2, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 14; lop3.b32 $3, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 13; lop3.b32 $4, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 13; lop3.b32 $5, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 12; lop3.b32 $6, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 12; lop3.b32 $7, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 11; lop3.b32 $8, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 11; lop3.b32 $9, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 10; lop3.b32 $10, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 10; lop3.b32 $11, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 9; lop3.b32 $12, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 9; lop3.b32 $13, t, m, one, 0xAE; "
+        "shl.b32 t, lo, 8; lop3.b32 $14, t, m, one, 0xAE; "
+        "shl.b32 t, hi, 8; lop3.b32 $15, t, m, one, 0xAE; "
+        "} ",
+        "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r",
+        [byte], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _three_bit_values(a, b, c, tab_ptr):
+    """fp16 centroids of the 8 segments of 3-bit codes (PLANES3 mode), eight tensors: uint8
+    `a`, `b` are the 2-bit plane's two byte runs (segments 0, 2, 4, 6 and 1, 3, 5, 7), `c` the
+    1-bit plane's; tab_ptr holds the 4 words of an 8-entry `permute_table`."""
+    # Per 4 packed columns ($16 a, $17 b, $18 c): for segment F, the 2-bit field of a (F even)
+    # or b at bits 2 * (F // 2) goes to bits 1-2 of each byte, bit F of c to bit 0; the four
+    # 3-bit codes are packed into prmt selector nibbles, and two prmt's look up the low and
+    # high bytes of the 8 fp16 entries: 11 instructions per 4 codes, no memory access.
+    return tl.inline_asm_elementwise(
+        "{ "
+        ".reg .b32 z, x, c, v, t, sel, lo, hi; "
+        "mov.b32 z, 0; "
+        "shl.b32 x, $16, 1; mov.b32 c, $18; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
+        "shl.b32 x, $17, 1; shr.b32 c, $18, 1; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $2, lo, hi, 0x5140; prmt.b32 $3, lo, hi, 0x7362; "
+        "shr.b32 x, $16, 1; shr.b32 c, $18, 2; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $4, lo, hi, 0x5140; prmt.b32 $5, lo, hi, 0x7362; "
+        "shr.b32 x, $17, 1; shr.b32 c, $18, 3; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $6, lo, hi, 0x5140; prmt.b32 $7, lo, hi, 0x7362; "
+        "shr.b32 x, $16, 3; shr.b32 c, $18, 4; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $8, lo, hi, 0x5140; prmt.b32 $9, lo, hi, 0x7362; "
+        "shr.b32 x, $17, 3; shr.b32 c, $18, 5; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $10, lo, hi, 0x5140; prmt.b32 $11, lo, hi, 0x7362; "
+        "shr.b32 x, $16, 5; shr.b32 c, $18, 6; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $12, lo, hi, 0x5140; prmt.b32 $13, lo, hi, 0x7362; "
+        "shr.b32 x, $17, 5; shr.b32 c, $18, 7; "
+        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
+        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
+        "prmt.b32 $14, lo, hi, 0x5140; prmt.b32 $15, lo, hi, 0x7362; "
+        "} ",
+        "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [a, b, c, tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2),
+         tl.load(tab_ptr + 3)],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+               tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _interleave8(s0, s1, s2, s3, s4, s5, s6, s7):
+    """Eight segments [N, K] -> [N, 8 * K], column k * 8 + f from segment f."""
+    return _flat(tl.join(tl.join(tl.join(s0, s4), tl.join(s2, s6)),
+                         tl.join(tl.join(s1, s5), tl.join(s3, s7))))
+
+
+@triton.jit
 def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
                 W2: tl.constexpr, NSEG: tl.constexpr, SEGLEN: tl.constexpr,
                 SEG_PAD: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
@@ -139,7 +287,9 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
 
     row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
     [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
-    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only).
+    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only). GPU-only modes (inline
+    PTX; the interpreter cannot run them), fp16 values: NIBBLES (4-bit codes) and PLANES3
+    (3-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0.
     Padded columns and masked rows hold the value of code 0 (callers zero their partners).
     """
     k = tl.arange(0, SEG_PAD)
@@ -148,41 +298,7 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
         out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
     elif MODE == NIBBLES:  # 4 bits: NSEG == 2 and one byte holds both segments
         byte = tl.load(row_ptr + k[None, :], mask=mask, other=0)
-        # Per 4 packed bytes: fp16 centroids of the 4 low nibbles ($0, $1) and of the 4 high
-        # nibbles ($2, $3). Table words $5, $9, ..., $33: low bytes, then high bytes, of the 16
-        # fp16 centroids. A prmt selector nibble picks one of 8 bytes, so entries 0-7 and 8-15
-        # are looked up apart (bit 3 cleared) and merged by a byte mask built from bit 3 with
-        # prmt's sign-replicate mode: 21 instructions per 8 codes, no memory access.
-        lo, hi = tl.inline_asm_elementwise(
-            "{ "
-            ".reg .b32 s7, sh, s, m, a, b, lo, hi; "
-            "and.b32 s7, $4, 0x77777777; "
-            "shl.b32 sh, $4, 4; "
-            "prmt.b32 m, $4, sh, 0x9D8C; "
-            "prmt.b32 a, $5, $9, s7; "
-            "prmt.b32 b, $13, $17, s7; "
-            "lop3.b32 lo, a, b, m, 0xD8; "
-            "prmt.b32 a, $21, $25, s7; "
-            "prmt.b32 b, $29, $33, s7; "
-            "lop3.b32 hi, a, b, m, 0xD8; "
-            "prmt.b32 $0, lo, hi, 0x6240; "
-            "prmt.b32 $2, lo, hi, 0x7351; "
-            "shr.b32 s, s7, 16; "
-            "prmt.b32 m, $4, sh, 0xBFAE; "
-            "prmt.b32 a, $5, $9, s; "
-            "prmt.b32 b, $13, $17, s; "
-            "lop3.b32 lo, a, b, m, 0xD8; "
-            "prmt.b32 a, $21, $25, s; "
-            "prmt.b32 b, $29, $33, s; "
-            "lop3.b32 hi, a, b, m, 0xD8; "
-            "prmt.b32 $1, lo, hi, 0x6240; "
-            "prmt.b32 $3, lo, hi, 0x7351; "
-            "} ",
-            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [byte, tl.load(cent_ptr), tl.load(cent_ptr + 1), tl.load(cent_ptr + 2),
-             tl.load(cent_ptr + 3), tl.load(cent_ptr + 4), tl.load(cent_ptr + 5),
-             tl.load(cent_ptr + 6), tl.load(cent_ptr + 7)],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        lo, hi = _nibble_values(byte, cent_ptr)
         out = _flat(tl.join(lo, hi))
     elif NSEG == 2:
         out = _flat(tl.join(
@@ -195,19 +311,26 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
             tl.join(
             _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
             _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))))
+    elif MODE == SIGN_BITS:  # one byte holds all 8 segments
+        byte = tl.load(row_ptr + k[None, :], mask=mask, other=0)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _sign_values(byte)
+        out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
+    elif MODE == PLANES3:  # 3 bits: planes 2 + 1, NSEG == 8
+        s0, s1, s2, s3, s4, s5, s6, s7 = _three_bit_values(
+            tl.load(row_ptr + k[None, :], mask=mask, other=0),
+            tl.load(row_ptr + SEGLEN + k[None, :], mask=mask, other=0),
+            tl.load(row_ptr + OFF1 + k[None, :], mask=mask, other=0), cent_ptr)
+        out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
     else:
-        out = _flat(tl.join(tl.join(tl.join(
+        out = _interleave8(
             _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 4, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
-            tl.join(
-            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 6, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))),
-            tl.join(tl.join(
             _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 5, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
-            tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
             _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 7, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)))))
+            _segment(row_ptr, mask, k, cent_ptr, 4, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 5, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 6, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 7, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))
     return out
 
 
@@ -230,13 +353,13 @@ def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
                K_NSEG: tl.constexpr, K_SEGLEN: tl.constexpr, K_SEG_PAD: tl.constexpr,
                K_OFF1: tl.constexpr, K_OFF2: tl.constexpr, S_NSEG: tl.constexpr,
                S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr, HAS_QJL: tl.constexpr,
-               K_MODE: tl.constexpr, PRECISION: tl.constexpr):
+               K_MODE: tl.constexpr, S_MODE: tl.constexpr, PRECISION: tl.constexpr):
     """Key estimates [BLOCK_M, BLOCK_N] float32 before the key norm: <q, c[idx]> (+ QJL term).
 
     q: rotated queries [BLOCK_M, K tile width] in key tile column order (zero in padded
     columns), in the dot dtype; sq: sketch queries S q * sqrt(pi/2)/m in sign tile order;
-    gamma: residual norms [BLOCK_N] float32; K_MODE: TABLE or BYTES (cent_ptr to match).
-    Keys are decoded in registers, never stored.
+    gamma: residual norms [BLOCK_N] float32; K_MODE: a `decode_tile` mode (cent_ptr to
+    match); S_MODE: SIGNS or SIGN_BITS. Keys are decoded in registers, never stored.
     """
     keys = decode_tile(idx_rows, key_ok, cent_ptr, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN,
                        K_SEG_PAD, K_OFF1, K_OFF2, K_MODE)
@@ -244,7 +367,7 @@ def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
     s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
     if HAS_QJL:
         signs = decode_tile(sign_rows, key_ok, cent_ptr, 1, 0, 0, S_NSEG, S_SEGLEN, S_SEG_PAD,
-                            0, 0, SIGNS)
+                            0, 0, S_MODE)
         signs = operand(signs, key_ok, q.shape[0]).to(sq.dtype)
         s += tl.dot(sq, tl.trans(signs), input_precision=PRECISION) * gamma[None, :]
     return s

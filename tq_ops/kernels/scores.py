@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import TABLE, key_logits, plane_layout, prefixed, query_rows, strided, tile_coords
+from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, query_rows, strided, tile_coords
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _scores_kernel(
     s = key_logits(q, sq, ki_ptr + b * ki_sb + h * ki_sh + keys[:, None] * ki_ss,
                    ks_ptr + b * ks_sb + h * ks_sh + keys[:, None] * ks_ss, key_ok, gamma, kc_ptr,
                    K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2,
-                   S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, TABLE, "ieee")
+                   S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, TABLE, SIGNS, "ieee")
     kn = tl.load(kn_ptr + b * kn_sb + h * kn_sh + keys * kn_ss, mask=key_ok, other=0.0)
     s = s * kn.to(tl.float32)[None, :]
     dst = out_ptr + b * o_sb + (h * G + rows % G)[:, None] * o_sh + (rows // G)[:, None] * o_sq

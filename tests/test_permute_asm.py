@@ -1,0 +1,187 @@
+"""The PTX that decodes codes on the GPU (NIBBLES, PLANES3 and SIGN_BITS modes in
+tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt, lop3, shifts)
+against plain table lookups and the storage format. CI has no GPU and the Triton interpreter
+cannot run inline PTX, so this is where a wrong selector, shift or truth table fails."""
+
+import ast
+import inspect
+import re
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tq_ops.codebook import lloyd_max
+from tq_ops.kernels import codes
+from tq_ops.packing import pack
+
+MASK = 0xFFFFFFFF
+
+
+def asm_of(helper) -> str:
+    """The PTX string literal a jit helper passes to tl.inline_asm_elementwise."""
+    tree = ast.parse(inspect.getsource(helper.fn))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", "") == "inline_asm_elementwise"]
+    assert len(calls) == 1
+    return ast.literal_eval(calls[0].args[0])
+
+
+def prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 default mode: byte i of the result is byte (sel nibble i & 7) of {b, a};
+    nibble bit 3 replicates that byte's sign bit instead."""
+    pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        nib = (sel >> 4 * i) & 0xF
+        byte = pool[nib & 7]
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << 8 * i
+    return out
+
+
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX lop3.b32: bit k of the result is bit (a_k * 4 + b_k * 2 + c_k) of lut."""
+    return sum(((lut >> (((a >> k) & 1) * 4 + ((b >> k) & 1) * 2 + ((c >> k) & 1))) & 1) << k
+               for k in range(32))
+
+
+def execute(asm: str, operands: dict[int, int]) -> dict[int, int]:
+    """Run the asm's instructions on 32-bit operands ($n) and named temporaries."""
+    regs: dict[str, int] = {}
+
+    def value(token: str) -> int:
+        if token.startswith("$"):
+            return operands[int(token[1:])]
+        if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", token):
+            return int(token, 0)
+        return regs[token]
+
+    for stmt in asm.strip("{} ").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg") or stmt in "{}":
+            continue
+        op, rest = stmt.split(None, 1)
+        dst, *src = [t.strip() for t in rest.split(",")]
+        args = [value(t) for t in src]
+        result = {"and.b32": lambda x, y: x & y, "or.b32": lambda x, y: x | y,
+                  "mov.b32": lambda x: x, "shl.b32": lambda x, y: (x << y) & MASK,
+                  "shr.b32": lambda x, y: x >> y, "prmt.b32": prmt, "lop3.b32": lop3}[op](*args)
+        if dst.startswith("$"):
+            operands[int(dst[1:])] = result
+        else:
+            regs[dst] = result
+    return operands
+
+
+def run(helper, outputs: int, inputs: list[list[int]], centroids=None) -> list[int]:
+    """Execute a helper's PTX for one pack of 4 elements: operands $0 .. $outputs-1 are the
+    outputs, then one register per input (its 4 bytes), then each `permute_table` word 4
+    times (pack=4 repeats scalars). Returns the outputs' 16-bit lanes in element order."""
+    operands = {outputs + i: sum(x << 8 * j for j, x in enumerate(packed))
+                for i, packed in enumerate(inputs)}
+    if centroids is not None:
+        base = outputs + len(inputs)
+        for i, word in enumerate(codes.permute_table(centroids).tolist()):
+            operands.update({base + 4 * i + j: word & MASK for j in range(4)})
+    out = execute(asm_of(helper), operands)
+    return [out[r] >> shift & 0xFFFF for r in range(outputs) for shift in (0, 16)]
+
+
+def lookup(centroids: torch.Tensor, packed: list[int]) -> tuple[list[int], list[int]]:
+    """(fp16 bit patterns the PTX returns for the low nibbles, for the high nibbles)."""
+    lanes = run(codes._nibble_values, 4, [packed], centroids)
+    return lanes[:4], lanes[4:]
+
+
+def fp16_tables(size: int):
+    """Any `size` finite fp16 values: unsorted, asymmetric, signed zeros, subnormals."""
+    return st.lists(st.floats(-65504, 65504, width=16), min_size=size, max_size=size)
+
+
+def byte_lists(size: int):
+    return st.lists(st.integers(0, 255), min_size=size, max_size=size)
+
+
+def fp16_bits(centroids: torch.Tensor) -> list[int]:
+    return (centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF).tolist()
+
+
+def test_nibble_asm_matches_table_lookup():
+    rng = np.random.default_rng(0)
+    for dim in (64, 128):
+        centroids = lloyd_max(dim, 4).float()
+        half = fp16_bits(centroids)
+        for _ in range(300):
+            packed = rng.integers(0, 256, 4).tolist()
+            low, high = lookup(centroids, packed)
+            assert low == [half[b & 15] for b in packed]
+            assert high == [half[b >> 4] for b in packed]
+
+
+@settings(max_examples=200, deadline=None)
+@given(fp16_tables(16), byte_lists(4))
+def test_nibble_asm_is_a_plain_lookup_for_any_table(values, packed):
+    centroids = torch.tensor(values, dtype=torch.float32)
+    half = fp16_bits(centroids)
+    low, high = lookup(centroids, packed)
+    assert low == [half[b & 15] for b in packed]
+    assert high == [half[b >> 4] for b in packed]
+
+
+def test_permute_table_layout():
+    """Word w holds bytes of entries 4w .. 4w + 3, little-endian; low bytes, then high bytes."""
+    centroids = torch.linspace(-1, 1, 16)
+    words = codes.permute_table(centroids).numpy().astype(np.int64) & MASK
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    half = centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    assert list(raw[:16]) == [h & 0xFF for h in half]
+    assert list(raw[16:]) == [h >> 8 for h in half]
+
+
+def three_bit_lookup(centroids: torch.Tensor, a: list[int], b: list[int], c: list[int]):
+    """Segment f -> the 4 fp16 bit patterns the PTX returns for 4 packed columns."""
+    lanes = run(codes._three_bit_values, 16, [a, b, c], centroids)
+    return [lanes[4 * f:4 * f + 4] for f in range(8)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(fp16_tables(8), byte_lists(12))
+def test_three_bit_asm_is_a_plain_lookup(values, raw):
+    """Segment f, column j: code = (2-bit field f // 2 of a (f even) or b) * 2 + bit f of c."""
+    centroids = torch.tensor(values, dtype=torch.float32)
+    half = fp16_bits(centroids)
+    a, b, c = raw[:4], raw[4:8], raw[8:]
+    got = three_bit_lookup(centroids, a, b, c)
+    for f in range(8):
+        field = [((a if f % 2 == 0 else b)[j] >> 2 * (f // 2)) & 3 for j in range(4)]
+        assert got[f] == [half[field[j] * 2 + (c[j] >> f & 1)] for j in range(4)]
+
+
+def test_three_bit_asm_decodes_the_packed_layout():
+    """Codes packed by tq_ops.packing (d = 128: planes of 32 + 16 bytes) come back in
+    segment f, column k = coordinate 16 f + k, as decode_tile feeds them to the PTX."""
+    gen = torch.Generator().manual_seed(0)
+    centroids = lloyd_max(128, 3).float()
+    half = fp16_bits(centroids)
+    for _ in range(20):
+        code = torch.randint(0, 8, (128,), generator=gen)
+        packed = pack(code, 3).tolist()
+        for k0 in range(0, 16, 4):  # 4 packed columns per PTX call
+            cols = range(k0, k0 + 4)
+            got = three_bit_lookup(centroids, [packed[k] for k in cols],
+                                   [packed[16 + k] for k in cols], [packed[32 + k] for k in cols])
+            for f in range(8):
+                assert got[f] == [half[int(code[16 * f + k])] for k in cols]
+
+
+def test_sign_asm_matches_bits():
+    """Bit f of each byte -> +1.0 (0x3C00) where set, -1.0 (0xBC00) where clear."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        packed = rng.integers(0, 256, 4).tolist()
+        lanes = run(codes._sign_values, 16, [packed])
+        for f in range(8):
+            assert lanes[4 * f:4 * f + 4] == [0x3C00 if x >> f & 1 else 0xBC00 for x in packed]
