@@ -133,10 +133,22 @@ def prefill_table(lengths, rows_out):
               f"{sdpa / times[1]:.2f} |", flush=True)
 
 
+def sweep_row(label, ms_of, tune, nbytes, bw, rows_out) -> None:
+    """Time one config (ms_of(tune)) and print its row; configs that fail to compile say so."""
+    try:
+        ms = ms_of(tune)
+    except Exception as exc:  # a config that does not compile (resources)
+        print(f"| {label} | {tune} | failed: {type(exc).__name__} | |")
+        return
+    rows_out.append(dict(kind="sweep", case=label, tune=tune, ms=ms))
+    print(f"| {label} | {tune} | {ms:.3f} | {100 * nbytes / ms / 1e9 / bw:.0f}% |", flush=True)
+
+
 def sweep(bw, rows_out):
-    """Departures from the default tile / warp / split config, K4/V4 mse."""
+    """Departures from the default tile / warp / split config, K4/V4 mse: decode at two
+    shapes, then causal prefill of 4k tokens (% copy there: compressed bytes only)."""
     print("\n## Sweep (K4/V4 mse)\n")
-    print("| batch | context | tune | ms | % copy |\n|---|---|---|---|---|")
+    print("| case | tune | ms | % copy |\n|---|---|---|---|")
     grid = [{}, dict(BLOCK_N=64), dict(BLOCK_N=256), dict(num_warps=8), dict(num_warps=2),
             dict(waves=4), dict(BLOCK_N=64, num_stages=3), dict(BLOCK_N=256, num_warps=8)]
     for batch, length in ((32, 32768), (1, 131072)):
@@ -144,15 +156,17 @@ def sweep(bw, rows_out):
         query = torch.randn(batch, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
         lens = torch.full((batch,), length, device=CUDA, dtype=torch.int32)
         for tune in grid:
-            try:
-                ms = timed(tq_call(query, k, v, False, lens, tune))
-            except Exception as exc:  # a config that does not compile (resources)
-                print(f"| {batch} | {length} | {tune} | failed: {type(exc).__name__} | |")
-                continue
-            rows_out.append(dict(kind="sweep", batch=batch, length=length, tune=tune, ms=ms))
-            print(f"| {batch} | {length} | {tune} | {ms:.3f} | "
-                  f"{100 * nbytes / ms / 1e9 / bw:.0f}% |", flush=True)
+            sweep_row(f"decode B{batch} L{length}",
+                      lambda t: timed(tq_call(query, k, v, False, lens, t)), tune, nbytes, bw,
+                      rows_out)
         del k, v
+    k, v, nbytes = cache(1, 4096, 4, False, 4)
+    query = torch.randn(1, Q_HEADS, 4096, DIM, device=CUDA, dtype=torch.float16)
+    for tune in ([{}] + [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+                         for m, n, w, st in ((128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2),
+                                             (64, 32, 4, 3), (128, 32, 4, 2))]):
+        sweep_row("prefill 4k", lambda t: timed(tq_call(query, k, v, True, None, t)), tune,
+                  nbytes, bw, rows_out)
 
 
 LOOKUPS = {  # --lookup: how the kernel turns single-plane codes into values (kernels/codes.py)
