@@ -22,8 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tq_ops.kernels import attention, compress
-from tq_ops.kernels.codes import (BYTES, NIBBLES, PLANES3, SIGN_BITS, SIGNS, TABLE, plane_layout,
-                                  prefixed)
+from tq_ops.kernels.codes import (BYTES, NIBBLES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE,
+                                  plane_layout, prefixed)
 from tq_ops.packing import plane_widths
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -93,8 +93,8 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: 
                 m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2)
     if not prod:
         ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
-    tables = {NIBBLES.value: "*i32", PLANES3.value: "*i32", BYTES.value: "*fp16",
-              TABLE.value: "*fp16"}
+    tables = {NIBBLES.value: "*i32", PLANES3.value: "*i32", PAIRS.value: "*i32",
+              BYTES.value: "*fp16", TABLE.value: "*fp16"}
     constexprs = dict(G=4, DK=128, DV=128, M=128 if prod else 1,
                       **prefixed("K_", plane_layout(128, k_bits)),
                       **prefixed("V_", plane_layout(128, v_bits)),
@@ -134,6 +134,8 @@ DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, key mode, value 
     ("K3/V3 mse, TABLE", 3, False, 3, TABLE, TABLE, SIGNS),
     ("K4/V4 prod, PLANES3 + SIGN_BITS + NIBBLES", 3, True, 4, PLANES3, NIBBLES, SIGN_BITS),
     ("K4/V4 prod, TABLE + SIGNS + NIBBLES", 3, True, 4, TABLE, NIBBLES, SIGNS),
+    ("K3/V3 prod, PAIRS + SIGN_BITS + PLANES3", 2, True, 3, PAIRS, PLANES3, SIGN_BITS),
+    ("K3/V3 prod, BYTES + SIGNS + TABLE", 2, True, 3, BYTES, TABLE, SIGNS),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The PTX that decodes codes on the GPU (NIBBLES, PLANES3 and SIGN_BITS modes in
+"""The PTX that decodes codes on the GPU (NIBBLES, PAIRS, PLANES3 and SIGN_BITS modes in
 tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt, lop3, shifts)
 against plain table lookups and the storage format. CI has no GPU and the Triton interpreter
 cannot run inline PTX, so this is where a wrong selector, shift or truth table fails."""
@@ -175,6 +175,31 @@ def test_three_bit_asm_decodes_the_packed_layout():
                                    [packed[16 + k] for k in cols], [packed[32 + k] for k in cols])
             for f in range(8):
                 assert got[f] == [half[int(code[16 * f + k])] for k in cols]
+
+
+@settings(max_examples=200, deadline=None)
+@given(fp16_tables(4), byte_lists(4))
+def test_two_bit_asm_is_a_plain_lookup(values, packed):
+    """Segment f, column j: code = bits 2f, 2f + 1 of byte j."""
+    centroids = torch.tensor(values, dtype=torch.float32)
+    half = fp16_bits(centroids)
+    lanes = run(codes._two_bit_values, 8, [packed], centroids)
+    for f in range(4):
+        assert lanes[4 * f:4 * f + 4] == [half[x >> 2 * f & 3] for x in packed]
+
+
+def test_two_bit_asm_decodes_the_packed_layout():
+    """2-bit codes packed by tq_ops.packing (d = 128: byte k holds coordinates k + 32 f)."""
+    gen = torch.Generator().manual_seed(1)
+    centroids = lloyd_max(128, 2).float()
+    half = fp16_bits(centroids)
+    code = torch.randint(0, 4, (128,), generator=gen)
+    packed = pack(code, 2).tolist()
+    for k0 in range(0, 32, 4):
+        cols = range(k0, k0 + 4)
+        lanes = run(codes._two_bit_values, 8, [[packed[k] for k in cols]], centroids)
+        for f in range(4):
+            assert lanes[4 * f:4 * f + 4] == [half[int(code[32 * f + k])] for k in cols]
 
 
 def test_sign_asm_matches_bits():

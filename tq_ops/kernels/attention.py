@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import (BYTES, NIBBLES, PLANES3, SIGN_BITS, SIGNS, TABLE, byte_table, decode_tile,
-                    key_logits, operand, permute_table, plane_layout, prefixed, query_rows,
-                    strided, tile_coords)
+from .codes import (BYTES, NIBBLES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, byte_table,
+                    decode_tile, key_logits, operand, permute_table, plane_layout, prefixed,
+                    query_rows, strided, tile_coords)
 
 LOG2E = 1.4426950408889634
 
@@ -185,10 +185,10 @@ def _use_ptx() -> bool:
 
 
 def _lookup(centroids: torch.Tensor, bits: int, dtype: torch.dtype):
-    """(table, decode_tile mode): byte permutes from a `permute_table` for 3- and 4-bit codes
+    """(table, decode_tile mode): byte permutes from a `permute_table` for 2- to 4-bit codes
     on a GPU, a byte-indexed table for other single-plane codes, else the centroids."""
-    if bits in (3, 4) and dtype == torch.float16 and _use_ptx():
-        return permute_table(centroids), (NIBBLES if bits == 4 else PLANES3).value
+    if bits in (2, 3, 4) and dtype == torch.float16 and _use_ptx():
+        return permute_table(centroids), {2: PAIRS, 3: PLANES3, 4: NIBBLES}[bits].value
     if bits in (1, 2, 4, 8):
         return byte_table(centroids, bits, dtype), BYTES.value
     return centroids.to(dtype), TABLE.value

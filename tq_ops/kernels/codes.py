@@ -24,9 +24,10 @@ BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[
 NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes
 SIGN_BITS = tl.constexpr(4)  # decode_tile MODE: QJL sign bits -> fp16 +-1.0 by shifts and lop3
 PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
+PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
 
 def permute_table(centroids: torch.Tensor) -> torch.Tensor:
-    """int32 words for the byte-permute modes (8 or 16 centroids -> 4 or 8 words): the low
+    """int32 words for the byte-permute modes (4, 8 or 16 centroids -> 2, 4 or 8 words): the low
     bytes, then the high bytes, of the fp16 centroids, entry i in byte i % 4 of word i // 4
     (little-endian). Torch ops only (trace-safe)."""
     half = centroids.to(torch.float16).view(torch.int16).to(torch.int32)
@@ -211,6 +212,39 @@ def _sign_values(byte):
 
 
 @triton.jit
+def _two_bit_values(byte, tab_ptr):
+    """fp16 centroids of the 4 segments of 2-bit codes in uint8 `byte` (PAIRS mode), four
+    tensors; tab_ptr holds the 2 words of a 4-entry `permute_table`."""
+    # Per 4 packed bytes ($8): field F of each byte goes to bits 0-1, the four codes are
+    # packed into prmt selector nibbles, and two prmt's look up the low and high bytes of the
+    # 4 fp16 entries: 9 to 10 instructions per 4 codes, no memory access.
+    return tl.inline_asm_elementwise(
+        "{ "
+        ".reg .b32 z, x, t, sel, lo, hi; "
+        "mov.b32 z, 0; "
+        "and.b32 x, $8, 0x03030303; "
+        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
+        "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
+        "shr.b32 x, $8, 2; and.b32 x, x, 0x03030303; "
+        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
+        "prmt.b32 $2, lo, hi, 0x5140; prmt.b32 $3, lo, hi, 0x7362; "
+        "shr.b32 x, $8, 4; and.b32 x, x, 0x03030303; "
+        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
+        "prmt.b32 $4, lo, hi, 0x5140; prmt.b32 $5, lo, hi, 0x7362; "
+        "shr.b32 x, $8, 6; and.b32 x, x, 0x03030303; "
+        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
+        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
+        "prmt.b32 $6, lo, hi, 0x5140; prmt.b32 $7, lo, hi, 0x7362; "
+        "} ",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [byte, tl.load(tab_ptr), tl.load(tab_ptr + 1)],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _three_bit_values(a, b, c, tab_ptr):
     """fp16 centroids of the 8 segments of 3-bit codes (PLANES3 mode), eight tensors: uint8
     `a`, `b` are the 2-bit plane's two byte runs (segments 0, 2, 4, 6 and 1, 3, 5, 7), `c` the
@@ -272,6 +306,12 @@ def _three_bit_values(a, b, c, tab_ptr):
 
 
 @triton.jit
+def _interleave4(s0, s1, s2, s3):
+    """Four segments [N, K] -> [N, 4 * K], column k * 4 + f from segment f."""
+    return _flat(tl.join(tl.join(s0, s2), tl.join(s1, s3)))
+
+
+@triton.jit
 def _interleave8(s0, s1, s2, s3, s4, s5, s6, s7):
     """Eight segments [N, K] -> [N, 8 * K], column k * 8 + f from segment f."""
     return _flat(tl.join(tl.join(tl.join(s0, s4), tl.join(s2, s6)),
@@ -288,39 +328,41 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
     row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
     [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
     MODE BYTES: cent_ptr is `byte_table` (single-plane codes only). GPU-only modes (inline
-    PTX; the interpreter cannot run them), fp16 values: NIBBLES (4-bit codes) and PLANES3
-    (3-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0.
+    PTX; the interpreter cannot run them), fp16 values: NIBBLES (4-bit codes), PLANES3
+    (3-bit codes) and PAIRS (2-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0.
     Padded columns and masked rows hold the value of code 0 (callers zero their partners).
     """
     k = tl.arange(0, SEG_PAD)
     mask = key_ok[:, None] & (k < SEGLEN)[None, :]
-    if NSEG == 1:
-        out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
-    elif MODE == NIBBLES:  # 4 bits: NSEG == 2 and one byte holds both segments
-        byte = tl.load(row_ptr + k[None, :], mask=mask, other=0)
-        lo, hi = _nibble_values(byte, cent_ptr)
+    if MODE == NIBBLES:  # 4 bits: NSEG == 2 and one byte holds both segments
+        lo, hi = _nibble_values(tl.load(row_ptr + k[None, :], mask=mask, other=0), cent_ptr)
         out = _flat(tl.join(lo, hi))
-    elif NSEG == 2:
-        out = _flat(tl.join(
-            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)))
-    elif NSEG == 4:
-        out = _flat(tl.join(tl.join(
-            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)),
-            tl.join(
-            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
-            _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))))
-    elif MODE == SIGN_BITS:  # one byte holds all 8 segments
-        byte = tl.load(row_ptr + k[None, :], mask=mask, other=0)
-        s0, s1, s2, s3, s4, s5, s6, s7 = _sign_values(byte)
-        out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
+    elif MODE == PAIRS:  # 2 bits: NSEG == 4 and one byte holds all 4 segments
+        s0, s1, s2, s3 = _two_bit_values(tl.load(row_ptr + k[None, :], mask=mask, other=0),
+                                         cent_ptr)
+        out = _interleave4(s0, s1, s2, s3)
     elif MODE == PLANES3:  # 3 bits: planes 2 + 1, NSEG == 8
         s0, s1, s2, s3, s4, s5, s6, s7 = _three_bit_values(
             tl.load(row_ptr + k[None, :], mask=mask, other=0),
             tl.load(row_ptr + SEGLEN + k[None, :], mask=mask, other=0),
             tl.load(row_ptr + OFF1 + k[None, :], mask=mask, other=0), cent_ptr)
         out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
+    elif MODE == SIGN_BITS:  # one byte holds all 8 segments
+        s0, s1, s2, s3, s4, s5, s6, s7 = _sign_values(
+            tl.load(row_ptr + k[None, :], mask=mask, other=0))
+        out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
+    elif NSEG == 1:
+        out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
+    elif NSEG == 2:
+        out = _flat(tl.join(
+            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)))
+    elif NSEG == 4:
+        out = _interleave4(
+            _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 1, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 2, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),
+            _segment(row_ptr, mask, k, cent_ptr, 3, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE))
     else:
         out = _interleave8(
             _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE),

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, query_rows, strided, tile_coords
+from .codes import (SIGNS, TABLE, key_logits, plane_layout, prefixed, query_rows, strided,
+                    tile_coords)
 
 
 @triton.jit
