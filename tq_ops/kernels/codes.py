@@ -23,6 +23,7 @@ SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
 BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
 NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes (`nibble_table`)
 
+
 def nibble_table(centroids: torch.Tensor) -> torch.Tensor:
     """(8,) int32 words for NIBBLES mode: low bytes, then high bytes, of the 16 fp16 centroids
     (little-endian, entry i in byte i % 4 of word i // 4). Torch ops only (trace-safe)."""
@@ -139,7 +140,8 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
 
     row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
     [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
-    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only).
+    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only); MODE NIBBLES (4-bit
+    codes, GPU only: inline PTX the interpreter cannot run): cent_ptr is `nibble_table`, fp16.
     Padded columns and masked rows hold the value of code 0 (callers zero their partners).
     """
     k = tl.arange(0, SEG_PAD)
