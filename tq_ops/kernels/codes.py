@@ -26,6 +26,7 @@ SIGN_BITS = tl.constexpr(4)  # decode_tile MODE: QJL sign bits -> fp16 +-1.0 by 
 PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
 
+
 def permute_table(centroids: torch.Tensor) -> torch.Tensor:
     """int32 words for the byte-permute modes (4, 8 or 16 centroids -> 2, 4 or 8 words): the low
     bytes, then the high bytes, of the fp16 centroids, entry i in byte i % 4 of word i // 4
