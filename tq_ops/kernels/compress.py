@@ -12,11 +12,12 @@ sign bits so differ from an fp32 reference only at rounding ties. A small prepar
 builds the split, column-arranged operands and the codebook midpoints once per call.
 
 Bucketing is exact. For symmetric codebooks (all of tq_ops') it bisects |y| over the positive
-midpoints as integer bit patterns (3 compares at 4 bits, levels 0-3 by selects among scalars,
-deeper levels by register gathers) and fixes the side with the sign; other codebooks are
-counted. The norm of fp16 input is that of the rotated row (Pi orthogonal), so x is loaded
-once, by the dots only. Programs (two per SM) loop over runs of consecutive tiles and keep
-the rotation (and QJL) operands in shared memory across them when D <= 128.
+midpoints as uint32 keys, 2 * bits + sign (3 levels at 4 bits, levels 0-3 by selects among
+scalars, deeper levels by register gathers, the last one by the sign of a difference) and fixes
+the side with the sign; other codebooks are counted. The norm of fp16 input is that of the
+rotated row (Pi orthogonal), so x is loaded once, by the dots only. Programs (two per SM) loop
+over runs of consecutive tiles and keep the rotation (and QJL) operands in shared memory
+across them when D <= 128.
 
 Column arrangement: the rotated coordinates are held as an (8, SEG_P) grid, column
 i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of two). A plane
@@ -61,64 +62,93 @@ def _load_x(ptrs, in_rows, offs_k, cols_left, FULL: tl.constexpr):
 
 
 @triton.jit
-def _node(tab_ptr, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr):
-    """The entry bisection level LEVEL compares with after code prefix J (an int32 scalar)."""
-    return tl.load(tab_ptr + ((2 * J + 1) << (LEVELS - 1 - LEVEL)) - 1).to(tl.int32, bitcast=True)
+def _keys(tab_ptr, N: tl.constexpr):
+    """The bisection keys of a table of N non-negative fp32 entries: a tuple of uint32
+    scalars, 2 * the bits of each (the kernel loads them once, before its tile loop; loads
+    that nothing uses are dropped)."""
+    keys = ()
+    for j in tl.static_range(N):
+        keys = keys + (tl.load(tab_ptr + j).to(tl.uint32, bitcast=True) << 1,)
+    return keys
 
 
 @triton.jit
-def _bisect(key, tab_ptr, LEVELS: tl.constexpr):
-    """#{j : tab[j] < key} (int32) for int32 keys (BLOCK_M, N) and a sorted table of
-    2**LEVELS - 1 entries (read as int32), by bisection: levels 0-3 pick their entry with
-    selects among scalars, deeper levels gather it from registers."""
+def _node(keys, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr):
+    """The key bisection level LEVEL compares with after code prefix J."""
+    return keys[((2 * J + 1) << (LEVELS - 1 - LEVEL)) - 1]
+
+
+@triton.jit
+def _count(m, key, t, c, REST: tl.constexpr):
+    """m with bit REST set where key > t (the predicate c). The last level (REST 0) adds the
+    sign bit of t - key instead (key, t < 2**31), one instruction and no predicate."""
+    if REST == 0:
+        return m + ((t - key) >> 31).to(tl.int32)
+    return tl.where(c, m | (1 << REST), m)
+
+
+@triton.jit
+def _bisect(key, keys, tab_ptr, LEVELS: tl.constexpr):
+    """#{j : 2 * bits(tab[j]) < key} (int32) for uint32 keys (BLOCK_M, N) < 2**31 and a
+    sorted table of 2**LEVELS - 1 non-negative fp32 entries at tab_ptr, `keys` its `_keys`,
+    by bisection: levels 0-3 pick their key with selects among scalars, deeper levels gather
+    it from a register copy; m holds the bits decided so far in place."""
     m = tl.zeros(key.shape, tl.int32)
     if LEVELS > 0:
-        c0 = key > _node(tab_ptr, 0, 0, LEVELS)
-        m = c0.to(tl.int32)
+        t0 = _node(keys, 0, 0, LEVELS)
+        c0 = key > t0
+        m = _count(m, key, t0, c0, LEVELS - 1)
     if LEVELS > 1:
-        c1 = key > tl.where(c0, _node(tab_ptr, 1, 1, LEVELS), _node(tab_ptr, 0, 1, LEVELS))
-        m = m * 2 + c1.to(tl.int32)
+        t1 = tl.where(c0, _node(keys, 1, 1, LEVELS), _node(keys, 0, 1, LEVELS))
+        c1 = key > t1
+        m = _count(m, key, t1, c1, LEVELS - 2)
     if LEVELS > 2:
         t2 = tl.where(c0,
-                      tl.where(c1, _node(tab_ptr, 3, 2, LEVELS), _node(tab_ptr, 2, 2, LEVELS)),
-                      tl.where(c1, _node(tab_ptr, 1, 2, LEVELS), _node(tab_ptr, 0, 2, LEVELS)))
+                      tl.where(c1, _node(keys, 3, 2, LEVELS), _node(keys, 2, 2, LEVELS)),
+                      tl.where(c1, _node(keys, 1, 2, LEVELS), _node(keys, 0, 2, LEVELS)))
         c2 = key > t2
-        m = m * 2 + c2.to(tl.int32)
+        m = _count(m, key, t2, c2, LEVELS - 3)
     if LEVELS > 3:
         t3_hi = tl.where(c1,
-                         tl.where(c2, _node(tab_ptr, 7, 3, LEVELS), _node(tab_ptr, 6, 3, LEVELS)),
-                         tl.where(c2, _node(tab_ptr, 5, 3, LEVELS), _node(tab_ptr, 4, 3, LEVELS)))
+                         tl.where(c2, _node(keys, 7, 3, LEVELS), _node(keys, 6, 3, LEVELS)),
+                         tl.where(c2, _node(keys, 5, 3, LEVELS), _node(keys, 4, 3, LEVELS)))
         t3_lo = tl.where(c1,
-                         tl.where(c2, _node(tab_ptr, 3, 3, LEVELS), _node(tab_ptr, 2, 3, LEVELS)),
-                         tl.where(c2, _node(tab_ptr, 1, 3, LEVELS), _node(tab_ptr, 0, 3, LEVELS)))
-        m = m * 2 + (key > tl.where(c0, t3_hi, t3_lo)).to(tl.int32)
+                         tl.where(c2, _node(keys, 3, 3, LEVELS), _node(keys, 2, 3, LEVELS)),
+                         tl.where(c2, _node(keys, 1, 3, LEVELS), _node(keys, 0, 3, LEVELS)))
+        t3 = tl.where(c0, t3_hi, t3_lo)
+        m = _count(m, key, t3, key > t3, LEVELS - 4)
     if LEVELS > 4:  # a register copy of the table (a load at a dot-derived address, feeding
         # the QJL dots, stops the pipeliner)
         offs = tl.arange(0, 1 << LEVELS)
         tab = tl.load(tab_ptr + offs, mask=offs < (1 << LEVELS) - 1, other=0.0)
-        tab = tl.broadcast_to(tab.to(tl.int32, bitcast=True)[None, :], (key.shape[0], 1 << LEVELS))
+        tab = tl.broadcast_to((tab.to(tl.uint32, bitcast=True) << 1)[None, :],
+                              (key.shape[0], 1 << LEVELS))
     for level in tl.static_range(4, LEVELS):
-        thr = tl.gather(tab, ((m * 2 + 1) << (LEVELS - 1 - level)) - 1, 1)
-        m = m * 2 + (key > thr).to(tl.int32)
+        t = tl.gather(tab, m + ((1 << (LEVELS - 1 - level)) - 1), 1)
+        m = _count(m, key, t, key > t, LEVELS - 1 - level)
     return m
 
 
 @triton.jit
-def _bucketize(y, bnd_ptr, BITS: tl.constexpr, SYM: tl.constexpr):
-    """codes = #{k : boundary_k < y} (int32, shaped like y), exactly.
+def _bucketize(y, bnd_ptr, BITS: tl.constexpr, SYM: tl.constexpr, keys=None):
+    """codes = #{k : boundary_k < y} (int32, shaped like y), exactly; `keys`: the `_keys` of
+    the positive boundaries if preloaded (SYM), else they are loaded here.
 
     SYM (symmetric boundaries, b[n-1-k] == -b[k], so the middle one is 0; every tq_ops
-    codebook): bisect |y| over the 2**(BITS-1) - 1 positive ones, comparing fp32 bit patterns
-    as integers (ordered like the values for non-negative floats). y > 0 gives
-    HALF + #{b+ < y}; y <= 0 gives HALF - 1 - #{b+ <= |y|}, where b+ <= |y| is
-    b+ < the next float above |y|, whose bits are those of |y| plus 1.
-    Otherwise count the boundaries (slow, small)."""
+    codebook): bisect |y| over the 2**(BITS-1) - 1 positive ones b+. y > 0 gives
+    HALF + #{b+ < y}; y <= 0 gives HALF - 1 - #{b+ <= |y|}. Both compare the uint32 key
+    2 * bits(|y|) + sign bit (the bits rotated left by one) with 2 * bits(b+): fp32 bit
+    patterns of non-negative floats are ordered like the values, and the sign bit turns > into
+    >= for y <= -0 (+0 takes the y <= 0 side with key 0). Needs |y| < 2 (key < 2**31), as for
+    the coordinates of a unit vector. Otherwise count the boundaries (slow, small)."""
     HALF: tl.constexpr = 1 << (BITS - 1)
     if SYM:
-        yb = y.to(tl.int32, bitcast=True)
-        key = (yb & 0x7FFFFFFF) + (yb < 0).to(tl.int32)
-        m = _bisect(key, bnd_ptr + HALF, BITS - 1)
-        codes = tl.where(yb > 0, HALF + m, HALF - 1 - m)
+        yb = y.to(tl.uint32, bitcast=True)
+        key = (yb << 1) | (yb >> 31)
+        if keys is None:
+            keys = _keys(bnd_ptr + HALF, HALF - 1)
+        m = _bisect(key, keys, bnd_ptr + HALF, BITS - 1)
+        codes = tl.where(y > 0, HALF + m, HALF - 1 - m)
     else:
         codes = tl.zeros(y.shape, tl.int32)
         for k in range(2 * HALF - 1):
@@ -218,7 +248,8 @@ def _compress_kernel(
 
     The n_tiles = BH * cdiv(S, BLOCK_M) tiles of BLOCK_M tokens are split into equal runs of
     consecutive tiles, one per program; tile t covers tokens [BLOCK_M * (t % cdiv(S, BLOCK_M)),
-    + BLOCK_M) of head t // cdiv(S, BLOCK_M) (= b * H + h).
+    + BLOCK_M) of head t // cdiv(S, BLOCK_M) (= b * H + h). A program steps (b, h, s0) from
+    tile to tile (no divisions in the loop); x rows are addressed from the tile's first row.
 
     The rotation runs in KB-row chunks of its operands (KB = D_P when D_P <= 128: then the
     operand loads are loop-invariant and stay in shared memory for all the program's tiles), the QJL
@@ -244,21 +275,27 @@ def _compress_kernel(
         proj_lo = tl.load(proj + NCOL * QCOL)
     if HAS_QJL and BITS > 0:
         centroids = tl.load(cent_ptr + tl.arange(0, 1 << BITS))
+    keys = None  # the bisection keys of the positive midpoints (symmetric codebooks)
+    if SYM and BITS > 0:
+        keys = _keys(bnd_ptr + (1 << (BITS - 1)), (1 << (BITS - 1)) - 1)
+    first = tl.program_id(0) * per_program  # the run's first tile: tokens s0.. of head (b, h)
+    s0 = first % tiles_s * BLOCK_M
+    b = first // tiles_s // H
+    h = first // tiles_s % H
+    rows = tl.arange(0, BLOCK_M)
     for t in range(per_program):
-        tile = tl.program_id(0) * per_program + t
-        bh = tile // tiles_s
-        s = (tile - bh * tiles_s) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_rows = (s < S) & (bh < BH)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        in_rows = (rows < S - s0) & (b * H + h < BH)
+        s = s0 + rows
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
         if HAS_POS:
             slot = tl.load(pos_ptr + s, mask=in_rows, other=-1).to(tl.int64)
             row_ok = in_rows & (slot >= 0) & (slot < S_out)
         else:
             slot = s.to(tl.int64)
             row_ok = in_rows
-        x_ptrs = (x_ptr + (b * stride_xb + h * stride_xh + s.to(tl.int64) * stride_xs)[:, None]
-                  + offs_k[None, :] * stride_xd)
+        x_ptrs = (x_ptr + (b64 * stride_xb + h64 * stride_xh + s0.to(tl.int64) * stride_xs)
+                  + (rows.to(tl.int64) * stride_xs)[:, None] + offs_k[None, :] * stride_xd)
         # Every loaded block feeds only dots, or only register math (a block feeding a wgmma and
         # another use, or a register operand rewritten while an async wgmma reads it, races).
         acc = tl.zeros((BLOCK_M, NCOL), tl.float32)
@@ -290,11 +327,12 @@ def _compress_kernel(
                 acc = tl.dot(u_hi, rot_lo, acc)
                 acc = tl.dot(u_lo, rot_hi, acc)
             y = acc * (1.0 / (ROT_SCALE * UNIT_SCALE))
-        tl.store(nrm_ptr + b * stride_nb + h * stride_nh + slot * stride_ns, norm, mask=row_ok)
+        tl.store(nrm_ptr + b64 * stride_nb + h64 * stride_nh + slot * stride_ns, norm,
+                 mask=row_ok)
 
         if BITS > 0:
-            codes = _bucketize(y, bnd_ptr, BITS, SYM)
-            idx_row = idx_ptr + b * stride_ib + h * stride_ih + slot * stride_is
+            codes = _bucketize(y, bnd_ptr, BITS, SYM, keys)
+            idx_row = idx_ptr + b64 * stride_ib + h64 * stride_ih + slot * stride_is
             _store_plane(codes, idx_row, stride_ip, row_ok, W0, BITS - W0, 0, SEG, SEG_P,
                          BLOCK_M)
             if W1 > 0:
@@ -311,7 +349,7 @@ def _compress_kernel(
             else:
                 resid = y
             gamma = tl.sqrt(tl.sum(resid * resid, axis=1))
-            tl.store(res_ptr + b * stride_rb + h * stride_rh + slot * stride_rs, gamma,
+            tl.store(res_ptr + b64 * stride_rb + h64 * stride_rh + slot * stride_rs, gamma,
                      mask=row_ok)
             r_hi, r_lo = _split_f16(resid * UNIT_SCALE)
             LANES: tl.constexpr = QBLOCK // QSEG_P  # sign bit lanes per chunk of columns
@@ -323,17 +361,22 @@ def _compress_kernel(
                 if QBLOCK < QCOL:
                     proj_hi = tl.load(proj + q0)
                     proj_lo = tl.load(proj + NCOL * QCOL + q0)
-                z = tl.dot(r_hi, proj_hi)
+                z = tl.dot(r_lo, proj_hi)  # r_lo first: the fp32 residual is dead before
+                z = tl.dot(r_hi, proj_hi, z)  # the dots start (fewer live registers)
                 z = tl.dot(r_hi, proj_lo, z)
-                z = tl.dot(r_lo, proj_hi, z)
                 bit_lane = q0 // QSEG_P + lane
                 q_ok = (k_q < QSEG) & (bit_lane * QSEG + k_q < M_QJL)
                 bit = ((z >= 0) & q_ok[None, :]).to(tl.int32) << bit_lane[None, :]
                 packed += tl.sum(tl.reshape(bit, (BLOCK_M, LANES, QSEG_P)), axis=1)
             k_out = tl.arange(0, QSEG_P)
-            sgn_row = sgn_ptr + b * stride_gb + h * stride_gh + slot * stride_gs
+            sgn_row = sgn_ptr + b64 * stride_gb + h64 * stride_gh + slot * stride_gs
             tl.store(sgn_row[:, None] + k_out[None, :] * stride_gp, packed.to(tl.uint8),
                      mask=row_ok[:, None] & (k_out < QSEG)[None, :])
+        s0 += BLOCK_M  # the next tile
+        h += (s0 >= S).to(tl.int32)
+        s0 = tl.where(s0 >= S, 0, s0)
+        b += (h == H).to(tl.int32)
+        h = tl.where(h == H, 0, h)
 
 
 def _next_pow2(n: int) -> int:
