@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tq_ops.kernels import attention, compress
-from tq_ops.kernels.codes import (BYTES, NIBBLES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE,
+from tq_ops.kernels.codes import (BYTES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE,
                                   plane_layout, prefixed)
 from tq_ops.packing import plane_widths
 
@@ -81,8 +81,10 @@ def summary(kernel) -> str:
 
 
 def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: int,
-                     s_mode: int, block_n: int = 128, num_warps: int = 4):
-    """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs)."""
+                     s_mode: int, nibble_ptx: bool, block_n: int = 128, num_warps: int = 4):
+    """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs),
+    with the GPU decode defaults of `attention.config` (1 stage, at most 128 registers).
+    4-bit codes: `nibble_asm` PTX of the Lloyd-Max table if nibble_ptx, else byte tables."""
     length = 32768
     k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
     ints = dict(ki_sb=8 * length * k_bytes, ki_sh=length * k_bytes, ki_ss=k_bytes,
@@ -93,7 +95,11 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: 
                 m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2)
     if not prod:
         ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
-    tables = {NIBBLES.value: "*i32", PLANES3.value: "*i32", PAIRS.value: "*i32",
+    words = attention._lloyd_max_words(128) if nibble_ptx else ()
+    ptx = dict(K_WORDS=words if k_bits == 4 else (), V_WORDS=words if v_bits == 4 else ())
+    ptx.update(K_ASM=attention._nibble_ptx(ptx["K_WORDS"]),
+               V_ASM=attention._nibble_ptx(ptx["V_WORDS"]), RUN_IF=1 if words else 0)
+    tables = {PLANES3.value: "*i32", PAIRS.value: "*i32",
               BYTES.value: "*fp16", TABLE.value: "*fp16"}
     constexprs = dict(G=4, DK=128, DV=128, M=128 if prod else 1,
                       **prefixed("K_", plane_layout(128, k_bits)),
@@ -101,11 +107,12 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: 
                       **prefixed("S_", plane_layout(128 if prod else 16, 1)),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
                       HAS_LENS=True, SPLIT=True, K_MODE=k_mode, V_MODE=v_mode, S_MODE=s_mode,
-                      BLOCK_M=16, BLOCK_N=block_n)
+                      BLOCK_M=16, BLOCK_N=block_n, **ptx)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
-                    lens_ptr="*i32", kc_ptr=tables[k_mode], vc_ptr=tables[v_mode])
+                    lens_ptr="*i32", kc_ptr=tables[k_mode], vc_ptr=tables[v_mode],
+                    kw_ptr="*i32", vw_ptr="*i32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
-                 num_stages=2)
+                 num_stages=1, maxnreg=128)
 
 
 def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4):
@@ -127,23 +134,25 @@ def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4
                  num_stages=2)
 
 
-DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, key mode, value mode, sign mode)
-    ("K4/V4 mse, NIBBLES", 4, False, 4, NIBBLES, NIBBLES, SIGNS),
-    ("K4/V4 mse, BYTES", 4, False, 4, BYTES, BYTES, SIGNS),
-    ("K3/V3 mse, PLANES3", 3, False, 3, PLANES3, PLANES3, SIGNS),
-    ("K3/V3 mse, TABLE", 3, False, 3, TABLE, TABLE, SIGNS),
-    ("K4/V4 prod, PLANES3 + SIGN_BITS + NIBBLES", 3, True, 4, PLANES3, NIBBLES, SIGN_BITS),
-    ("K4/V4 prod, TABLE + SIGNS + NIBBLES", 3, True, 4, TABLE, NIBBLES, SIGNS),
-    ("K3/V3 prod, PAIRS + SIGN_BITS + PLANES3", 2, True, 3, PAIRS, PLANES3, SIGN_BITS),
-    ("K3/V3 prod, BYTES + SIGNS + TABLE", 2, True, 3, BYTES, TABLE, SIGNS),
+DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, key mode, value mode, sign mode,
+    # 4-bit codes by nibble PTX): modes apply to 2-, 3-bit codes and signs only
+    ("K4/V4 mse, nibble PTX", 4, False, 4, BYTES, BYTES, SIGNS, True),
+    ("K4/V4 mse, byte tables", 4, False, 4, BYTES, BYTES, SIGNS, False),
+    ("K3/V3 mse, PLANES3", 3, False, 3, PLANES3, PLANES3, SIGNS, False),
+    ("K3/V3 mse, TABLE", 3, False, 3, TABLE, TABLE, SIGNS, False),
+    ("K4/V4 prod, PLANES3 + SIGN_BITS + nibble PTX", 3, True, 4, PLANES3, BYTES, SIGN_BITS, True),
+    ("K4/V4 prod, TABLE + SIGNS + byte tables", 3, True, 4, TABLE, BYTES, SIGNS, False),
+    ("K3/V3 prod, PAIRS + SIGN_BITS + PLANES3", 2, True, 3, PAIRS, PLANES3, SIGN_BITS, False),
+    ("K3/V3 prod, BYTES + SIGNS + TABLE", 2, True, 3, BYTES, TABLE, SIGNS, False),
 ]
 
 
 def main() -> None:
     print("| kernel | registers | stack bytes | loop instructions | top opcodes in the loop |")
     print("|---|---|---|---|---|")
-    for label, k_bits, prod, v_bits, k_mode, v_mode, s_mode in DECODE_VARIANTS:
-        kernel = attention_decode(k_bits, prod, v_bits, k_mode.value, v_mode.value, s_mode.value)
+    for label, k_bits, prod, v_bits, k_mode, v_mode, s_mode, ptx in DECODE_VARIANTS:
+        kernel = attention_decode(k_bits, prod, v_bits, k_mode.value, v_mode.value, s_mode.value,
+                                  ptx)
         print(f"| attention decode {label} " + summary(kernel), flush=True)
     for label, qjl_dim, bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
         print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, bits)), flush=True)

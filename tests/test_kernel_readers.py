@@ -79,7 +79,7 @@ def attention_case(gen, *, batch=2, kv_heads=2, group=4, q_len=1, kv_len=150, di
     query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
     args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
             v_bits, dim ** -0.5, is_causal, mask, kv_lens)
-    out = attention_kernels.attention(*args, tune=tune)
+    out = attention_kernels.fused_attention(*args, tune=tune)
     ref = reference.attention(query.float(), *args[1:])
     assert out.shape == ref.shape and out.dtype == dtype
     return out, ref
@@ -115,6 +115,40 @@ def test_attention_prefill_bf16_dim80():
     out, ref = attention_case(gen, batch=1, kv_heads=1, q_len=40, kv_len=40, dim=80,
                               is_causal=True, dtype=torch.bfloat16)
     assert rel_err(out, ref) < 2e-3 + 4e-3  # plus bf16 output rounding
+
+
+@pytest.mark.parametrize("is_causal,q_len,k_prod", [(True, 48, True), (False, 20, False)])
+def test_flash_prefill(is_causal, q_len, k_prod):
+    """Prefill by decompression + SDPA (what `attention` picks for such calls) matches too."""
+    gen = torch.Generator().manual_seed(13 + q_len)
+    keys, k_rot, k_cent, k_qjl = packed(gen, 2, 2, 48, 64, 3, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, 2, 2, 48, 64, 4, False, 2)
+    query = (torch.randn(2, 4, q_len, 64, generator=gen) * 2).half()
+    args = (query, *keys, k_rot, k_cent, k_qjl, 3, values[0], values[1], v_rot, v_cent, 4,
+            0.125, is_causal, None, None)
+    assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
+                                                   is_causal, None, None)
+    out = attention_kernels.flash_prefill(*args)
+    ref = reference.attention(query.float(), *args[1:])
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 3e-3
+
+
+def test_flash_prefill_only_where_sdpa_matches_the_semantics():
+    """Decode, masks, ragged lengths, causal chunks (bottom-right) and fp32 norms stay fused."""
+    query = torch.zeros(1, 8, 32, 64, dtype=torch.float16)
+    idx, norms = torch.zeros(1, 2, 32, 24, dtype=torch.uint8), torch.ones(1, 2, 32, 1).half()
+    rot = torch.eye(64)
+
+    def applies(q=query, k_norms=norms, is_causal=True, mask=None, lens=None, kv_len=32):
+        return attention_kernels.flash_prefill_applies(q, idx[:, :, :kv_len], k_norms,
+                                                       norms[:, :, :kv_len], rot, is_causal,
+                                                       mask, lens)
+    assert applies() and applies(is_causal=False, kv_len=20)
+    assert not applies(q=query[:, :, :1])  # decode: 4 rows per KV head
+    assert not applies(kv_len=20)  # causal chunk: SDPA would align the mask top-left
+    assert not applies(mask=torch.ones(32, 32, dtype=torch.bool))
+    assert not applies(lens=torch.tensor([32]))
+    assert not applies(k_norms=norms.float())
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

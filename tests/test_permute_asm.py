@@ -1,5 +1,5 @@
-"""The PTX that decodes codes on the GPU (NIBBLES, PAIRS, PLANES3 and SIGN_BITS modes in
-tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt, lop3, shifts)
+"""The PTX that decodes codes on the GPU (`nibble_asm`, and the PAIRS, PLANES3 and SIGN_BITS
+modes in tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt, lop3, shifts)
 against plain table lookups and the storage format. CI has no GPU and the Triton interpreter
 cannot run inline PTX, so this is where a wrong selector, shift or truth table fails."""
 
@@ -91,9 +91,15 @@ def run(helper, outputs: int, inputs: list[list[int]], centroids=None) -> list[i
 
 
 def lookup(centroids: torch.Tensor, packed: list[int]) -> tuple[list[int], list[int]]:
-    """(fp16 bit patterns the PTX returns for the low nibbles, for the high nibbles)."""
-    lanes = run(codes._nibble_values, 4, [packed], centroids)
-    return lanes[:4], lanes[4:]
+    """(fp16 bit patterns the `nibble_asm` PTX built from the centroids' `permute_table`
+    returns for the low nibbles, for the high nibbles) of 4 packed bytes."""
+    words = tuple(codes.permute_table(centroids).tolist())
+    byte_word = sum(x << 8 * j for j, x in enumerate(packed))
+    lanes = []
+    for high in (False, True):
+        out = execute(codes.nibble_asm(words, high), {2: byte_word})
+        lanes.append([out[r] >> shift & 0xFFFF for r in (0, 1) for shift in (0, 16)])
+    return lanes[0], lanes[1]
 
 
 def fp16_tables(size: int):

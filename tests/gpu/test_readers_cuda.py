@@ -92,11 +92,27 @@ def test_causal_chunk_with_offset(dtype, q_len):
     check_attention(args)
 
 
+@pytest.mark.parametrize("custom", ["keys", "values"])
+def test_other_4bit_codebook_runs_the_byte_table_variant(custom):
+    """The 4-bit PTX holds the Lloyd-Max table as immediates; with other centroids its launch
+    must step aside for the byte-table launch (a wrong table would fail the comparison)."""
+    args = list(attention_args(20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128,
+                               k_bits=4, k_prod=False, v_bits=4, dtype=torch.float16,
+                               is_causal=False, kv_lens=torch.tensor([900, 417])))
+    slot = 6 if custom == "keys" else 12
+    args[slot] = args[slot] * torch.linspace(0.8, 1.2, 16)
+    check_attention(tuple(args))
+
+
 @pytest.mark.parametrize("dim", [64, 80, 128])
 def test_prefill_causal(dim):
+    """The op (decompression + SDPA for such a prefill) and the fused kernel both match."""
+    from tq_ops.kernels import attention as kernels
     args = attention_args(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
                           k_bits=3, k_prod=False, v_bits=3, dtype=torch.float16, is_causal=True)
     check_attention(args)
+    ref = reference.attention(args[0].float(), *args[1:])
+    assert rel_err(kernels.fused_attention(*cuda(args)), ref) < 3e-3
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

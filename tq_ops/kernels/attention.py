@@ -11,16 +11,21 @@ splits; the launcher rotates queries before and outputs (`@ Pi_v`) after, once p
 Decompressed K or V never reach memory.
 """
 
+import functools
 import math
 import os
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 import triton
 import triton.language as tl
 
-from .codes import (BYTES, NIBBLES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, byte_table,
-                    decode_tile, key_logits, operand, permute_table, plane_layout, prefixed,
-                    query_rows, strided, tile_coords)
+from ..codebook import lloyd_max
+from .codes import (BYTES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, byte_table, decode_tile,
+                    key_logits, nibble_asm, nibble_halves, operand, permute_table, plane_layout,
+                    prefixed, qjl_logits, query_rows, strided, tile_coords)
+from .decompress import decompress
 
 LOG2E = 1.4426950408889634
 
@@ -29,8 +34,8 @@ LOG2E = 1.4426950408889634
 def _attention_kernel(
         q_ptr, sq_ptr, o_ptr, ml_ptr,
         ki_ptr, ki_sb, ki_sh, ki_ss, kn_ptr, kn_sb, kn_sh, kn_ss,
-        ks_ptr, ks_sb, ks_sh, ks_ss, kr_ptr, kr_sb, kr_sh, kr_ss, kc_ptr,
-        vi_ptr, vi_sb, vi_sh, vi_ss, vn_ptr, vn_sb, vn_sh, vn_ss, vc_ptr,
+        ks_ptr, ks_sb, ks_sh, ks_ss, kr_ptr, kr_sb, kr_sh, kr_ss, kc_ptr, kw_ptr,
+        vi_ptr, vi_sb, vi_sh, vi_ss, vn_ptr, vn_sb, vn_sh, vn_ss, vc_ptr, vw_ptr,
         mask_ptr, m_sb, m_sh, m_sq, m_sk, lens_ptr,
         HKV, Lq, Lk, R, CHUNK,
         G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
@@ -45,8 +50,9 @@ def _attention_kernel(
         S_OFF2: tl.constexpr,
         HAS_QJL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
-        K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, K_ASM: tl.constexpr,
+        V_ASM: tl.constexpr, K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, RUN_IF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Partial attention of rows [pid_m * BLOCK_M, +BLOCK_M) of one KV head over one split.
 
     q (B, HKV, R, DK) and sq (B, HKV, R, M) are in the dot dtype, pre-scaled by
@@ -56,7 +62,21 @@ def _attention_kernel(
     K_*, V_*, S_*: `plane_layout` of key codes, value codes and QJL signs; K_MODE, V_MODE:
     `decode_tile` modes of keys and values (kc/vc: the matching table, from `_lookup`);
     S_MODE: how the QJL signs are decoded (SIGNS, or SIGN_BITS on a GPU).
+    4-bit keys or values are decoded as two column halves (`nibble_halves`: K_ASM / V_ASM PTX
+    with immediate tables, or () for kc / vc as byte tables), each with its own dot.
+    RUN_IF 1 / 2: run only if the `permute_table` words at kw / vw equal / differ from the
+    K_WORDS / V_WORDS the PTX was built from (the launcher starts both variants); 0: always.
     """
+    K_HALVES: tl.constexpr = K_W0 == 4 and K_W1 == 0
+    V_HALVES: tl.constexpr = V_W0 == 4 and V_W1 == 0
+    if RUN_IF != 0:
+        same = True
+        for i in tl.static_range(len(K_WORDS)):
+            same = same & (tl.load(kw_ptr + i) == K_WORDS[i])
+        for i in tl.static_range(len(V_WORDS)):
+            same = same & (tl.load(vw_ptr + i) == V_WORDS[i])
+        if same != (RUN_IF == 1):
+            return
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -77,15 +97,22 @@ def _attention_kernel(
         end = tl.minimum(end, tl.max(tl.where(row_ok, last, -1), 0) + 1)
 
     qrow = (pid_bh * R + rows)[:, None]
-    kcoord, kreal = tile_coords(tl.arange(0, K_SEG_PAD * K_NSEG), K_NSEG, K_SEGLEN)
-    q = tl.load(q_ptr + qrow * DK + kcoord[None, :], mask=row_ok[:, None] & kreal[None, :],
-                other=0.0)
+    if K_HALVES:  # coordinates k and K_SEGLEN + k
+        kcol = tl.arange(0, K_SEG_PAD)[None, :]
+        kmask = row_ok[:, None] & (kcol < K_SEGLEN)
+        q = tl.load(q_ptr + qrow * DK + kcol, mask=kmask, other=0.0)
+        q_hi = tl.load(q_ptr + qrow * DK + K_SEGLEN + kcol, mask=kmask, other=0.0)
+    else:
+        kcoord, kreal = tile_coords(tl.arange(0, K_SEG_PAD * K_NSEG), K_NSEG, K_SEGLEN)
+        q = tl.load(q_ptr + qrow * DK + kcoord[None, :], mask=row_ok[:, None] & kreal[None, :],
+                    other=0.0)
     sq = q
     if HAS_QJL:
         scoord, sreal = tile_coords(tl.arange(0, S_SEG_PAD * S_NSEG), S_NSEG, S_SEGLEN)
         sq = tl.load(sq_ptr + qrow * M + scoord[None, :], mask=row_ok[:, None] & sreal[None, :],
                      other=0.0)
-    vcoord, vreal = tile_coords(tl.arange(0, V_SEG_PAD * V_NSEG), V_NSEG, V_SEGLEN)
+    if not V_HALVES:
+        vcoord, vreal = tile_coords(tl.arange(0, V_SEG_PAD * V_NSEG), V_NSEG, V_SEGLEN)
 
     ki_base = ki_ptr + b * ki_sb + h * ki_sh
     kn_base = kn_ptr + b * kn_sb + h * kn_sh
@@ -97,17 +124,29 @@ def _attention_kernel(
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, V_SEG_PAD * V_NSEG], tl.float32)
+    if V_HALVES:  # coordinates k and V_SEGLEN + k
+        acc = tl.zeros([BLOCK_M, V_SEG_PAD], tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, V_SEG_PAD], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, V_SEG_PAD * V_NSEG], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
         gamma = tl.zeros([BLOCK_N], tl.float32)
         if HAS_QJL:
             gamma = tl.load(kr_base + keys * kr_ss, mask=key_ok, other=0.0).to(tl.float32)
-        s = key_logits(q, sq, ki_base + keys[:, None] * ki_ss, ks_base + keys[:, None] * ks_ss,
-                       key_ok, gamma, kc_ptr, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD,
-                       K_OFF1, K_OFF2, S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, K_MODE, S_MODE,
-                       "ieee")
+        if K_HALVES:
+            lo, hi = nibble_halves(ki_base + keys[:, None] * ki_ss, key_ok, kc_ptr, K_SEGLEN,
+                                   K_SEG_PAD, K_ASM)
+            s = tl.dot(q, tl.trans(lo)) + tl.dot(q_hi, tl.trans(hi))
+            if HAS_QJL:
+                s += qjl_logits(sq, ks_base + keys[:, None] * ks_ss, key_ok, gamma, S_NSEG,
+                                S_SEGLEN, S_SEG_PAD, S_MODE, "ieee")
+        else:
+            s = key_logits(q, sq, ki_base + keys[:, None] * ki_ss,
+                           ks_base + keys[:, None] * ks_ss, key_ok, gamma, kc_ptr, K_W0, K_W1,
+                           K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2, S_NSEG, S_SEGLEN,
+                           S_SEG_PAD, HAS_QJL, K_MODE, S_MODE, "ieee")
         kn = tl.load(kn_base + keys * kn_ss, mask=key_ok, other=0.0).to(tl.float32)
         s = s * kn[None, :]
         keep = key_ok[None, :] & row_ok[:, None]
@@ -128,23 +167,36 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-        vals = decode_tile(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, V_W0, V_W1, V_W2,
-                           V_NSEG, V_SEGLEN, V_SEG_PAD, V_OFF1, V_OFF2, V_MODE)
-        vals = operand(vals, key_ok, BLOCK_M).to(q.dtype)
         vn = tl.load(vn_base + keys * vn_ss, mask=key_ok, other=0.0).to(tl.float32)
         pv = (p * vn[None, :]).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, vals)
+        if V_HALVES:
+            lo, hi = nibble_halves(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, V_SEGLEN,
+                                   V_SEG_PAD, V_ASM)
+            acc = acc * alpha[:, None] + tl.dot(pv, lo.to(q.dtype))
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, hi.to(q.dtype))
+        else:
+            vals = decode_tile(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, V_W0, V_W1,
+                               V_W2, V_NSEG, V_SEGLEN, V_SEG_PAD, V_OFF1, V_OFF2, V_MODE)
+            vals = operand(vals, key_ok, BLOCK_M).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, vals)
 
-    out_mask = row_ok[:, None] & vreal[None, :]
     if SPLIT:
-        nsplit = tl.num_programs(2)
-        part = (pid_bh * nsplit + split) * R + rows
-        tl.store(o_ptr + part[:, None] * DV + vcoord[None, :], acc, mask=out_mask)
+        part = (pid_bh * tl.num_programs(2) + split) * R + rows
+        out_rows = o_ptr + part[:, None] * DV
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
     else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + qrow * DV + vcoord[None, :], out, mask=out_mask)
+        out_rows = o_ptr + qrow * DV
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if V_HALVES:
+        vcol = tl.arange(0, V_SEG_PAD)[None, :]
+        vmask = row_ok[:, None] & (vcol < V_SEGLEN)
+        if not SPLIT:
+            acc_hi = acc_hi / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_rows + vcol, acc, mask=vmask)
+        tl.store(out_rows + V_SEGLEN + vcol, acc_hi, mask=vmask)
+    else:
+        tl.store(out_rows + vcoord[None, :], acc, mask=row_ok[:, None] & vreal[None, :])
 
 
 @triton.jit
@@ -185,24 +237,51 @@ def _use_ptx() -> bool:
 
 
 def _lookup(centroids: torch.Tensor, bits: int, dtype: torch.dtype):
-    """(table, decode_tile mode): byte permutes from a `permute_table` for 2- to 4-bit codes
-    on a GPU, a byte-indexed table for other single-plane codes, else the centroids."""
-    if bits in (2, 3, 4) and dtype == torch.float16 and _use_ptx():
-        return permute_table(centroids), {2: PAIRS, 3: PLANES3, 4: NIBBLES}[bits].value
+    """(table, decode_tile mode): byte permutes from a `permute_table` for 2- and 3-bit codes
+    on a GPU, a byte-indexed table for single-plane codes (4-bit codes: `nibble_halves`'s
+    fallback), else the centroids."""
+    if bits in (2, 3) and dtype == torch.float16 and _use_ptx():
+        return permute_table(centroids), {2: PAIRS, 3: PLANES3}[bits].value
     if bits in (1, 2, 4, 8):
         return byte_table(centroids, bits, dtype), BYTES.value
     return centroids.to(dtype), TABLE.value
+
+
+@functools.lru_cache
+def _lloyd_max_words(dim: int) -> tuple:
+    """`permute_table` words of the 4-bit Lloyd-Max codebook for head_dim `dim`: host
+    constants, computed outside any fake-tensor or tracing mode the launcher runs under."""
+    with _disable_current_modes():
+        return tuple(permute_table(lloyd_max(dim, 4).float()).tolist())
+
+
+def _immediate_words(dim: int, bits: int) -> tuple:
+    """The table the 4-bit PTX decode is built with (its immediates), or () where it does not
+    apply: other code widths, the interpreter. Calls with another codebook run a byte-table
+    variant instead (RUN_IF in `_attention_kernel`)."""
+    return _lloyd_max_words(int(dim)) if bits == 4 and _use_ptx() else ()
+
+
+def _nibble_ptx(words: tuple) -> tuple:
+    """(low, high) `nibble_asm` PTX for a table's words; () for no words."""
+    return (nibble_asm(words, False), nibble_asm(words, True)) if words else ()
 
 
 def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device,
            tune: dict | None = None) -> dict:
     """Tile sizes, warps and the number of key splits for one launch (shape-only).
 
-    Splits give about `waves` programs per multiprocessor; `tune` overrides any entry.
+    Decode on a GPU caps registers at 128 with one pipeline stage, so 4 programs fit on a
+    multiprocessor instead of 2 (measured 1.1-1.2x at batch 32 / 32k, BENCHMARKS.md); splits
+    then aim at 4 programs per multiprocessor when (batch, head) programs alone cannot fill the
+    GPU, else 2. `tune` overrides any entry.
     """
     decode = rows <= 16
     cfg = dict(BLOCK_M=16 if decode else 64, BLOCK_N=128 if decode else 64, num_warps=4,
                num_stages=2, waves=2)
+    if decode and device.type == "cuda":
+        fills_gpu = batch * kv_heads >= _num_sms(device)
+        cfg.update(num_stages=1, maxnreg=128, waves=2 if fills_gpu else 4)
     cfg.update(tune or {})
     programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
     splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
@@ -213,13 +292,59 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
 
 def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
               k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
-              is_causal, attn_mask, kv_lens, tune: dict | None = None):
+              is_causal, attn_mask, kv_lens):
     """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics).
 
     query (B, Hq, Lq, DK) float16/bfloat16/float32; packed K/V fields (B, Hkv, Lk, .);
     attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,) int or None.
-    Returns (B, Hq, Lq, DV) in the query dtype. `tune` overrides `config` (benchmarks).
+    Returns (B, Hq, Lq, DV) in the query dtype. Prefills without a mask or ragged lengths
+    (`flash_prefill_applies`) decompress K and V and run fp16 flash attention; everything else
+    runs the fused kernel (`fused_attention`).
     """
+    args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+            k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
+            is_causal, attn_mask, kv_lens)
+    if flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, is_causal,
+                             attn_mask, kv_lens):
+        return flash_prefill(*args)
+    return fused_attention(*args)
+
+
+def flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, is_causal, attn_mask,
+                          kv_lens) -> bool:
+    """Whether `flash_prefill` serves this call: more than 16 query rows per KV head, no
+    mask, no ragged lengths, causal only with as many queries as keys (SDPA aligns its causal
+    mask top-left), equal K/V head dims, fp16 norms (decompressed values then fit in fp16)."""
+    _, q_heads, q_len, dk = query.shape
+    kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
+    return (q_len * (q_heads // kv_heads) > 16 and kv_len > 0 and attn_mask is None
+            and kv_lens is None and (not is_causal or q_len == kv_len)
+            and v_rotation.shape[0] == dk and k_norms.dtype == v_norms.dtype == torch.float16)
+
+
+def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                  k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
+                  is_causal, attn_mask, kv_lens):
+    """Prefill as `decompress` of K and V to fp16 (B, Hkv, Lk, D) plus fp16 flash attention.
+
+    Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
+    tile once per query tile (BENCHMARKS.md). Costs a transient 4 * D bytes per cached token
+    per KV head. Same arguments as `attention` (attn_mask and kv_lens are None here).
+    """
+    keys = decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                      k_qjl, k_bits, torch.float16)
+    values = decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits,
+                        torch.float16)
+    out = F.scaled_dot_product_attention(query.to(torch.float16), keys, values,
+                                         is_causal=is_causal, scale=scale, enable_gqa=True)
+    return out.to(query.dtype)
+
+
+def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
+                    k_centroids, k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids,
+                    v_bits, scale, is_causal, attn_mask, kv_lens, tune: dict | None = None):
+    """`attention` by the fused kernel (split-KV for decode), any shape and mask; `tune`
+    overrides `config` (benchmarks)."""
     batch, q_heads, q_len, dk = query.shape
     kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
     dv = v_rotation.shape[0]
@@ -260,16 +385,24 @@ def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, 
     grid = (batch * kv_heads, triton.cdiv(rows, cfg["BLOCK_M"]), splits)
     k_table, k_mode = _lookup(k_centroids, k_bits, dot_dtype)
     v_table, v_mode = _lookup(v_centroids, v_bits, dot_dtype)
-    torch.library.wrap_triton(_attention_kernel)[grid](
-        q_rot, sq, part_o, part_ml, *ki, *kn, *ks, *kr, k_table, *vi, *vn, v_table,
-        *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
-        G=q_heads // kv_heads, DK=dk, DV=dv, M=m, **prefixed("K_", plane_layout(dk, k_bits)),
-        **prefixed("V_", plane_layout(dv, v_bits)),
-        **prefixed("S_", plane_layout(m if has_qjl else 16, 1)),
-        HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
-        MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        HAS_LENS=kv_lens is not None, SPLIT=splits > 1, K_MODE=k_mode, V_MODE=v_mode,
-        S_MODE=(SIGN_BITS if _use_ptx() else SIGNS).value, **cfg)
+    k_words, v_words = _immediate_words(dk, k_bits), _immediate_words(dv, v_bits)
+    k_perm = permute_table(k_centroids) if k_words else k_table
+    v_perm = permute_table(v_centroids) if v_words else v_table
+    variants = [(0, (), ())]  # (RUN_IF, K_ASM, V_ASM)
+    if k_words or v_words:
+        variants = [(1, _nibble_ptx(k_words), _nibble_ptx(v_words)), (2, (), ())]
+    for run_if, k_asm, v_asm in variants:
+        torch.library.wrap_triton(_attention_kernel)[grid](
+            q_rot, sq, part_o, part_ml, *ki, *kn, *ks, *kr, k_table, k_perm, *vi, *vn, v_table,
+            v_perm, *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
+            G=q_heads // kv_heads, DK=dk, DV=dv, M=m, **prefixed("K_", plane_layout(dk, k_bits)),
+            **prefixed("V_", plane_layout(dv, v_bits)),
+            **prefixed("S_", plane_layout(m if has_qjl else 16, 1)),
+            HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
+            MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+            HAS_LENS=kv_lens is not None, SPLIT=splits > 1, K_MODE=k_mode, V_MODE=v_mode,
+            S_MODE=(SIGN_BITS if _use_ptx() else SIGNS).value, K_ASM=k_asm, V_ASM=v_asm,
+            K_WORDS=k_words, V_WORDS=v_words, RUN_IF=run_if, **cfg)
     if splits > 1:
         block = 16
         torch.library.wrap_triton(_merge_kernel)[(batch * kv_heads, triton.cdiv(rows, block))](

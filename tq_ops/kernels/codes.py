@@ -21,7 +21,6 @@ from ..packing import plane_widths
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroid table values
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
 BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
-NIBBLES = tl.constexpr(3)  # decode_tile MODE: 4-bit codes -> fp16 by byte permutes
 SIGN_BITS = tl.constexpr(4)  # decode_tile MODE: QJL sign bits -> fp16 +-1.0 by shifts and lop3
 PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
@@ -135,45 +134,50 @@ def _flat(x):
     return tl.reshape(x, [x.shape[0], x.numel // x.shape[0]])
 
 
+def nibble_asm(words: tuple, high: bool) -> str:
+    """PTX for `nibble_half`: 4 packed bytes ($2) -> fp16 centroids of their low (high=False)
+    or high nibbles ($0: bytes 0 and 1, $1: bytes 2 and 3); `words`, the 8 `permute_table`
+    words of a 16-entry codebook, become immediates."""
+    # The four codes go into prmt selector nibbles; entries 0-7 and 8-15 are looked up apart
+    # (bit 3 cleared) and merged by a byte mask made from bit 3 with prmt's sign-replicate
+    # mode; two prmt's interleave low and high bytes: 15 instructions per 4 codes, no memory
+    # access. One operand keeps the asm unary and elementwise, which lets Triton convert the
+    # packed bytes (not the fp16 values) to the tensor-core operand layout.
+    w = [f"0x{x & 0xFFFFFFFF:08X}" for x in words]
+    take = "shr.b32 x, $2, 4; and.b32 x, x, 0x0F0F0F0F; " if high else "and.b32 x, $2, 0x0F0F0F0F; "
+    return ("{ .reg .b32 x, t, sel, s7, y, m, a, b, lo, hi; " + take
+            + "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, 0, 0x4420; "
+            "and.b32 s7, sel, 0x7777; shl.b32 y, x, 4; prmt.b32 m, y, y, 0xBA98; "
+            f"prmt.b32 a, {w[0]}, {w[1]}, s7; prmt.b32 b, {w[2]}, {w[3]}, s7; "
+            "lop3.b32 lo, a, b, m, 0xD8; "
+            f"prmt.b32 a, {w[4]}, {w[5]}, s7; prmt.b32 b, {w[6]}, {w[7]}, s7; "
+            "lop3.b32 hi, a, b, m, 0xD8; "
+            "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; }")
+
+
 @triton.jit
-def _nibble_values(byte, tab_ptr):
-    """fp16 centroids of the low and of the high nibbles of uint8 `byte`, from the 8 words of
-    a 16-entry `permute_table` at tab_ptr, by byte permutes in registers (NIBBLES mode)."""
-    # Per 4 packed bytes: fp16 centroids of the 4 low nibbles ($0, $1) and of the 4 high
-    # nibbles ($2, $3). Table words $5, $9, ..., $33: low bytes, then high bytes, of the 16
-    # fp16 centroids. A prmt selector nibble picks one of 8 bytes, so entries 0-7 and 8-15
-    # are looked up apart (bit 3 cleared) and merged by a byte mask built from bit 3 with
-    # prmt's sign-replicate mode: 21 instructions per 8 codes, no memory access.
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 s7, sh, s, m, a, b, lo, hi; "
-        "and.b32 s7, $4, 0x77777777; "
-        "shl.b32 sh, $4, 4; "
-        "prmt.b32 m, $4, sh, 0x9D8C; "
-        "prmt.b32 a, $5, $9, s7; "
-        "prmt.b32 b, $13, $17, s7; "
-        "lop3.b32 lo, a, b, m, 0xD8; "
-        "prmt.b32 a, $21, $25, s7; "
-        "prmt.b32 b, $29, $33, s7; "
-        "lop3.b32 hi, a, b, m, 0xD8; "
-        "prmt.b32 $0, lo, hi, 0x6240; "
-        "prmt.b32 $2, lo, hi, 0x7351; "
-        "shr.b32 s, s7, 16; "
-        "prmt.b32 m, $4, sh, 0xBFAE; "
-        "prmt.b32 a, $5, $9, s; "
-        "prmt.b32 b, $13, $17, s; "
-        "lop3.b32 lo, a, b, m, 0xD8; "
-        "prmt.b32 a, $21, $25, s; "
-        "prmt.b32 b, $29, $33, s; "
-        "lop3.b32 hi, a, b, m, 0xD8; "
-        "prmt.b32 $1, lo, hi, 0x6240; "
-        "prmt.b32 $3, lo, hi, 0x7351; "
-        "} ",
-        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-        [byte, tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2),
-         tl.load(tab_ptr + 3), tl.load(tab_ptr + 4), tl.load(tab_ptr + 5),
-         tl.load(tab_ptr + 6), tl.load(tab_ptr + 7)],
-        dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+def nibble_half(byte, ASM: tl.constexpr):
+    """fp16 centroids of one nibble of each uint8 `byte` (any shape), by `nibble_asm` PTX."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True,
+                                     pack=4)
+
+
+@triton.jit
+def nibble_halves(row_ptr, key_ok, cent_ptr, SEGLEN: tl.constexpr, SEG_PAD: tl.constexpr,
+                  ASM: tl.constexpr):
+    """4-bit codes of packed rows as two tiles [BLOCK_N, SEG_PAD]: coordinates k and
+    SEGLEN + k (low and high nibble of byte k). ASM: (low, high) `nibble_asm` PTX, or () to
+    index cent_ptr, a 4-bit `byte_table` (any codebook; the interpreter). Padded columns and
+    masked rows hold the value of code 0 (callers zero their partners)."""
+    k = tl.arange(0, SEG_PAD)
+    byte = tl.load(row_ptr + k[None, :], mask=key_ok[:, None] & (k < SEGLEN)[None, :], other=0)
+    if len(ASM) == 0:
+        lo = tl.load(cent_ptr + byte.to(tl.int32))
+        hi = tl.load(cent_ptr + 256 + byte.to(tl.int32))
+    else:
+        lo = nibble_half(byte, tl.constexpr(ASM[0]))
+        hi = nibble_half(byte, tl.constexpr(ASM[1]))
+    return lo, hi
 
 
 @triton.jit
@@ -329,16 +333,13 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
     row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
     [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
     MODE BYTES: cent_ptr is `byte_table` (single-plane codes only). GPU-only modes (inline
-    PTX; the interpreter cannot run them), fp16 values: NIBBLES (4-bit codes), PLANES3
-    (3-bit codes) and PAIRS (2-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0.
+    PTX; the interpreter cannot run them), fp16 values: PLANES3 (3-bit codes) and PAIRS
+    (2-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0. (4-bit codes: `nibble_halves`.)
     Padded columns and masked rows hold the value of code 0 (callers zero their partners).
     """
     k = tl.arange(0, SEG_PAD)
     mask = key_ok[:, None] & (k < SEGLEN)[None, :]
-    if MODE == NIBBLES:  # 4 bits: NSEG == 2 and one byte holds both segments
-        lo, hi = _nibble_values(tl.load(row_ptr + k[None, :], mask=mask, other=0), cent_ptr)
-        out = _flat(tl.join(lo, hi))
-    elif MODE == PAIRS:  # 2 bits: NSEG == 4 and one byte holds all 4 segments
+    if MODE == PAIRS:  # 2 bits: NSEG == 4 and one byte holds all 4 segments
         s0, s1, s2, s3 = _two_bit_values(tl.load(row_ptr + k[None, :], mask=mask, other=0),
                                          cent_ptr)
         out = _interleave4(s0, s1, s2, s3)
@@ -409,8 +410,16 @@ def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
     keys = operand(keys, key_ok, q.shape[0]).to(q.dtype)
     s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
     if HAS_QJL:
-        signs = decode_tile(sign_rows, key_ok, cent_ptr, 1, 0, 0, S_NSEG, S_SEGLEN, S_SEG_PAD,
-                            0, 0, S_MODE)
-        signs = operand(signs, key_ok, q.shape[0]).to(sq.dtype)
-        s += tl.dot(sq, tl.trans(signs), input_precision=PRECISION) * gamma[None, :]
+        s += qjl_logits(sq, sign_rows, key_ok, gamma, S_NSEG, S_SEGLEN, S_SEG_PAD, S_MODE,
+                        PRECISION)
     return s
+
+
+@triton.jit
+def qjl_logits(sq, sign_rows, key_ok, gamma, S_NSEG: tl.constexpr, S_SEGLEN: tl.constexpr,
+               S_SEG_PAD: tl.constexpr, S_MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """QJL term [BLOCK_M, BLOCK_N] float32: gamma * <sq, s> (arguments as in key_logits)."""
+    signs = decode_tile(sign_rows, key_ok, sign_rows, 1, 0, 0, S_NSEG, S_SEGLEN, S_SEG_PAD, 0, 0,
+                        S_MODE)
+    signs = operand(signs, key_ok, sq.shape[0]).to(sq.dtype)
+    return tl.dot(sq, tl.trans(signs), input_precision=PRECISION) * gamma[None, :]
