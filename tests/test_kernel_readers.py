@@ -7,6 +7,8 @@ interpreter on before triton is imported; on a machine with a GPU tests/gpu cove
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from triton.runtime.interpreter import InterpretedFunction
 
 from tq_ops import reference
@@ -117,20 +119,28 @@ def test_attention_prefill_bf16_dim80():
     assert rel_err(out, ref) < 2e-3 + 4e-3  # plus bf16 output rounding
 
 
-@pytest.mark.parametrize("is_causal,q_len,k_prod", [(True, 48, True), (False, 20, False)])
-def test_flash_prefill(is_causal, q_len, k_prod):
-    """Prefill by decompression + SDPA (what `attention` picks for such calls) matches too."""
-    gen = torch.Generator().manual_seed(13 + q_len)
-    keys, k_rot, k_cent, k_qjl = packed(gen, 2, 2, 48, 64, 3, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, 2, 2, 48, 64, 4, False, 2)
-    query = (torch.randn(2, 4, q_len, 64, generator=gen) * 2).half()
-    args = (query, *keys, k_rot, k_cent, k_qjl, 3, values[0], values[1], v_rot, v_cent, 4,
-            0.125, is_causal, None, None)
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([1, 2, 4]), st.integers(17, 40), st.booleans(),
+       st.sampled_from([16, 48, 64]), st.integers(1, 4), st.booleans(), st.integers(1, 4),
+       st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(0, 99))
+def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bits, dtype,
+                       seed):
+    """Prefill by decompression + SDPA (what `attention` picks for such calls) matches the
+    reference on random shapes, code widths and query dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_len = q_len if is_causal else int(torch.randint(1, 60, (), generator=gen))
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, 2, kv_len, dim, k_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, dim, v_bits, False, 2)
+    query = (torch.randn(batch, 2 * group, q_len, dim, generator=gen) * 2).to(dtype)
+    args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
+            v_bits, dim ** -0.5, is_causal, None, None)
     assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
                                                    is_causal, None, None)
     out = attention_kernels.flash_prefill(*args)
     ref = reference.attention(query.float(), *args[1:])
-    assert out.dtype == torch.float16 and rel_err(out, ref) < 3e-3
+    slack = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 0.0}[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < 3e-3 + slack
 
 
 def test_flash_prefill_only_where_sdpa_matches_the_semantics():
