@@ -329,7 +329,7 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
 
     Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
     tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V plus
-    `decompress`'s fp32 intermediates, about 14 (MSE keys) to 22 (Prod keys) * D bytes per
+    `decompress`'s fp32 intermediates, about 10 (MSE keys) to 14 (Prod keys) * D bytes per
     cached token per KV head at peak. Same arguments as `attention` (attn_mask and kv_lens are
     None here).
     """

@@ -1,8 +1,9 @@
 """Decompress packed vectors (for debugging and fallbacks) with a Triton unpack kernel.
 
 The kernel turns packed rows into rotated-domain centroid values `c[idx]` and QJL signs
-(+-1), both float32; two matmuls then rotate back and add the QJL term:
-`n * (c[idx] @ Pi + gamma * sqrt(pi/2)/m * s @ S)`.
+(+-1), both float32; scaled in place, two matmuls then rotate back and add the QJL term:
+`(n c[idx]) @ Pi + (n gamma sqrt(pi/2)/m s) @ S`. Peak memory: about 10 (MSE) or 14 (Prod,
+m = d) x d bytes per vector for an fp16 result.
 """
 
 import math
@@ -62,9 +63,9 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
         D=dim, M=m, **prefixed("K_", plane_layout(dim, bits)),
         **prefixed("S_", plane_layout(m if has_qjl else 16, 1)), HAS_QJL=has_qjl,
         BLOCK_N=block, num_warps=4)
-    unit = y @ rotation
+    norm = norms.reshape(count, 1).float()
+    out = y.mul_(norm) @ rotation  # the norm scales rows before the rotation: no extra temporary
     if has_qjl:
         gamma = residual_norms.reshape(count, 1).float() * (math.sqrt(math.pi / 2) / m)
-        unit = unit + gamma * (sgn @ qjl)
-    out = norms.reshape(count, 1).float() * unit
+        out.addmm_(sgn.mul_(norm * gamma), qjl)
     return out.to(dtype).reshape(lead + (dim,))
