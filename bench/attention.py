@@ -1,7 +1,7 @@
 """Decode and prefill attention from the compressed cache vs fp16 SDPA (CUDA only).
 
 Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]
-[--lookup default|bytes|table] [--profile-once]`.
+[--lookup default|bytes|table] [--profile-once] [--json FILE]`.
 Prints Markdown tables: device copy bandwidth, then per (keys, values, batch, context):
 time, compressed bytes read, achieved TB/s, the copy-bandwidth floor and the speedup over
 fp16 SDPA on an fp16 cache (GQA folded into the query length, as flash-decoding does);
@@ -149,8 +149,9 @@ def sweep_row(label, ms_of, tune, nbytes, bw, rows_out) -> None:
 
 
 def sweep(bw, rows_out):
-    """Departures from the default tile / warp / split config, K4/V4 mse: decode at two
-    shapes, then causal prefill of 4k tokens (% copy there: compressed bytes only)."""
+    """Departures from the default tile / warp / split config of the fused kernel, K4/V4 mse:
+    decode at two shapes, then fused causal prefill of 4k tokens (not `flash_prefill`; % copy
+    there: compressed bytes only)."""
     print("\n## Sweep (K4/V4 mse)\n")
     print("| case | tune | ms | % copy |\n|---|---|---|---|")
     grid = [{}, dict(BLOCK_N=64), dict(BLOCK_N=256), dict(num_warps=8), dict(num_warps=2),
@@ -197,7 +198,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1/32, context 32k/128k only")
     parser.add_argument("--json", help="write all rows to this file")
     parser.add_argument("--lookup", choices=sorted(LOOKUPS), default="default",
-                        help="force the code lookup of the decode kernel (comparisons)")
+                        help="force the lookup of 1-3 and 8-bit codes (4-bit codes: PTX)")
     parser.add_argument("--profile-once", action="store_true",
                         help="run one decode call and exit (under ncu -k regex:_attention)")
     args = parser.parse_args()

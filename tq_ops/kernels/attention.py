@@ -1,14 +1,15 @@
-"""Fused attention straight from the compressed K/V cache (decode and prefill).
+"""Attention from the compressed K/V cache: a fused kernel, and prefill by decompression.
 
-One kernel serves both: a program owns one KV head, a tile of BLOCK_M query rows and one
-split of the key range. The rows of a KV head are its (query token, group head) pairs,
-token-major (row = i * G + g), so every head of a GQA group shares one read and one decode
-of each K/V tile. Per K/V tile the kernel unpacks the codes in registers, scores keys as
-`n_k * (<Pi_k q, c[idx]> + gamma * <S q, s>)` with tensor-core dots, runs an fp32 online
-softmax (base 2) and accumulates `p * n_v` against the value centroids in the rotated
-domain. Decode splits the key range (flash-decoding) and a second kernel merges the
-splits; the launcher rotates queries before and outputs (`@ Pi_v`) after, once per row.
-Decompressed K or V never reach memory.
+The fused kernel serves decode and any masked, ragged or chunked call (plain prefills go to
+`flash_prefill`: decompression + fp16 SDPA). A program owns one KV head, a tile of BLOCK_M
+query rows and one split of the key range. The rows of a KV head are its (query token, group
+head) pairs, token-major (row = i * G + g), so every head of a GQA group shares one read and
+one decode of each K/V tile. Per K/V tile the kernel unpacks the codes in registers, scores
+keys as `n_k * (<Pi_k q, c[idx]> + gamma * <S q, s>)` with tensor-core dots, runs an fp32
+online softmax (base 2) and accumulates `p * n_v` against the value centroids in the rotated
+domain. Decode splits the key range (flash-decoding) and a second kernel merges the splits; the
+launcher rotates queries before and outputs (`@ Pi_v`) after, once per row. The fused kernel
+never writes decompressed K or V to memory.
 """
 
 import functools
@@ -329,7 +330,7 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
 
     Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
     tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V plus
-    `decompress`'s fp32 intermediates, about 10 (MSE keys) to 14 (Prod keys) * D bytes per
+    `decompress`'s fp32 intermediates, about 10 (MSE keys) to 12 (Prod keys, m = D) * D bytes per
     cached token per KV head at peak. Same arguments as `attention` (attn_mask and kv_lens are
     None here).
     """

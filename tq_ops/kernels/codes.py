@@ -140,7 +140,7 @@ def nibble_asm(words: tuple, high: bool) -> str:
     words of a 16-entry codebook, become immediates."""
     # The four codes go into prmt selector nibbles; entries 0-7 and 8-15 are looked up apart
     # (bit 3 cleared) and merged by a byte mask made from bit 3 with prmt's sign-replicate
-    # mode; two prmt's interleave low and high bytes: 15 instructions per 4 codes, no memory
+    # mode; two prmt's interleave low and high bytes: 15-16 instructions per 4 codes, no memory
     # access. One operand keeps the asm unary and elementwise, which lets Triton convert the
     # packed bytes (not the fp16 values) to the tensor-core operand layout.
     w = [f"0x{x & 0xFFFFFFFF:08X}" for x in words]

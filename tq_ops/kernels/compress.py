@@ -16,8 +16,8 @@ midpoints as uint32 keys, 2 * bits + sign (3 levels at 4 bits, levels 0-3 by sel
 scalars, deeper levels by register gathers, the last one by the sign of a difference) and fixes
 the side with the sign; other codebooks are counted. The norm of fp16 input is that of the
 rotated row (Pi orthogonal), so x is loaded once, by the dots only. Programs (two per SM) loop
-over runs of consecutive tiles and keep the rotation (and QJL) operands in shared memory
-across them when D <= 128.
+over runs of consecutive tiles and keep the rotation operands in shared memory across them
+when D <= 128 (the QJL operands when m <= 128).
 
 Column arrangement: the rotated coordinates are held as an (8, SEG_P) grid, column
 i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of two). A plane
@@ -391,8 +391,8 @@ def _configs():
 
 
 def _programs(device: torch.device) -> int:
-    """Programs to launch at most: two per SM (one when the interpreter runs on the CPU: two
-    programs, so tests cover the tile loop)."""
+    """Programs to launch at most: two per SM; two when the interpreter runs on the CPU, so
+    tests cover the tile loop."""
     if device.type != "cuda":
         return 2
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,9 +1,9 @@
-"""Decompress packed vectors (for debugging and fallbacks) with a Triton unpack kernel.
+"""Decompress packed vectors (debugging, fallbacks, `flash_prefill`) with a Triton unpack kernel.
 
 The kernel turns packed rows into rotated-domain centroid values `c[idx]` and QJL signs
 (+-1), both float32; scaled in place, two matmuls then rotate back and add the QJL term:
-`(n c[idx]) @ Pi + (n gamma sqrt(pi/2)/m s) @ S`. Peak memory: about 10 (MSE) or 14 (Prod,
-m = d) x d bytes per vector for an fp16 result.
+`(n c[idx]) @ Pi + (n gamma sqrt(pi/2)/m s) @ S`. Peak memory: about 8 (MSE) or 12 (Prod,
+m = d) x d bytes per vector.
 """
 
 import math
@@ -65,7 +65,9 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
         BLOCK_N=block, num_warps=4)
     norm = norms.reshape(count, 1).float()
     out = y.mul_(norm) @ rotation  # the norm scales rows before the rotation: no extra temporary
+    del y
     if has_qjl:
         gamma = residual_norms.reshape(count, 1).float() * (math.sqrt(math.pi / 2) / m)
         out.addmm_(sgn.mul_(norm * gamma), qjl)
+    del sgn
     return out.to(dtype).reshape(lead + (dim,))
