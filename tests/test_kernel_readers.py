@@ -143,6 +143,24 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
     assert rel_err(out, ref) < 3e-3 + slack
 
 
+def test_ptx_tables_are_host_constants_under_fake_tracing():
+    """The launcher builds the 4-bit PTX from the Lloyd-Max table on the host, also while
+    torch.compile traces it with fake tensors (a real codebook tensor there used to fail)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tq_ops import codebook
+    attention_kernels._lloyd_max_words.cache_clear()
+    codebook._solve.cache_clear()
+    with FakeTensorMode():
+        words = attention_kernels._lloyd_max_words(72)
+    graph = make_fx(lambda x: x + attention_kernels._lloyd_max_words(88)[0],
+                    tracing_mode="fake")(torch.ones(2))
+    assert words == tuple(attention_kernels.permute_table(lloyd_max(72, 4).float()).tolist())
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [
+        torch.ops.aten.add.Tensor]
+
+
 def test_flash_prefill_only_where_sdpa_matches_the_semantics():
     """Decode, masks, ragged lengths, causal chunks (bottom-right) and fp32 norms stay fused."""
     query = torch.zeros(1, 8, 32, 64, dtype=torch.float16)
