@@ -186,18 +186,17 @@ def _attention_kernel(
         out_rows = o_ptr + part[:, None] * DV
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+        norm = 1.0  # split partials stay unnormalised
     else:
         out_rows = o_ptr + qrow * DV
-        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     if V_HALVES:
         vcol = tl.arange(0, V_SEG_PAD)[None, :]
         vmask = row_ok[:, None] & (vcol < V_SEGLEN)
-        if not SPLIT:
-            acc_hi = acc_hi / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_rows + vcol, acc, mask=vmask)
-        tl.store(out_rows + V_SEGLEN + vcol, acc_hi, mask=vmask)
+        tl.store(out_rows + vcol, acc / norm, mask=vmask)
+        tl.store(out_rows + V_SEGLEN + vcol, acc_hi / norm, mask=vmask)
     else:
-        tl.store(out_rows + vcoord[None, :], acc, mask=row_ok[:, None] & vreal[None, :])
+        tl.store(out_rows + vcoord[None, :], acc / norm, mask=row_ok[:, None] & vreal[None, :])
 
 
 @triton.jit
@@ -263,6 +262,7 @@ def _immediate_words(dim: int, bits: int) -> tuple:
     return _lloyd_max_words(int(dim)) if bits == 4 and _use_ptx() else ()
 
 
+@functools.lru_cache
 def _nibble_ptx(words: tuple) -> tuple:
     """(low, high) `nibble_asm` PTX for a table's words; () for no words."""
     return (nibble_asm(words, False), nibble_asm(words, True)) if words else ()
