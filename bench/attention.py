@@ -1,7 +1,7 @@
 """Decode and prefill attention from the compressed cache vs fp16 SDPA (CUDA only).
 
 Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]
-[--lookup default|bytes|table] [--profile-once] [--json FILE]`.
+[--kernels] [--profile-once] [--json FILE]`.
 Prints Markdown tables: device copy bandwidth, then per (keys, values, batch, context):
 time, compressed bytes read, achieved TB/s, the copy-bandwidth floor and the speedup over
 fp16 SDPA on an fp16 cache (GQA folded into the query length, as flash-decoding does);
@@ -154,8 +154,8 @@ def sweep(bw, rows_out):
     there: compressed bytes only)."""
     print("\n## Sweep (K4/V4 mse)\n")
     print("| case | tune | ms | % copy |\n|---|---|---|---|")
-    grid = [{}, dict(BLOCK_N=64), dict(BLOCK_N=256), dict(num_warps=8), dict(num_warps=2),
-            dict(waves=4), dict(BLOCK_N=64, num_stages=3), dict(BLOCK_N=256, num_warps=8)]
+    grid = [{}, dict(BLOCK_N=64), dict(waves=4), dict(waves=8), dict(OUT_BLOCK=16),
+            dict(OUT_BLOCK=64), dict(maxnreg=None), dict(num_warps=8)]
     for batch, length in ((32, 32768), (1, 131072)):
         k, v, nbytes = cache(batch, length, 4, False, 4)
         query = torch.randn(batch, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
@@ -174,13 +174,26 @@ def sweep(bw, rows_out):
                   nbytes, bw, rows_out)
 
 
-LOOKUPS = {  # --lookup: how the kernel turns 1-3 and 8-bit codes into values (4-bit: PTX halves)
-    "default": attention_kernels._lookup,
-    "bytes": lambda c, bits, dtype: ((attention_kernels.byte_table(c, bits, dtype),
-                                      attention_kernels.BYTES.value) if bits in (1, 2, 4, 8)
-                                     else (c.to(dtype), attention_kernels.TABLE.value)),
-    "table": lambda c, bits, dtype: (c.to(dtype), attention_kernels.TABLE.value),
-}
+def kernel_table(points) -> None:
+    """Device time of every kernel one op call launches (torch.profiler, 20 eager calls), per
+    (batch, context, config): what the fixed cost of small batches is made of."""
+    from torch.profiler import ProfilerActivity, profile
+    for batch, length, (name, k_bits, prod, v_bits) in points:
+        k, v, _ = cache(batch, length, k_bits, prod, v_bits)
+        query = torch.randn(batch, Q_HEADS, 1, DIM, device=CUDA, dtype=torch.float16)
+        lens = torch.full((batch,), length, device=CUDA, dtype=torch.int32)
+        fn = tq_call(query, k, v, False, lens)
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+        print(f"\n## Kernels of one call: batch {batch}, context {length}, {name} "
+              "(device us per call)\n")
+        for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if event.device_time_total > 0:
+                print(f"| {event.key[:70]} | {event.device_time_total / 20:.1f} |")
 
 
 def profile_once() -> None:
@@ -197,12 +210,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
     parser.add_argument("--quick", action="store_true", help="batch 1/32, context 32k/128k only")
     parser.add_argument("--json", help="write all rows to this file")
-    parser.add_argument("--lookup", choices=sorted(LOOKUPS), default="default",
-                        help="force the lookup of 1-3 and 8-bit codes (4-bit codes: PTX)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list the kernels of one call at batch 1 and 32 (profiler)")
     parser.add_argument("--profile-once", action="store_true",
                         help="run one decode call and exit (under ncu -k regex:_attention)")
     args = parser.parse_args()
-    attention_kernels._lookup = LOOKUPS[args.lookup]
     torch.manual_seed(0)
     if args.profile_once:
         return profile_once()
@@ -211,6 +223,8 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"\ncopy bandwidth (read + write): {bw:.2f} TB/s")
     rows: list = []
+    if args.kernels:
+        kernel_table([(1, 8192, CONFIGS[1]), (1, 131072, CONFIGS[1]), (32, 32768, CONFIGS[0])])
     if args.sweep:
         sweep(bw, rows)
     batches, lengths = ((1, 32), (32768, 131072)) if args.quick else ((1, 8, 32),

@@ -22,8 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tq_ops.kernels import attention, compress
-from tq_ops.kernels.codes import (BYTES, PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE,
-                                  plane_layout, prefixed)
+from tq_ops.kernels.codes import PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, plane_layout, prefixed
 from tq_ops.packing import plane_widths
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -80,14 +79,15 @@ def summary(kernel) -> str:
     return f"| {regs} | {stack} | {loop[0]} | {top} |"
 
 
-def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: int,
-                     s_mode: int, nibble_ptx: bool, block_n: int = 128, num_warps: int = 4):
+def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, block_n: int = 128,
+                     num_warps: int = 4):
     """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs),
     with the GPU decode defaults of `attention.config` (1 stage, at most 128 registers).
-    4-bit codes: `nibble_asm` PTX of the Lloyd-Max table if nibble_ptx, else byte tables."""
+    ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers."""
     length = 32768
     k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
-    ints = dict(ki_sb=8 * length * k_bytes, ki_sh=length * k_bytes, ki_ss=k_bytes,
+    ints = dict(o_sb=0, o_sh=0, o_ss=0,
+                ki_sb=8 * length * k_bytes, ki_sh=length * k_bytes, ki_ss=k_bytes,
                 kn_sb=8 * length, kn_sh=length, kn_ss=1,
                 ks_sb=8 * length * 16, ks_sh=length * 16, ks_ss=16, kr_sb=8 * length,
                 kr_sh=length, kr_ss=1, vi_sb=8 * length * v_bytes, vi_sh=length * v_bytes,
@@ -95,22 +95,19 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, k_mode: int, v_mode: 
                 m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2)
     if not prod:
         ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
-    words = attention._lloyd_max_words(128) if nibble_ptx else ()
-    ptx = dict(K_WORDS=words if k_bits == 4 else (), V_WORDS=words if v_bits == 4 else ())
-    ptx.update(K_ASM=attention._nibble_ptx(ptx["K_WORDS"]),
-               V_ASM=attention._nibble_ptx(ptx["V_WORDS"]), RUN_IF=1 if words else 0)
-    tables = {PLANES3.value: "*i32", PAIRS.value: "*i32",
-              BYTES.value: "*fp16", TABLE.value: "*fp16"}
-    constexprs = dict(G=4, DK=128, DV=128, M=128 if prod else 1,
+    mode = {2: PAIRS, 3: PLANES3} if ptx else {}
+    constexprs = dict(G=4, DK=128, DV=128, DV_PAD=128, M=128 if prod else 1,
                       **prefixed("K_", plane_layout(128, k_bits)),
                       **prefixed("V_", plane_layout(128, v_bits)),
                       **prefixed("S_", plane_layout(128 if prod else 16, 1)),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
-                      HAS_LENS=True, SPLIT=True, K_MODE=k_mode, V_MODE=v_mode, S_MODE=s_mode,
-                      BLOCK_M=16, BLOCK_N=block_n, **ptx)
+                      HAS_LENS=True, SPLIT=True, K_MODE=mode.get(k_bits, TABLE).value,
+                      V_MODE=mode.get(v_bits, TABLE).value,
+                      S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_bits == 4,
+                      V_PTX=ptx and v_bits == 4, RUN_IF=1 if ptx and 4 in (k_bits, v_bits) else 0,
+                      BLOCK_M=16, BLOCK_N=block_n, OUT_BLOCK=32)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
-                    lens_ptr="*i32", kc_ptr=tables[k_mode], vc_ptr=tables[v_mode],
-                    kw_ptr="*i32", vw_ptr="*i32")
+                    lens_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
                  num_stages=1, maxnreg=128)
 
@@ -134,25 +131,21 @@ def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4
                  num_stages=2)
 
 
-DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, key mode, value mode, sign mode,
-    # 4-bit codes by nibble PTX): modes apply to 2-, 3-bit codes and signs only
-    ("K4/V4 mse, nibble PTX", 4, False, 4, BYTES, BYTES, SIGNS, True),
-    ("K4/V4 mse, byte tables", 4, False, 4, BYTES, BYTES, SIGNS, False),
-    ("K3/V3 mse, PLANES3", 3, False, 3, PLANES3, PLANES3, SIGNS, False),
-    ("K3/V3 mse, TABLE", 3, False, 3, TABLE, TABLE, SIGNS, False),
-    ("K4/V4 prod, PLANES3 + SIGN_BITS + nibble PTX", 3, True, 4, PLANES3, BYTES, SIGN_BITS, True),
-    ("K4/V4 prod, TABLE + SIGNS + byte tables", 3, True, 4, TABLE, BYTES, SIGNS, False),
-    ("K3/V3 prod, PAIRS + SIGN_BITS + PLANES3", 2, True, 3, PAIRS, PLANES3, SIGN_BITS, False),
-    ("K3/V3 prod, BYTES + SIGNS + TABLE", 2, True, 3, BYTES, TABLE, SIGNS, False),
+DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, GPU decode modes)
+    ("K4/V4 mse, PTX", 4, False, 4, True),
+    ("K4/V4 mse, gathers", 4, False, 4, False),
+    ("K3/V3 mse, PTX", 3, False, 3, True),
+    ("K4/V4 prod, PTX", 3, True, 4, True),
+    ("K3/V3 prod, PTX", 2, True, 3, True),
+    ("K3/V3 prod, gathers", 2, True, 3, False),
 ]
 
 
 def main() -> None:
     print("| kernel | registers | stack bytes | loop instructions | top opcodes in the loop |")
     print("|---|---|---|---|---|")
-    for label, k_bits, prod, v_bits, k_mode, v_mode, s_mode, ptx in DECODE_VARIANTS:
-        kernel = attention_decode(k_bits, prod, v_bits, k_mode.value, v_mode.value, s_mode.value,
-                                  ptx)
+    for label, k_bits, prod, v_bits, ptx in DECODE_VARIANTS:
+        kernel = attention_decode(k_bits, prod, v_bits, ptx)
         print(f"| attention decode {label} " + summary(kernel), flush=True)
     for label, qjl_dim, bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
         print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, bits)), flush=True)

@@ -1,14 +1,19 @@
-"""The PTX that decodes codes on the GPU (`nibble_asm`, and the PAIRS, PLANES3 and SIGN_BITS
-modes in tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt, lop3, shifts)
-against plain table lookups and the storage format. CI has no GPU and the Triton interpreter
-cannot run inline PTX, so this is where a wrong selector, shift or truth table fails."""
+"""The PTX that decodes codes on the GPU (`NIBBLE_PTX`, and the PAIRS, PLANES3 and SIGN_BITS
+modes in tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt,
+lop3, shifts) against plain table lookups and the storage format; and the in-kernel table
+words it reads (`table_words`, `symmetric_table`), run by the Triton interpreter. CI has no
+GPU and the interpreter cannot run inline PTX, so this is where a wrong selector, shift or
+truth table fails."""
 
 import ast
 import inspect
 import re
 
 import numpy as np
+import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +22,14 @@ from tq_ops.kernels import codes
 from tq_ops.packing import pack
 
 MASK = 0xFFFFFFFF
+
+
+def permute_table(centroids: torch.Tensor) -> list[int]:
+    """The words `table_words` must build (oracle): the low bytes, then the high bytes, of the
+    fp16 centroids, entry i in byte i % 4 of word i // 4 (little-endian), as uint32."""
+    half = fp16_bits(centroids)
+    lanes = [h & 0xFF for h in half] + [h >> 8 for h in half]
+    return [sum(lanes[4 * w + j] << 8 * j for j in range(4)) for w in range(len(lanes) // 4)]
 
 
 def asm_of(helper) -> str:
@@ -68,7 +81,8 @@ def execute(asm: str, operands: dict[int, int]) -> dict[int, int]:
         args = [value(t) for t in src]
         result = {"and.b32": lambda x, y: x & y, "or.b32": lambda x, y: x | y,
                   "mov.b32": lambda x: x, "shl.b32": lambda x, y: (x << y) & MASK,
-                  "shr.b32": lambda x, y: x >> y, "prmt.b32": prmt, "lop3.b32": lop3}[op](*args)
+                  "shr.b32": lambda x, y: x >> y, "sub.u32": lambda x, y: (x - y) & MASK,
+                  "prmt.b32": prmt, "lop3.b32": lop3}[op](*args)
         if dst.startswith("$"):
             operands[int(dst[1:])] = result
         else:
@@ -84,22 +98,22 @@ def run(helper, outputs: int, inputs: list[list[int]], centroids=None) -> list[i
                 for i, packed in enumerate(inputs)}
     if centroids is not None:
         base = outputs + len(inputs)
-        for i, word in enumerate(codes.permute_table(centroids).tolist()):
-            operands.update({base + 4 * i + j: word & MASK for j in range(4)})
+        for i, word in enumerate(permute_table(centroids)):
+            operands.update({base + 4 * i + j: word for j in range(4)})
     out = execute(asm_of(helper), operands)
     return [out[r] >> shift & 0xFFFF for r in range(outputs) for shift in (0, 16)]
 
 
 def lookup(centroids: torch.Tensor, packed: list[int]) -> tuple[list[int], list[int]]:
-    """(fp16 bit patterns the `nibble_asm` PTX built from the centroids' `permute_table`
-    returns for the low nibbles, for the high nibbles) of 4 packed bytes."""
-    words = tuple(codes.permute_table(centroids).tolist())
-    byte_word = sum(x << 8 * j for j, x in enumerate(packed))
-    lanes = []
-    for high in (False, True):
-        out = execute(codes.nibble_asm(words, high), {2: byte_word})
-        lanes.append([out[r] >> shift & 0xFFFF for r in (0, 1) for shift in (0, 16)])
-    return lanes[0], lanes[1]
+    """(fp16 bit patterns `NIBBLE_PTX` returns for the low nibbles, for the high nibbles) of 4
+    packed bytes, given the `table_words` of the upper half of the centroids."""
+    words = permute_table(centroids[8:])
+    operands = {4: sum(x << 8 * j for j, x in enumerate(packed))}
+    for i, word in enumerate(words):  # pack=4 repeats each scalar 4 times
+        operands.update({5 + 4 * i + j: word for j in range(4)})
+    out = execute(codes.NIBBLE_PTX.value, operands)
+    lanes = [out[r] >> shift & 0xFFFF for r in range(4) for shift in (0, 16)]
+    return lanes[:4], lanes[4:]
 
 
 def fp16_tables(size: int):
@@ -115,9 +129,9 @@ def fp16_bits(centroids: torch.Tensor) -> list[int]:
     return (centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF).tolist()
 
 
-def test_nibble_asm_matches_table_lookup():
+def test_nibble_ptx_matches_table_lookup():
     rng = np.random.default_rng(0)
-    for dim in (64, 128):
+    for dim in (64, 80, 96, 128, 256):
         centroids = lloyd_max(dim, 4).float()
         half = fp16_bits(centroids)
         for _ in range(300):
@@ -128,21 +142,64 @@ def test_nibble_asm_matches_table_lookup():
 
 
 @settings(max_examples=200, deadline=None)
-@given(fp16_tables(16), byte_lists(4))
-def test_nibble_asm_is_a_plain_lookup_for_any_table(values, packed):
-    centroids = torch.tensor(values, dtype=torch.float32)
+@given(st.lists(st.floats(0, 65504, width=16, exclude_min=True), min_size=8, max_size=8),
+       byte_lists(4))
+def test_nibble_ptx_is_a_plain_lookup_for_any_symmetric_table(upper, packed):
+    """Any 8 positive fp16 values (unsorted, subnormals) mirrored into a 16-entry table."""
+    magnitudes = torch.tensor(upper, dtype=torch.float32)
+    centroids = torch.cat([-magnitudes.flip(0), magnitudes])
     half = fp16_bits(centroids)
     low, high = lookup(centroids, packed)
     assert low == [half[b & 15] for b in packed]
     assert high == [half[b >> 4] for b in packed]
 
 
+@triton.jit
+def _table_probe(cent_ptr, words_ptr, sym_ptr, N: tl.constexpr):
+    words = codes.table_words(cent_ptr, N)
+    for i in tl.static_range(N // 2):
+        tl.store(words_ptr + i, words[i])
+    if N == 16:
+        tl.store(sym_ptr, codes.symmetric_table(cent_ptr).to(tl.int32))
+
+
+def table_probe(centroids: torch.Tensor) -> tuple[list[int], bool]:
+    """(`table_words`, `symmetric_table`) of fp32 centroids, computed by the kernel helpers."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter runs it
+    words = torch.zeros(len(centroids) // 2, dtype=torch.int32, device=device)
+    sym = torch.zeros(1, dtype=torch.int32, device=device)
+    _table_probe[(1,)](centroids.to(device), words, sym, N=len(centroids))
+    return [w & MASK for w in words.tolist()], bool(sym.item())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([4, 8, 16]).flatmap(fp16_tables))
+def test_table_words_match_the_layout(values):
+    centroids = torch.tensor(values, dtype=torch.float32)
+    assert table_probe(centroids)[0] == permute_table(centroids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fp16_tables(16), st.booleans())
+def test_symmetric_table_is_what_the_ptx_decodes(values, mirror):
+    """True exactly for c[15 - k] == -c[k] with a positive upper half (in fp16 bits); the
+    Lloyd-Max codebooks always are."""
+    centroids = torch.tensor(values, dtype=torch.float32)
+    if mirror:
+        centroids = torch.cat([-centroids[8:].abs().flip(0), centroids[8:].abs()])
+    half = fp16_bits(centroids)
+    expected = (all(half[15 - k] == half[k] ^ 0x8000 for k in range(8))
+                and all(h < 0x8000 for h in half[8:]))
+    assert table_probe(centroids)[1] == expected
+    for dim in (64, 96, 128):
+        assert table_probe(lloyd_max(dim, 4).float())[1]
+
+
 def test_permute_table_layout():
     """Word w holds bytes of entries 4w .. 4w + 3, little-endian; low bytes, then high bytes."""
     centroids = torch.linspace(-1, 1, 16)
-    words = codes.permute_table(centroids).numpy().astype(np.int64) & MASK
-    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
-    half = centroids.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    raw = b"".join(int(w).to_bytes(4, "little") for w in permute_table(centroids))
+    half = fp16_bits(centroids)
     assert list(raw[:16]) == [h & 0xFF for h in half]
     assert list(raw[16:]) == [h >> 8 for h in half]
 
@@ -208,11 +265,39 @@ def test_two_bit_asm_decodes_the_packed_layout():
             assert lanes[4 * f:4 * f + 4] == [half[int(code[32 * f + k])] for k in cols]
 
 
-def test_sign_asm_matches_bits():
-    """Bit f of each byte -> +1.0 (0x3C00) where set, -1.0 (0xBC00) where clear."""
+def test_sign_segment_ptx_matches_bits():
+    """Segment f: bit f of each byte -> +1.0 (0x3C00) where set, -1.0 (0xBC00) where clear."""
     rng = np.random.default_rng(1)
     for _ in range(300):
         packed = rng.integers(0, 256, 4).tolist()
-        lanes = run(codes._sign_values, 16, [packed])
+        word = sum(x << 8 * j for j, x in enumerate(packed))
         for f in range(8):
-            assert lanes[4 * f:4 * f + 4] == [0x3C00 if x >> f & 1 else 0xBC00 for x in packed]
+            out = execute(codes.SIGN_SEGMENT_PTX.value[f], {2: word})
+            lanes = [out[r] >> shift & 0xFFFF for r in (0, 1) for shift in (0, 16)]
+            assert lanes == [0x3C00 if x >> f & 1 else 0xBC00 for x in packed]
+
+
+def test_variant_gate():
+    """Exactly one of the two launch variants runs, whatever the tables; RUN_IF 0 always."""
+    sym = lloyd_max(128, 4).float()
+    asym = sym * torch.linspace(0.8, 1.2, 16)
+    for k_4bit in (False, True):
+        for v_4bit in (False, True):
+            for kc, vc in ((sym, sym), (asym, sym), (sym, asym)):
+                runs = [gate_probe(kc, vc, k_4bit, v_4bit, run_if) for run_if in (0, 1, 2)]
+                symmetric = (not k_4bit or kc is sym) and (not v_4bit or vc is sym)
+                assert runs == [True, symmetric, not symmetric]
+
+
+@triton.jit
+def _gate_probe(kc_ptr, vc_ptr, out_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
+                RUN_IF: tl.constexpr):
+    tl.store(out_ptr, codes.variant_runs(kc_ptr, vc_ptr, K_4BIT, V_4BIT, RUN_IF).to(tl.int32))
+
+
+def gate_probe(kc, vc, k_4bit, v_4bit, run_if) -> bool:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter runs it
+    out = torch.zeros(1, dtype=torch.int32, device=device)
+    _gate_probe[(1,)](kc.to(device), vc.to(device), out, K_4BIT=k_4bit, V_4BIT=v_4bit,
+                      RUN_IF=run_if)
+    return bool(out.item())

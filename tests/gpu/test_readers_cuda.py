@@ -92,15 +92,17 @@ def test_causal_chunk_with_offset(dtype, q_len):
     check_attention(args)
 
 
+@pytest.mark.parametrize("factor", [torch.linspace(0.8, 1.2, 16), torch.full((16,), 1.3)])
 @pytest.mark.parametrize("custom", ["keys", "values"])
-def test_other_4bit_codebook_runs_the_byte_table_variant(custom):
-    """The 4-bit PTX holds the Lloyd-Max table as immediates; with other centroids its launch
-    must step aside for the byte-table launch (a wrong table would fail the comparison)."""
+def test_other_4bit_codebooks(custom, factor):
+    """The 4-bit PTX decodes any symmetric codebook from words built in the kernel (scaled
+    Lloyd-Max here); with asymmetric centroids its launch must step aside for the gather
+    launch (a wrong decode would fail the comparison)."""
     args = list(attention_args(20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128,
                                k_bits=4, k_prod=False, v_bits=4, dtype=torch.float16,
                                is_causal=False, kv_lens=torch.tensor([900, 417])))
     slot = 6 if custom == "keys" else 12
-    args[slot] = args[slot] * torch.linspace(0.8, 1.2, 16)
+    args[slot] = args[slot] * factor
     check_attention(tuple(args))
 
 

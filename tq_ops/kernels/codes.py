@@ -18,42 +18,45 @@ import triton.language as tl
 
 from ..packing import plane_widths
 
-TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroid table values
+TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroids (fp32 gathers)
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
-BYTES = tl.constexpr(2)  # decode_tile MODE: single-plane codes -> `byte_table`[segment, byte]
-SIGN_BITS = tl.constexpr(4)  # decode_tile MODE: QJL sign bits -> fp16 +-1.0 by shifts and lop3
+SIGN_BITS = tl.constexpr(4)  # qjl_logits MODE: QJL sign bits -> fp16 +-1.0, one PTX per segment
 PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
 
 
-def permute_table(centroids: torch.Tensor) -> torch.Tensor:
-    """int32 words for the byte-permute modes (4, 8 or 16 centroids -> 2, 4 or 8 words): the low
-    bytes, then the high bytes, of the fp16 centroids, entry i in byte i % 4 of word i // 4
-    (little-endian). Torch ops only (trace-safe)."""
-    half = centroids.to(torch.float16).view(torch.int16).to(torch.int32)
-    lanes = torch.stack([half & 0xFF, (half >> 8) & 0xFF]).view(2, -1, 4)
-    shifts = torch.arange(4, device=centroids.device, dtype=torch.int32) * 8
-    words = (lanes.to(torch.int64) << shifts).sum(-1).flatten()
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+@triton.jit
+def _half_bits(cent_ptr, i: tl.constexpr):
+    """fp16 bit pattern (int32, 0..0xFFFF) of fp32 centroid i."""
+    return tl.load(cent_ptr + i).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
-def byte_table(centroids: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Table (8 // bits * 256,) in `dtype` for single-plane codes (bits in 1, 2, 4, 8).
+@triton.jit
+def table_words(cent_ptr, N: tl.constexpr):
+    """The N (4, 8 or 16) fp32 centroids at cent_ptr as byte-permute table words, int32
+    scalars: the low bytes, then the high bytes, of their fp16 values, entry i in byte i % 4
+    of word i // 4 (N // 2 words). Read once per program, before the key loop."""
+    lo = ()
+    hi = ()
+    for w in tl.static_range(N // 4):
+        h0 = _half_bits(cent_ptr, 4 * w)
+        h1 = _half_bits(cent_ptr, 4 * w + 1)
+        h2 = _half_bits(cent_ptr, 4 * w + 2)
+        h3 = _half_bits(cent_ptr, 4 * w + 3)
+        lo = lo + ((h0 & 0xFF) | (h1 & 0xFF) << 8 | (h2 & 0xFF) << 16 | (h3 & 0xFF) << 24,)
+        hi = hi + ((h0 >> 8) | (h1 >> 8) << 8 | (h2 >> 8) << 16 | (h3 >> 8) << 24,)
+    return lo + hi
 
-    Entry [i * 256 + byte] is the centroid of the code in bit lane i of `byte`, so the
-    kernel indexes with the raw byte (no shift or mask). Torch ops only (trace-safe).
-    """
-    lanes = torch.arange(8 // bits, device=centroids.device) * bits
-    byte = torch.arange(256, device=centroids.device)
-    return centroids[(byte[None, :] >> lanes[:, None]) & ((1 << bits) - 1)].to(dtype).flatten()
 
-
-def query_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(B, Hq, Lq, D) -> (B, Hkv, Lq * G, D) contiguous, row = token * G + group head."""
-    batch, q_heads, q_len, dim = x.shape
-    group = q_heads // kv_heads
-    return x.view(batch, kv_heads, group, q_len, dim).transpose(2, 3).reshape(
-        batch, kv_heads, q_len * group, dim)
+@triton.jit
+def symmetric_table(cent_ptr):
+    """Whether the 16 fp32 centroids at cent_ptr are, in fp16, symmetric (c[15 - k] == -c[k])
+    with a positive upper half: what `NIBBLE_PTX` decodes (every tq_ops codebook)."""
+    ok = _half_bits(cent_ptr, 15) < 0x8000
+    for k in tl.static_range(8):
+        ok = ok & (_half_bits(cent_ptr, 15 - k) == (_half_bits(cent_ptr, k) ^ 0x8000))
+        ok = ok & (_half_bits(cent_ptr, 8 + k) < 0x8000)
+    return ok
 
 
 def strided(t: torch.Tensor) -> tuple:
@@ -110,22 +113,17 @@ def _segment(row_ptr, mask, k, cent_ptr, F: tl.constexpr, W0: tl.constexpr, W1: 
              W2: tl.constexpr, NSEG: tl.constexpr, SEGLEN: tl.constexpr, OFF1: tl.constexpr,
              OFF2: tl.constexpr, MODE: tl.constexpr):
     """Values [BLOCK_N, SEG_PAD] of finest segment F (coordinates F * SEGLEN + k)."""
-    if MODE == BYTES:
-        R: tl.constexpr = NSEG * W0 // 8
-        byte = tl.load(row_ptr + (F % R) * SEGLEN + k[None, :], mask=mask, other=0)
-        val = tl.load(cent_ptr + (F // R) * 256 + byte.to(tl.int32))
+    code = tl.where(mask, 0, 0)
+    if W0 > 0:
+        code = _plane_bits(row_ptr, mask, k, W0, 0, F, NSEG, SEGLEN)
+    if W1 > 0:
+        code = (code << W1) | _plane_bits(row_ptr, mask, k, W1, OFF1, F, NSEG, SEGLEN)
+    if W2 > 0:
+        code = (code << W2) | _plane_bits(row_ptr, mask, k, W2, OFF2, F, NSEG, SEGLEN)
+    if MODE == SIGNS:
+        val = tl.where(code != 0, 1.0, -1.0)
     else:
-        code = tl.where(mask, 0, 0)
-        if W0 > 0:
-            code = _plane_bits(row_ptr, mask, k, W0, 0, F, NSEG, SEGLEN)
-        if W1 > 0:
-            code = (code << W1) | _plane_bits(row_ptr, mask, k, W1, OFF1, F, NSEG, SEGLEN)
-        if W2 > 0:
-            code = (code << W2) | _plane_bits(row_ptr, mask, k, W2, OFF2, F, NSEG, SEGLEN)
-        if MODE == SIGNS:
-            val = tl.where(code != 0, 1.0, -1.0)
-        else:
-            val = tl.load(cent_ptr + code)
+        val = tl.load(cent_ptr + code)
     return val
 
 
@@ -134,92 +132,85 @@ def _flat(x):
     return tl.reshape(x, [x.shape[0], x.numel // x.shape[0]])
 
 
-def nibble_asm(words: tuple, high: bool) -> str:
-    """PTX for `nibble_half`: 4 packed bytes ($2) -> fp16 centroids of their low (high=False)
-    or high nibbles ($0: bytes 0 and 1, $1: bytes 2 and 3); `words`, the 8 `permute_table`
-    words of a 16-entry codebook, become immediates."""
-    # The four codes go into prmt selector nibbles; entries 0-7 and 8-15 are looked up apart
-    # (bit 3 cleared) and merged by a byte mask made from bit 3 with prmt's sign-replicate
-    # mode; two prmt's interleave low and high bytes: 15-16 instructions per 4 codes, no memory
-    # access. One operand keeps the asm unary and elementwise, which lets Triton convert the
-    # packed bytes (not the fp16 values) to the tensor-core operand layout.
-    w = [f"0x{x & 0xFFFFFFFF:08X}" for x in words]
-    take = "shr.b32 x, $2, 4; and.b32 x, x, 0x0F0F0F0F; " if high else "and.b32 x, $2, 0x0F0F0F0F; "
-    return ("{ .reg .b32 x, t, sel, s7, y, m, a, b, lo, hi; " + take
-            + "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, 0, 0x4420; "
-            "and.b32 s7, sel, 0x7777; shl.b32 y, x, 4; prmt.b32 m, y, y, 0xBA98; "
-            f"prmt.b32 a, {w[0]}, {w[1]}, s7; prmt.b32 b, {w[2]}, {w[3]}, s7; "
-            "lop3.b32 lo, a, b, m, 0xD8; "
-            f"prmt.b32 a, {w[4]}, {w[5]}, s7; prmt.b32 b, {w[6]}, {w[7]}, s7; "
-            "lop3.b32 hi, a, b, m, 0xD8; "
-            "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; }")
+@triton.jit
+def variant_runs(kc_ptr, vc_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
+                 RUN_IF: tl.constexpr):
+    """Whether a launch variant runs: RUN_IF 1 (the 4-bit PTX variant) iff every 4-bit table
+    (keys if K_4BIT, values if V_4BIT) is a `symmetric_table`, RUN_IF 2 (the gather
+    variant) iff one is not, RUN_IF 0 always. The launcher starts both variants, since the
+    host cannot read the tables without a sync; the one that does not run returns at once."""
+    ok = True
+    if K_4BIT:
+        ok = ok & symmetric_table(kc_ptr)
+    if V_4BIT:
+        ok = ok & symmetric_table(vc_ptr)
+    return (RUN_IF == 0) | (ok == (RUN_IF == 1))
+
+
+# `nibble_halves` PTX: 4 packed bytes ($4) -> fp16 centroids of their low nibbles ($0: bytes 0
+# and 1, $1: bytes 2 and 3) and of their high nibbles ($2, $3), for a `symmetric_table`;
+# $5, $9, $13, $17: the `table_words` of its upper half M = c[8:] (pack=4 repeats each).
+# Code k reads M[k & 7] when bit 3 is set, else M[7 - k] with the sign bit set. One prmt
+# selector takes the 4 codes of 2 bytes as they lie (no packing): bit 3 of each nibble
+# becomes 7 in the positive nibbles (t - t >> 3) and an xnor makes the magnitude index; two
+# prmt's per 4 codes look up low and high bytes, a prmt in sign-replicate mode turns bit 3
+# into byte masks for the sign, two prmt's interleave: 18 instructions per 8 codes.
+NIBBLE_PTX = tl.constexpr(
+    "{ .reg .b32 t, u, idx, sb, w4, la, ha, lb, hb, sa, sg; "
+    "and.b32 t, $4, 0x88888888; shr.b32 u, t, 3; sub.u32 u, t, u; "
+    "lop3.b32 idx, $4, u, 0x77777777, 0x82; shr.b32 sb, idx, 16; "
+    "prmt.b32 la, $5, $9, idx; prmt.b32 ha, $13, $17, idx; "
+    "prmt.b32 lb, $5, $9, sb; prmt.b32 hb, $13, $17, sb; "
+    "shl.b32 w4, $4, 4; "
+    "prmt.b32 sa, w4, $4, 0xD9C8; lop3.b32 ha, ha, sa, 0x80808080, 0xF2; "
+    "prmt.b32 sg, w4, $4, 0xFBEA; lop3.b32 hb, hb, sg, 0x80808080, 0xF2; "
+    "prmt.b32 $0, la, ha, 0x6240; prmt.b32 $1, lb, hb, 0x6240; "
+    "prmt.b32 $2, la, ha, 0x7351; prmt.b32 $3, lb, hb, 0x7351; }")
 
 
 @triton.jit
-def nibble_half(byte, ASM: tl.constexpr):
-    """fp16 centroids of one nibble of each uint8 `byte` (any shape), by `nibble_asm` PTX."""
-    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True,
-                                     pack=4)
-
-
-@triton.jit
-def nibble_halves(row_ptr, key_ok, cent_ptr, SEGLEN: tl.constexpr, SEG_PAD: tl.constexpr,
-                  ASM: tl.constexpr):
+def nibble_halves(row_ptr, key_ok, cent_ptr, words, SEGLEN: tl.constexpr,
+                  SEG_PAD: tl.constexpr, PTX: tl.constexpr):
     """4-bit codes of packed rows as two tiles [BLOCK_N, SEG_PAD]: coordinates k and
-    SEGLEN + k (low and high nibble of byte k). ASM: (low, high) `nibble_asm` PTX, or () to
-    index cent_ptr, a 4-bit `byte_table` (any codebook; the interpreter). Padded columns and
+    SEGLEN + k (low and high nibble of byte k). PTX: decode by `NIBBLE_PTX` with `words`,
+    the `table_words` of cent_ptr + 8 (fp16; the table must be a `symmetric_table`), else
+    gather the fp32 centroids at cent_ptr (any codebook; the interpreter). Padded columns and
     masked rows hold the value of code 0 (callers zero their partners)."""
     k = tl.arange(0, SEG_PAD)
     byte = tl.load(row_ptr + k[None, :], mask=key_ok[:, None] & (k < SEGLEN)[None, :], other=0)
-    if len(ASM) == 0:
-        lo = tl.load(cent_ptr + byte.to(tl.int32))
-        hi = tl.load(cent_ptr + 256 + byte.to(tl.int32))
+    if PTX:
+        lo, hi = tl.inline_asm_elementwise(
+            NIBBLE_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [byte, words[0], words[1], words[2], words[3]],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        lo = nibble_half(byte, tl.constexpr(ASM[0]))
-        hi = nibble_half(byte, tl.constexpr(ASM[1]))
+        lo = tl.load(cent_ptr + (byte & 15).to(tl.int32))
+        hi = tl.load(cent_ptr + (byte >> 4).to(tl.int32))
     return lo, hi
 
 
-@triton.jit
-def _sign_values(byte):
-    """QJL signs +-1.0 (fp16) of bits 0..7 of uint8 `byte`, eight tensors (SIGN_BITS mode)."""
-    # Per 4 packed bytes ($16): lo / hi hold bytes 0, 1 / 2, 3 in the low byte of each 16-bit
-    # half; shifting by 15 - f moves bit f to both halves' sign positions, and one lop3 makes
-    # (~bit) << 15 | 1.0, i.e. +1.0 where the bit is set: 2 instructions per 2 signs.
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 lo, hi, t, z, m, one; "
-        "mov.b32 z, 0; "
-        "mov.b32 m, 0x80008000; "
-        "mov.b32 one, 0x3C003C00; "
-        "prmt.b32 lo, $16, z, 0x4140; "
-        "prmt.b32 hi, $16, z, 0x4342; "
-        "shl.b32 t, lo, 15; lop3.b32 $0, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 15; lop3.b32 $1, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 14; lop3.b32 $2, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 14; lop3.b32 $3, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 13; lop3.b32 $4, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 13; lop3.b32 $5, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 12; lop3.b32 $6, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 12; lop3.b32 $7, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 11; lop3.b32 $8, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 11; lop3.b32 $9, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 10; lop3.b32 $10, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 10; lop3.b32 $11, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 9; lop3.b32 $12, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 9; lop3.b32 $13, t, m, one, 0xAE; "
-        "shl.b32 t, lo, 8; lop3.b32 $14, t, m, one, 0xAE; "
-        "shl.b32 t, hi, 8; lop3.b32 $15, t, m, one, 0xAE; "
-        "} ",
-        "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r",
-        [byte], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16, tl.float16), is_pure=True, pack=4)
+# `sign_segment` PTX for bit F of 4 packed bytes ($2) -> 4 fp16 signs ($0, $1): two prmt's
+# move bytes 0, 1 / 2, 3 into the low byte of each 16-bit half; a shift by 15 - F puts bit F
+# at both halves' sign positions and one lop3 makes (~bit) << 15 | 1.0 (+1.0 where set).
+SIGN_SEGMENT_PTX = tl.constexpr(tuple(
+    "{ .reg .b32 lo, hi, t, m, one; mov.b32 m, 0x80008000; mov.b32 one, 0x3C003C00; "
+    "prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; "
+    f"shl.b32 t, lo, {15 - f}; lop3.b32 $0, t, m, one, 0xAE; "
+    f"shl.b32 t, hi, {15 - f}; lop3.b32 $1, t, m, one, 0xAE; }}" for f in range(8)))
 
 
 @triton.jit
-def _two_bit_values(byte, tab_ptr):
+def sign_segment(byte, F: tl.constexpr):
+    """QJL signs +-1.0 (fp16) of bit F of each uint8 `byte` (any shape): one segment of a sign
+    plane, decoded in whatever layout `byte` has (the dot's operand layout, when it feeds a
+    dot), so no decoded tile goes through shared memory. 6 instructions per 4 signs."""
+    return tl.inline_asm_elementwise(SIGN_SEGMENT_PTX[F], "=r,=r,r", [byte], dtype=tl.float16,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _two_bit_values(byte, words):
     """fp16 centroids of the 4 segments of 2-bit codes in uint8 `byte` (PAIRS mode), four
-    tensors; tab_ptr holds the 2 words of a 4-entry `permute_table`."""
+    tensors; words: the 2 `table_words` of the 4 centroids."""
     # Per 4 packed bytes ($8): field F of each byte goes to bits 0-1, the four codes are
     # packed into prmt selector nibbles, and two prmt's look up the low and high bytes of the
     # 4 fp16 entries: 9 to 10 instructions per 4 codes, no memory access.
@@ -245,15 +236,15 @@ def _two_bit_values(byte, tab_ptr):
         "prmt.b32 $6, lo, hi, 0x5140; prmt.b32 $7, lo, hi, 0x7362; "
         "} ",
         "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-        [byte, tl.load(tab_ptr), tl.load(tab_ptr + 1)],
+        [byte, words[0], words[1]],
         dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
-def _three_bit_values(a, b, c, tab_ptr):
+def _three_bit_values(a, b, c, words):
     """fp16 centroids of the 8 segments of 3-bit codes (PLANES3 mode), eight tensors: uint8
     `a`, `b` are the 2-bit plane's two byte runs (segments 0, 2, 4, 6 and 1, 3, 5, 7), `c` the
-    1-bit plane's; tab_ptr holds the 4 words of an 8-entry `permute_table`."""
+    1-bit plane's; words: the 4 `table_words` of the 8 centroids."""
     # Per 4 packed columns ($16 a, $17 b, $18 c): for segment F, the 2-bit field of a (F even)
     # or b at bits 2 * (F // 2) goes to bits 1-2 of each byte, bit F of c to bit 0; the four
     # 3-bit codes are packed into prmt selector nibbles, and two prmt's look up the low and
@@ -304,8 +295,7 @@ def _three_bit_values(a, b, c, tab_ptr):
         "prmt.b32 $14, lo, hi, 0x5140; prmt.b32 $15, lo, hi, 0x7362; "
         "} ",
         "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-        [a, b, c, tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2),
-         tl.load(tab_ptr + 3)],
+        [a, b, c, words[0], words[1], words[2], words[3]],
         dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                tl.float16, tl.float16), is_pure=True, pack=4)
 
@@ -324,34 +314,30 @@ def _interleave8(s0, s1, s2, s3, s4, s5, s6, s7):
 
 
 @triton.jit
-def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
+def decode_tile(row_ptr, key_ok, cent_ptr, words, W0: tl.constexpr, W1: tl.constexpr,
                 W2: tl.constexpr, NSEG: tl.constexpr, SEGLEN: tl.constexpr,
                 SEG_PAD: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
                 MODE: tl.constexpr):
     """Decoded values [BLOCK_N, SEG_PAD * NSEG] of packed rows, column order of `tile_coords`.
 
     row_ptr: uint8 pointers [BLOCK_N, 1] to each row's first packed byte; key_ok: bool
-    [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (table dtype); MODE SIGNS: +-1.0;
-    MODE BYTES: cent_ptr is `byte_table` (single-plane codes only). GPU-only modes (inline
-    PTX; the interpreter cannot run them), fp16 values: PLANES3 (3-bit codes) and PAIRS
-    (2-bit codes), cent_ptr a `permute_table`; SIGN_BITS, +-1.0. (4-bit codes: `nibble_halves`.)
+    [BLOCK_N] rows to read. MODE TABLE: cent_ptr[code] (fp32 centroids); MODE SIGNS: +-1.0.
+    GPU-only modes (inline PTX; the interpreter cannot run them), fp16 values: PLANES3 (3-bit
+    codes) and PAIRS (2-bit codes) from `words`, the centroids' `table_words` (None for the
+    other modes). (4-bit codes: `nibble_halves`; GPU QJL signs: `qjl_logits`.)
     Padded columns and masked rows hold the value of code 0 (callers zero their partners).
     """
     k = tl.arange(0, SEG_PAD)
     mask = key_ok[:, None] & (k < SEGLEN)[None, :]
     if MODE == PAIRS:  # 2 bits: NSEG == 4 and one byte holds all 4 segments
         s0, s1, s2, s3 = _two_bit_values(tl.load(row_ptr + k[None, :], mask=mask, other=0),
-                                         cent_ptr)
+                                         words)
         out = _interleave4(s0, s1, s2, s3)
     elif MODE == PLANES3:  # 3 bits: planes 2 + 1, NSEG == 8
         s0, s1, s2, s3, s4, s5, s6, s7 = _three_bit_values(
             tl.load(row_ptr + k[None, :], mask=mask, other=0),
             tl.load(row_ptr + SEGLEN + k[None, :], mask=mask, other=0),
-            tl.load(row_ptr + OFF1 + k[None, :], mask=mask, other=0), cent_ptr)
-        out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
-    elif MODE == SIGN_BITS:  # one byte holds all 8 segments
-        s0, s1, s2, s3, s4, s5, s6, s7 = _sign_values(
-            tl.load(row_ptr + k[None, :], mask=mask, other=0))
+            tl.load(row_ptr + OFF1 + k[None, :], mask=mask, other=0), words)
         out = _interleave8(s0, s1, s2, s3, s4, s5, s6, s7)
     elif NSEG == 1:
         out = _segment(row_ptr, mask, k, cent_ptr, 0, W0, W1, W2, NSEG, SEGLEN, OFF1, OFF2, MODE)
@@ -379,36 +365,23 @@ def decode_tile(row_ptr, key_ok, cent_ptr, W0: tl.constexpr, W1: tl.constexpr,
 
 
 @triton.jit
-def operand(tile, key_ok, ROWS: tl.constexpr):
-    """A decoded tile ready to feed tl.dot with ROWS rows on the other side.
-
-    For ROWS >= 64 (Hopper wgmma) rows past the end are zeroed with a select: without an op
-    between join/reshape and the dot, Triton 3.6's OptimizeDotOperands pass crashes. The
-    select costs one instruction per element, so smaller (mma v2) dots skip it.
-    """
-    if ROWS >= 64:
-        tile = tl.where(key_ok[:, None], tile, 0.0)
-    return tile
-
-
-@triton.jit
-def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
+def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr, words,
                K_W0: tl.constexpr, K_W1: tl.constexpr, K_W2: tl.constexpr,
                K_NSEG: tl.constexpr, K_SEGLEN: tl.constexpr, K_SEG_PAD: tl.constexpr,
                K_OFF1: tl.constexpr, K_OFF2: tl.constexpr, S_NSEG: tl.constexpr,
                S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr, HAS_QJL: tl.constexpr,
                K_MODE: tl.constexpr, S_MODE: tl.constexpr, PRECISION: tl.constexpr):
-    """Key estimates [BLOCK_M, BLOCK_N] float32 before the key norm: <q, c[idx]> (+ QJL term).
+    """Key estimates [BLOCK_N, BLOCK_M] float32 before the key norm: <c[idx], q> (+ QJL term).
 
-    q: rotated queries [BLOCK_M, K tile width] in key tile column order (zero in padded
-    columns), in the dot dtype; sq: sketch queries S q * sqrt(pi/2)/m in sign tile order;
-    gamma: residual norms [BLOCK_N] float32; K_MODE: a `decode_tile` mode (cent_ptr to
-    match); S_MODE: SIGNS or SIGN_BITS. Keys are decoded in registers, never stored.
+    q: rotated queries, transposed [K tile width, BLOCK_M], rows in key tile column order
+    (zero in padded ones), in the dot dtype; sq: sketch queries S q * sqrt(pi/2)/m,
+    transposed, in sign tile order; gamma: residual norms [BLOCK_N] float32; K_MODE: a
+    `decode_tile` mode (cent_ptr, words to match); S_MODE: SIGNS or SIGN_BITS. Keys are the
+    dots' first operand and are decoded in registers, never stored.
     """
-    keys = decode_tile(idx_rows, key_ok, cent_ptr, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN,
+    keys = decode_tile(idx_rows, key_ok, cent_ptr, words, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN,
                        K_SEG_PAD, K_OFF1, K_OFF2, K_MODE)
-    keys = operand(keys, key_ok, q.shape[0]).to(q.dtype)
-    s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+    s = tl.dot(keys.to(q.dtype), q, input_precision=PRECISION)
     if HAS_QJL:
         s += qjl_logits(sq, sign_rows, key_ok, gamma, S_NSEG, S_SEGLEN, S_SEG_PAD, S_MODE,
                         PRECISION)
@@ -418,8 +391,35 @@ def key_logits(q, sq, idx_rows, sign_rows, key_ok, gamma, cent_ptr,
 @triton.jit
 def qjl_logits(sq, sign_rows, key_ok, gamma, S_NSEG: tl.constexpr, S_SEGLEN: tl.constexpr,
                S_SEG_PAD: tl.constexpr, S_MODE: tl.constexpr, PRECISION: tl.constexpr):
-    """QJL term [BLOCK_M, BLOCK_N] float32: gamma * <sq, s> (arguments as in key_logits)."""
-    signs = decode_tile(sign_rows, key_ok, sign_rows, 1, 0, 0, S_NSEG, S_SEGLEN, S_SEG_PAD, 0, 0,
-                        S_MODE)
-    signs = operand(signs, key_ok, sq.shape[0]).to(sq.dtype)
-    return tl.dot(sq, tl.trans(signs), input_precision=PRECISION) * gamma[None, :]
+    """QJL term [BLOCK_N, BLOCK_M] float32: gamma * <s, sq> (arguments as in key_logits).
+
+    S_MODE SIGN_BITS (GPU): sq is a tuple of the 8 segments [S_SEG_PAD, BLOCK_M] (`segments`)
+    and each segment of the packed signs is decoded by `sign_segment` for its own dot."""
+    if S_MODE == SIGN_BITS:
+        WIDTH: tl.constexpr = max(16, S_SEG_PAD)  # tl.dot needs 16 columns
+        k = tl.arange(0, WIDTH)
+        byte = tl.load(sign_rows + k[None, :], mask=key_ok[:, None] & (k < S_SEGLEN)[None, :],
+                       other=0)
+        acc = tl.dot(sign_segment(byte, 0), sq[0], input_precision=PRECISION)
+        for f in tl.static_range(1, 8):
+            acc = tl.dot(sign_segment(byte, f), sq[f], acc, input_precision=PRECISION)
+    else:
+        signs = decode_tile(sign_rows, key_ok, sign_rows, None, 1, 0, 0, S_NSEG, S_SEGLEN,
+                            S_SEG_PAD, 0, 0, S_MODE)
+        acc = tl.dot(signs.to(sq.dtype), sq, input_precision=PRECISION)
+    return acc * gamma[:, None]
+
+
+@triton.jit
+def segments(ptr, rows, row_ok, WIDTH: tl.constexpr, SEGLEN: tl.constexpr,
+             SEG_PAD: tl.constexpr):
+    """The 8 segments [max(16, SEG_PAD), len(rows)] of rows of WIDTH values at ptr,
+    transposed: segment f holds coordinates f * SEGLEN + k (zero past SEGLEN), a tuple (the
+    other dot operands of `qjl_logits`' SIGN_BITS mode; tl.dot needs 16 columns)."""
+    PAD: tl.constexpr = max(16, SEG_PAD)
+    k = tl.arange(0, PAD)
+    out = ()
+    for f in tl.static_range(8):
+        out = out + (tl.load(ptr + rows[None, :] * WIDTH + (f * SEGLEN + k)[:, None],
+                             mask=row_ok[None, :] & (k < SEGLEN)[:, None], other=0.0),)
+    return out

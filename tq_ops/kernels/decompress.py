@@ -29,12 +29,12 @@ def _unpack_kernel(idx_ptr, i_sr, sign_ptr, s_sr, cent_ptr, y_ptr, sgn_ptr, N,
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows[:, None].to(tl.int64)
-    y = decode_tile(idx_ptr + rows64 * i_sr, row_ok, cent_ptr, K_W0, K_W1, K_W2, K_NSEG,
+    y = decode_tile(idx_ptr + rows64 * i_sr, row_ok, cent_ptr, None, K_W0, K_W1, K_W2, K_NSEG,
                     K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2, TABLE)
     coord, real = tile_coords(tl.arange(0, K_SEG_PAD * K_NSEG), K_NSEG, K_SEGLEN)
     tl.store(y_ptr + rows64 * D + coord[None, :], y, mask=row_ok[:, None] & real[None, :])
     if HAS_QJL:
-        signs = decode_tile(sign_ptr + rows64 * s_sr, row_ok, cent_ptr, 1, 0, 0, S_NSEG,
+        signs = decode_tile(sign_ptr + rows64 * s_sr, row_ok, cent_ptr, None, 1, 0, 0, S_NSEG,
                             S_SEGLEN, S_SEG_PAD, 0, 0, SIGNS)
         scoord, sreal = tile_coords(tl.arange(0, S_SEG_PAD * S_NSEG), S_NSEG, S_SEGLEN)
         tl.store(sgn_ptr + rows64 * M + scoord[None, :], signs,

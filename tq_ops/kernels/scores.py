@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import (SIGNS, TABLE, key_logits, plane_layout, prefixed, query_rows, strided,
-                    tile_coords)
+from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, strided, tile_coords
+from .queries import rotated_queries
 
 
 @triton.jit
@@ -38,27 +38,27 @@ def _scores_kernel(
     row_ok = rows < R
     key_ok = keys < Lk
 
-    qrow = (pid_bh * R + rows)[:, None]
+    qrow = (pid_bh * R + rows)[None, :]
     kcoord, kreal = tile_coords(tl.arange(0, K_SEG_PAD * K_NSEG), K_NSEG, K_SEGLEN)
-    q = tl.load(q_ptr + qrow * D + kcoord[None, :], mask=row_ok[:, None] & kreal[None, :],
+    q = tl.load(q_ptr + qrow * D + kcoord[:, None], mask=row_ok[None, :] & kreal[:, None],
                 other=0.0)
     sq = q
     gamma = tl.zeros([BLOCK_N], tl.float32)
     if HAS_QJL:
         scoord, sreal = tile_coords(tl.arange(0, S_SEG_PAD * S_NSEG), S_NSEG, S_SEGLEN)
-        sq = tl.load(sq_ptr + qrow * M + scoord[None, :], mask=row_ok[:, None] & sreal[None, :],
+        sq = tl.load(sq_ptr + qrow * M + scoord[:, None], mask=row_ok[None, :] & sreal[:, None],
                      other=0.0)
         gamma = tl.load(kr_ptr + b * kr_sb + h * kr_sh + keys * kr_ss, mask=key_ok,
                         other=0.0).to(tl.float32)
     s = key_logits(q, sq, ki_ptr + b * ki_sb + h * ki_sh + keys[:, None] * ki_ss,
                    ks_ptr + b * ks_sb + h * ks_sh + keys[:, None] * ks_ss, key_ok, gamma, kc_ptr,
-                   K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2,
+                   None, K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2,
                    S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, TABLE, SIGNS, "ieee")
     kn = tl.load(kn_ptr + b * kn_sb + h * kn_sh + keys * kn_ss, mask=key_ok, other=0.0)
-    s = s * kn.to(tl.float32)[None, :]
-    dst = out_ptr + b * o_sb + (h * G + rows % G)[:, None] * o_sh + (rows // G)[:, None] * o_sq
-    tl.store(dst + keys[None, :], s.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & key_ok[None, :])
+    s = s * kn.to(tl.float32)[:, None]  # [BLOCK_N, BLOCK_M]
+    dst = out_ptr + b * o_sb + (h * G + rows % G)[None, :] * o_sh + (rows // G)[None, :] * o_sq
+    tl.store(dst + keys[:, None], s.to(out_ptr.dtype.element_ty),
+             mask=key_ok[:, None] & row_ok[None, :])
 
 
 def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, bits):
@@ -70,12 +70,11 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = indices.shape[1], indices.shape[2]
     rows = q_len * (q_heads // kv_heads)
-    qf = query.float()
-    q_rot = query_rows(qf @ rotation.T, kv_heads)
+    q_rot = rotated_queries(query, rotation, kv_heads, 1.0, torch.float32)
     has_qjl = qjl is not None
     m = qjl.shape[0] if has_qjl else 1
     if has_qjl:
-        sq = query_rows(qf @ qjl.T * (math.sqrt(math.pi / 2) / m), kv_heads)
+        sq = rotated_queries(query, qjl, kv_heads, math.sqrt(math.pi / 2) / m, torch.float32)
         ks, kr = strided(signs), strided(residual_norms)
     else:
         sq = q_rot
