@@ -27,7 +27,7 @@ from tq_ops.rotation import haar_rotation, qjl_matrix
 Q_HEADS, KV_HEADS, DIM = 32, 8, 128
 CUDA = torch.device("cuda")
 # (name, key index bits, Prod keys?, value index bits): K4 Prod = 3-bit MSE + 1-bit QJL
-CONFIGS = [("K4/V4 prod", 3, True, 4), ("K4/V4 mse", 4, False, 4),
+CONFIGS = [("K4/V4 prod", 3, True, 4), ("K4/V4 mse", 4, False, 4), ("K4/V3 mse", 4, False, 3),
            ("K3/V3 prod", 2, True, 3), ("K3/V3 mse", 3, False, 3)]
 
 

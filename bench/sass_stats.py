@@ -79,11 +79,12 @@ def summary(kernel) -> str:
     return f"| {regs} | {stack} | {loop[0]} | {top} |"
 
 
-def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, block_n: int = 128,
-                     num_warps: int = 4):
+def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps: int = 4):
     """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs),
-    with the GPU decode defaults of `attention.config` (1 stage, at most 128 registers).
+    with the GPU decode defaults of `attention.config` (at most 128 registers; 64-key tiles
+    in three stages for Prod keys or values of other than 4 bits, else 128-key tiles in one).
     ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers."""
+    block_n, stages = (64, 3) if prod or v_bits != 4 else (128, 1)
     length = 32768
     k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
     ints = dict(o_sb=0, o_sh=0, o_ss=0,
@@ -109,7 +110,7 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, block_n: i
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
                     lens_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
-                 num_stages=1, maxnreg=128)
+                 num_stages=stages, maxnreg=128)
 
 
 def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4):

@@ -282,13 +282,17 @@ def _mode(bits: int) -> int:
 
 
 def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device,
-           tune: dict | None = None) -> dict:
-    """Tile sizes, warps and the number of key splits for one launch (shape-only).
+           tune: dict | None = None, deep_pipeline: bool = False) -> dict:
+    """Tile sizes, warps, pipeline stages and the number of key splits for one launch
+    (shape-only).
 
-    Decode on a GPU caps registers at 128 with one pipeline stage, so 4 programs fit on a
-    multiprocessor instead of 2 (measured 1.1-1.2x at batch 32 / 32k, BENCHMARKS.md); splits
-    then aim at 4 programs per multiprocessor when (batch, head) programs alone cannot fill the
-    GPU, else 2. OUT_BLOCK: output columns per step of the final rotation (registers).
+    Decode on a GPU caps registers at 128, so 4 programs fit on a multiprocessor instead of 2
+    (measured 1.1-1.2x at batch 32 / 32k, BENCHMARKS.md), with 128-key tiles in one stage;
+    `deep_pipeline` (Prod keys, or values of other than 4 bits) takes 64-key tiles in three
+    stages instead (measured 1.14-1.18x for Prod keys, 1.01-1.05x for MSE keys with 3-bit
+    values, BENCHMARKS.md 2026-12-04).
+    Splits aim at 4 programs per multiprocessor when (batch, head) programs alone cannot fill
+    the GPU, else 2. OUT_BLOCK: output columns per step of the final rotation (registers).
     `tune` overrides any entry.
     """
     decode = rows <= 16
@@ -297,6 +301,8 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     if decode and device.type == "cuda":
         fills_gpu = batch * kv_heads >= _num_sms(device)
         cfg.update(num_stages=1, maxnreg=128, waves=2 if fills_gpu else 4)
+        if deep_pipeline:
+            cfg.update(BLOCK_N=64, num_stages=3)
     cfg.update(tune or {})
     programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
     splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
@@ -366,7 +372,8 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
     kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
     dv = v_rotation.shape[0]
     rows = q_len * (q_heads // kv_heads)
-    cfg = config(batch, kv_heads, rows, kv_len, query.device, tune)
+    cfg = config(batch, kv_heads, rows, kv_len, query.device, tune,
+                 deep_pipeline=k_qjl is not None or v_bits != 4)
     splits = cfg.pop("splits")
     chunk = cfg.pop("chunk")
 
