@@ -17,7 +17,8 @@ scalars, deeper levels by register gathers, the last one by the sign of a differ
 the side with the sign; other codebooks are counted. The norm of fp16 input is that of the
 rotated row (Pi orthogonal), so x is loaded once, by the dots only. Programs (two per SM) loop
 over runs of consecutive tiles and keep the rotation operands in shared memory across them
-when D <= 128 (the QJL operands when m <= 128).
+when D <= 128 (the QJL operands when m <= 128); MSE on fp16 input loads each tile's x into
+registers one tile ahead.
 
 Column arrangement: the rotated coordinates are held as an (8, SEG_P) grid, column
 i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of two). A plane
@@ -59,6 +60,33 @@ def _load_x(ptrs, in_rows, offs_k, cols_left, FULL: tl.constexpr):
     if FULL:
         return tl.load(ptrs, mask=in_rows[:, None], other=0.0)
     return tl.load(ptrs, mask=in_rows[:, None] & (offs_k < cols_left)[None, :], other=0.0)
+
+
+@triton.jit
+def _x_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows, offs_k):
+    """Pointers (BLOCK_M, KB) to tokens s0 + rows of head (b, h)."""
+    return (x_ptr + (b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+                     + s0.to(tl.int64) * stride_xs)
+            + (rows.to(tl.int64) * stride_xs)[:, None] + offs_k[None, :] * stride_xd)
+
+
+@triton.jit
+def _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows, offs_k,
+                rows_ok, D: tl.constexpr, D_P: tl.constexpr):
+    """The whole (BLOCK_M, D_P) input tile of tokens s0 + rows of head (b, h) (0 where not
+    rows_ok)."""
+    return _load_x(_x_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows,
+                           offs_k), rows_ok, offs_k, D, D == D_P)
+
+
+@triton.jit
+def _next_tile(s0, h, b, S, H, BLOCK_M: tl.constexpr):
+    """(s0, h, b) of the tile after tokens [s0, s0 + BLOCK_M) of head (b, h), no divisions."""
+    s0 += BLOCK_M
+    h += (s0 >= S).to(tl.int32)
+    s0 = tl.where(s0 >= S, 0, s0)
+    b += (h == H).to(tl.int32)
+    return s0, tl.where(h == H, 0, h), b
 
 
 @triton.jit
@@ -283,8 +311,23 @@ def _compress_kernel(
     b = first // tiles_s // H
     h = first // tiles_s % H
     rows = tl.arange(0, BLOCK_M)
+    # MSE of fp16 rows in one chunk: the next tile's x is loaded into registers at the top of
+    # the loop, so its latency overlaps this tile's dots and bucketing (the pipeliner issues it
+    # at the end of the body, where it stalled the next tile; ncu, BENCHMARKS.md). Prod would
+    # spill.
+    PREFETCH: tl.constexpr = X_FP16 and KB == D_P and not HAS_QJL
+    if PREFETCH:
+        x_next = _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows,
+                             offs_k, (rows < S - s0) & (b * H + h < BH), D, D_P)
     for t in range(per_program):
         in_rows = (rows < S - s0) & (b * H + h < BH)
+        s0_n, h_n, b_n = _next_tile(s0, h, b, S, H, BLOCK_M)
+        if PREFETCH:
+            xk = x_next
+            x_next = _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b_n, h_n,
+                                 s0_n, rows, offs_k,
+                                 (rows < S - s0_n) & (b_n * H + h_n < BH) & (t + 1 < per_program),
+                                 D, D_P)
         s = s0 + rows
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
@@ -294,8 +337,8 @@ def _compress_kernel(
         else:
             slot = s.to(tl.int64)
             row_ok = in_rows
-        x_ptrs = (x_ptr + (b64 * stride_xb + h64 * stride_xh + s0.to(tl.int64) * stride_xs)
-                  + (rows.to(tl.int64) * stride_xs)[:, None] + offs_k[None, :] * stride_xd)
+        x_ptrs = _x_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows,
+                         offs_k)
         # Every loaded block feeds only dots, or only register math (a block feeding a wgmma and
         # another use, or a register operand rewritten while an async wgmma reads it, races).
         acc = tl.zeros((BLOCK_M, NCOL), tl.float32)
@@ -304,7 +347,8 @@ def _compress_kernel(
                 if KB < D_P:
                     rot_hi = tl.load(rot + kx * NCOL)
                     rot_lo = tl.load(rot + (D_P + kx) * NCOL)
-                xk = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
+                if not PREFETCH:
+                    xk = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
                 acc = tl.dot(xk, rot_hi, acc)
                 acc = tl.dot(xk, rot_lo, acc)
             scaled = tl.sqrt(tl.sum(acc * acc, axis=1))  # ROT_SCALE * ||x|| (Pi orthogonal)
@@ -372,11 +416,7 @@ def _compress_kernel(
             sgn_row = sgn_ptr + b64 * stride_gb + h64 * stride_gh + slot * stride_gs
             tl.store(sgn_row[:, None] + k_out[None, :] * stride_gp, packed.to(tl.uint8),
                      mask=row_ok[:, None] & (k_out < QSEG)[None, :])
-        s0 += BLOCK_M  # the next tile
-        h += (s0 >= S).to(tl.int32)
-        s0 = tl.where(s0 >= S, 0, s0)
-        b += (h == H).to(tl.int32)
-        h = tl.where(h == H, 0, h)
+        s0, h, b = s0_n, h_n, b_n
 
 
 def _next_pow2(n: int) -> int:
