@@ -84,7 +84,8 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
     with the GPU decode defaults of `attention.config` (at most 128 registers; 64-key tiles
     in three stages for Prod keys or values of other than 4 bits, else 128-key tiles in one).
     ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers."""
-    block_n, stages = (64, 3) if prod or v_bits != 4 else (128, 1)
+    tiles = (attention.DEEP_DECODE if attention.wants_deep_decode(prod, v_bits)
+             else dict(BLOCK_N=128, num_stages=1))
     length = 32768
     k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
     ints = dict(o_sb=0, o_sh=0, o_ss=0,
@@ -106,11 +107,11 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
                       V_MODE=mode.get(v_bits, TABLE).value,
                       S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_bits == 4,
                       V_PTX=ptx and v_bits == 4, RUN_IF=1 if ptx and 4 in (k_bits, v_bits) else 0,
-                      BLOCK_M=16, BLOCK_N=block_n, OUT_BLOCK=32)
+                      BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
                     lens_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
-                 num_stages=stages, maxnreg=128)
+                 num_stages=tiles["num_stages"], maxnreg=128)
 
 
 def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4):

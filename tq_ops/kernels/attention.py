@@ -281,6 +281,14 @@ def _mode(bits: int) -> int:
     return TABLE.value
 
 
+DEEP_DECODE = dict(BLOCK_N=64, num_stages=3)  # decode tiles when `deep_pipeline` (config)
+
+
+def wants_deep_decode(prod_keys: bool, v_bits: int) -> bool:
+    """Whether decode takes `DEEP_DECODE` tiles: Prod keys, or values of other than 4 bits."""
+    return prod_keys or v_bits != 4
+
+
 def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device,
            tune: dict | None = None, deep_pipeline: bool = False) -> dict:
     """Tile sizes, warps, pipeline stages and the number of key splits for one launch
@@ -302,7 +310,7 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
         fills_gpu = batch * kv_heads >= _num_sms(device)
         cfg.update(num_stages=1, maxnreg=128, waves=2 if fills_gpu else 4)
         if deep_pipeline:
-            cfg.update(BLOCK_N=64, num_stages=3)
+            cfg.update(DEEP_DECODE)
     cfg.update(tune or {})
     programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
     splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
@@ -373,7 +381,7 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
     dv = v_rotation.shape[0]
     rows = q_len * (q_heads // kv_heads)
     cfg = config(batch, kv_heads, rows, kv_len, query.device, tune,
-                 deep_pipeline=k_qjl is not None or v_bits != 4)
+                 deep_pipeline=wants_deep_decode(k_qjl is not None, v_bits))
     splits = cfg.pop("splits")
     chunk = cfg.pop("chunk")
 

@@ -80,6 +80,12 @@ def _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, row
 
 
 @triton.jit
+def _tile_rows(rows, s0, b, h, S, H, BH):
+    """Which rows of the tile of tokens s0 + rows of head (b, h) exist."""
+    return (rows < S - s0) & (b * H + h < BH)
+
+
+@triton.jit
 def _next_tile(s0, h, b, S, H, BLOCK_M: tl.constexpr):
     """(s0, h, b) of the tile after tokens [s0, s0 + BLOCK_M) of head (b, h), no divisions."""
     s0 += BLOCK_M
@@ -318,15 +324,15 @@ def _compress_kernel(
     PREFETCH: tl.constexpr = X_FP16 and KB == D_P and not HAS_QJL
     if PREFETCH:
         x_next = _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b, h, s0, rows,
-                             offs_k, (rows < S - s0) & (b * H + h < BH), D, D_P)
+                             offs_k, _tile_rows(rows, s0, b, h, S, H, BH), D, D_P)
     for t in range(per_program):
-        in_rows = (rows < S - s0) & (b * H + h < BH)
+        in_rows = _tile_rows(rows, s0, b, h, S, H, BH)
         s0_n, h_n, b_n = _next_tile(s0, h, b, S, H, BLOCK_M)
         if PREFETCH:
             xk = x_next
             x_next = _fetch_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, b_n, h_n,
                                  s0_n, rows, offs_k,
-                                 (rows < S - s0_n) & (b_n * H + h_n < BH) & (t + 1 < per_program),
+                                 _tile_rows(rows, s0_n, b_n, h_n, S, H, BH) & (t + 1 < per_program),
                                  D, D_P)
         s = s0 + rows
         b64 = b.to(tl.int64)
