@@ -154,7 +154,7 @@ def sweep(bw, rows_out):
     there: compressed bytes only)."""
     print("\n## Sweep (K4/V4 mse)\n")
     print("| case | tune | ms | % copy |\n|---|---|---|---|")
-    grid = [{}, dict(BLOCK_N=64), dict(waves=4), dict(waves=8), dict(OUT_BLOCK=16),
+    grid = [{}, dict(BLOCK_N=64), dict(resident=2), dict(resident=8), dict(OUT_BLOCK=16),
             dict(OUT_BLOCK=64), dict(maxnreg=None), dict(num_warps=8)]
     for batch, length in ((32, 32768), (1, 131072)):
         k, v, nbytes = cache(batch, length, 4, False, 4)

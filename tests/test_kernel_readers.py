@@ -102,11 +102,26 @@ def test_attention_many_splits_merge_in_blocks():
     so whole splits hold no keys: the merge must weigh them by zero, not NaN."""
     gen = torch.Generator().manual_seed(5)
     cfg = attention_kernels.config(2, 2, 4, 1111, torch.device("cpu"),
-                                   dict(BLOCK_N=16, waves=1000))
+                                   dict(BLOCK_N=16, resident=1000))
     assert cfg["splits"] == 70
     out, ref = attention_case(gen, kv_len=1111, k_bits=4, k_prod=False,
-                              kv_lens=torch.tensor([1111, 300]), tune=dict(BLOCK_N=16, waves=1000))
+                              kv_lens=torch.tensor([1111, 300]),
+                              tune=dict(BLOCK_N=16, resident=1000))
     assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("batch,length,splits", [(1, 131072, 64), (3, 32768, 22), (8, 8192, 8),
+                                                 (8, 131072, 8), (16, 32768, 4), (22, 32768, 3),
+                                                 (32, 32768, 2), (64, 8192, 1), (100, 8192, 1)])
+def test_decode_splits_fill_one_wave(monkeypatch, batch, length, splits):
+    """GPU decode (132 SMs, 4 programs each, 8 KV heads): as many key splits as fit in one
+    wave of programs, never a partial second wave (8 x 8 x 9 = 576 > 528 programs was 1.3x
+    slower than 8 splits); 128-key chunks may round the count down."""
+    monkeypatch.setattr(attention_kernels, "_num_sms", lambda device: 132)
+    cfg = attention_kernels.config(batch, 8, 4, length, torch.device("cuda"))
+    assert cfg["splits"] == splits
+    assert cfg["chunk"] % 128 == 0 and cfg["chunk"] * splits >= length
+    assert batch * 8 * splits <= max(528, batch * 8)
 
 
 def test_attention_1_bit_keys_and_8_bit_values():

@@ -299,22 +299,23 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     `deep_pipeline` (Prod keys, or values of other than 4 bits) takes 64-key tiles in three
     stages instead (measured 1.14-1.18x for Prod keys, 1.01-1.05x for MSE keys with 3-bit
     values, BENCHMARKS.md 2026-12-04).
-    Splits aim at 4 programs per multiprocessor when (batch, head) programs alone cannot fill
-    the GPU, else 2. OUT_BLOCK: output columns per step of the final rotation (registers).
-    `tune` overrides any entry.
+    Splits fill at most one wave of `resident` programs per multiprocessor (4 for GPU decode:
+    that many fit at 128 registers and <= 41 KB of shared memory each), never a partial
+    second wave, whose few programs would take a whole split's time (measured 1.2-1.3x at
+    batch 8 / 32k-128k, BENCHMARKS.md 2026-12-04). OUT_BLOCK: output columns per step of the
+    final rotation (registers). `tune` overrides any entry.
     """
     decode = rows <= 16
     cfg = dict(BLOCK_M=16 if decode else 64, BLOCK_N=128 if decode else 64, OUT_BLOCK=32,
-               num_warps=4, num_stages=2, waves=2)
+               num_warps=4, num_stages=2, resident=2)
     if decode and device.type == "cuda":
-        fills_gpu = batch * kv_heads >= _num_sms(device)
-        cfg.update(num_stages=1, maxnreg=128, waves=2 if fills_gpu else 4)
+        cfg.update(num_stages=1, maxnreg=128, resident=4)
         if deep_pipeline:
             cfg.update(DEEP_DECODE)
     cfg.update(tune or {})
     programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
     splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
-                        triton.cdiv(cfg.pop("waves") * _num_sms(device), programs)))
+                        cfg.pop("resident") * _num_sms(device) // programs))
     chunk = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     return dict(cfg, splits=triton.cdiv(max(kv_len, 1), chunk), chunk=chunk)
 
