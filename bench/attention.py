@@ -1,11 +1,12 @@
 """Decode and prefill attention from the compressed cache vs fp16 SDPA (CUDA only).
 
 Run from the repository root: `PYTHONPATH=. python bench/attention.py [--sweep] [--quick]
-[--kernels] [--profile-once] [--json FILE]`.
+[--prefill] [--kernels] [--profile-once] [--json FILE]`.
 Prints Markdown tables: device copy bandwidth, then per (keys, values, batch, context):
 time, compressed bytes read, achieved TB/s, the copy-bandwidth floor and the speedup over
 fp16 SDPA on an fp16 cache (GQA folded into the query length, as flash-decoding does);
-then causal prefill vs SDPA. Inputs are random packed bytes and norms (speed only);
+then causal prefill vs SDPA with its decompression step beside that step's bandwidth floor.
+Inputs are random packed bytes and norms (speed only);
 every timing is the median of CUDA-graph replays (triton.testing.do_bench).
 """
 
@@ -114,13 +115,26 @@ def decode_table(bw, batches, lengths, rows_out):
                 del k, v
 
 
-def prefill_table(lengths, rows_out):
+def decompress_call(k, v):
+    """Decompression of the whole K and V cache to fp16 (what `flash_prefill` runs first)."""
+    def run():
+        torch.ops.tq.decompress(k["k_indices"], k["k_norms"], k["k_signs"],
+                                k["k_residual_norms"], k["k_rotation"], k["k_centroids"],
+                                k["k_qjl"], k["k_bits"], torch.float16)
+        torch.ops.tq.decompress(v["v_indices"], v["v_norms"], None, None, v["v_rotation"],
+                                v["v_centroids"], None, v["v_bits"], torch.float16)
+    return run
+
+
+def prefill_table(bw, lengths, rows_out):
     print("\n## Causal prefill (batch 1, Hq 32, Hkv 8, d 128, fp16 queries)\n")
     print("`tq::attention` serves these by decompression + fp16 flash attention; the fused "
-          "kernel (`fused_attention`) is what decode, masks and ragged lengths use.\n")
+          "kernel (`fused_attention`) is what decode, masks and ragged lengths use. "
+          "Decompress: K and V (K4/V4 mse) to fp16, the first step of the tq mse call; its "
+          "floor is packed bytes read + fp16 written at the copy bandwidth.\n")
     print("| tokens | SDPA fp16 ms | tq K4/V4 prod ms | tq K4/V4 mse ms | fused kernel mse ms | "
-          "tq mse vs SDPA |")
-    print("|---|---|---|---|---|---|")
+          "tq mse vs SDPA | decompress ms | its floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for length in lengths:
         q = torch.randn(1, Q_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
         kk = torch.randn(1, KV_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
@@ -129,12 +143,15 @@ def prefill_table(lengths, rows_out):
                                        is_causal=True, enable_gqa=True))
         times = []
         for _, k_bits, prod, v_bits in CONFIGS[:2]:
-            k, v, _ = cache(1, length, k_bits, prod, v_bits)
+            k, v, nbytes = cache(1, length, k_bits, prod, v_bits)
             times.append(timed(tq_call(q, k, v, True, None)))
         times.append(timed(tq_call(q, k, v, True, None, tune={})))
-        rows_out.append(dict(kind="prefill", length=length, sdpa=sdpa, tq=times))
+        unpack = timed(decompress_call(k, v))
+        floor = (nbytes + 2 * kk.numel() * kk.element_size()) / bw / 1e9
+        rows_out.append(dict(kind="prefill", length=length, sdpa=sdpa, tq=times,
+                             decompress=unpack))
         print(f"| {length} | {sdpa:.3f} | {times[0]:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
-              f"{sdpa / times[1]:.2f} |", flush=True)
+              f"{sdpa / times[1]:.2f} | {unpack:.3f} | {floor:.3f} |", flush=True)
 
 
 def sweep_row(label, ms_of, tune, nbytes, bw, rows_out) -> None:
@@ -209,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
     parser.add_argument("--quick", action="store_true", help="batch 1/32, context 32k/128k only")
+    parser.add_argument("--prefill", action="store_true", help="the prefill table only")
     parser.add_argument("--json", help="write all rows to this file")
     parser.add_argument("--kernels", action="store_true",
                         help="also list the kernels of one call at batch 1 and 32 (profiler)")
@@ -229,8 +247,9 @@ def main() -> None:
         sweep(bw, rows)
     batches, lengths = ((1, 32), (32768, 131072)) if args.quick else ((1, 8, 32),
                                                                       (8192, 32768, 131072))
-    decode_table(bw, batches, lengths, rows)
-    prefill_table((4096,) if args.quick else (4096, 16384), rows)
+    if not args.prefill:
+        decode_table(bw, batches, lengths, rows)
+    prefill_table(bw, (4096,) if args.quick else (4096, 16384), rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, copy_tbs=bw, rows=rows), f, indent=1)

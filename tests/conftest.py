@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run in the interpreter: TRITON_INTERPRET must b
 triton is first imported (importing tq_ops does), so it is set here, first.
 """
 
+import math
 import os
 
 import pytest
@@ -18,6 +19,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tq_ops import TurboQuantMSE, TurboQuantProd  # noqa: E402
+from tq_ops.packing import unpack  # noqa: E402
+
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
 
 
 def quantizer(kind: str, dim: int, bits: int, seed: int = 0):
@@ -47,3 +51,22 @@ def root_cause(exc: BaseException) -> BaseException:
 def _reset_dynamo():
     torch._dynamo.reset()
     yield
+
+
+def float64_reconstruction(fields, rotation, centroids, qjl, bits):
+    """norm * (c[idx] @ Pi + gamma sqrt(pi/2) / m * s @ S) in float64, straight from the bits
+    of the packed (idx, norms, signs, residual_norms) fields (CPU tensors)."""
+    idx, norms, signs, residual_norms = fields
+    unit = centroids.double()[unpack(idx, bits, rotation.shape[0])] @ rotation.double()
+    if qjl is not None:
+        m = qjl.shape[0]
+        sign = unpack(signs, 1, m).double() * 2 - 1
+        unit += residual_norms.double() * (math.sqrt(math.pi / 2) / m) * (sign @ qjl.double())
+    return norms.double() * unit
+
+
+def within_an_ulp(out, truth) -> bool:
+    """Every element of out within one ulp of its dtype of the float64 truth, plus 2^-20 of
+    the row's norm (kernels whose dots are exact to ~2^-22 of the row, not of each element)."""
+    bound = truth.abs() * ULP[out.dtype] + truth.norm(dim=-1, keepdim=True) * 2.0 ** -20
+    return bool(((out.cpu().double() - truth).abs() <= bound).all())

@@ -7,8 +7,9 @@ interpreter on before triton is imported; on a machine with a GPU tests/gpu cove
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from conftest import ULP, float64_reconstruction, within_an_ulp
 from triton.runtime.interpreter import InterpretedFunction
 
 from tq_ops import reference
@@ -57,6 +58,21 @@ def test_decompress(dim, bits, prod):
     ref = reference.decompress(*fields, rotation, centroids, qjl, bits, torch.float32)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
+
+
+@settings(max_examples=10, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(st.integers(1, 150), st.sampled_from([16, 64, 80, 96, 128, 256]), st.integers(1, 8),
+       st.booleans(), st.sampled_from(list(ULP)), st.integers(0, 2**16))
+def test_decompress_fuzz_against_float64(length, dim, bits, prod, dtype, seed):
+    """Every element within one output ulp of the float64 reconstruction (`within_an_ulp`), for
+    any length (several 64-row tiles per program from 129 rows on), head_dim, bit width and
+    output dtype. (No shrinking: each interpreted example takes seconds.)"""
+    gen = torch.Generator().manual_seed(seed)
+    fields, rotation, centroids, qjl = packed(gen, 1, 2, length, dim, bits, prod, seed)
+    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, bits, dtype)
+    truth = float64_reconstruction(fields, rotation, centroids, qjl, bits)
+    assert out.shape == truth.shape and out.dtype == dtype
+    assert within_an_ulp(out, truth)
 
 
 @pytest.mark.parametrize("group,bits,prod,dtype", [(1, 4, False, torch.float32),

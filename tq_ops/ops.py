@@ -15,12 +15,13 @@ from .packing import packed_bytes
 
 
 def _use_triton(t: Tensor, dim, qjl: Tensor | None = None) -> bool:
-    """CUDA tensors whose head_dim (and qjl_dim) the kernels support: multiples of 8, >= 16.
+    """CUDA tensors whose head_dim (and qjl_dim) the kernels support: multiples of 8 in
+    [16, 256] (wider rows would not fit the kernels' registers and shared memory).
 
     Other shapes on CUDA run the reference (plain torch on the same device).
     """
     dims = (dim,) if qjl is None else (dim, qjl.shape[0])
-    return t.device.type == "cuda" and all(d % 8 == 0 and d >= 16 for d in dims)
+    return t.device.type == "cuda" and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
 
 
 def _use_triton_compress(x: Tensor, qjl: Tensor | None, bits: int) -> bool:

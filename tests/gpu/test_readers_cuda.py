@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from conftest import float64_reconstruction, within_an_ulp  # noqa: E402
 from tq_ops import reference  # noqa: E402
 from tq_ops.codebook import lloyd_max  # noqa: E402
 from tq_ops.rotation import haar_rotation, qjl_matrix  # noqa: E402
@@ -153,6 +154,36 @@ def test_decompress(dim, bits, prod):
     poison()
     out = torch.ops.tq.decompress(*cuda(args))
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dim,bits,prod,dtype", [(128, 4, False, torch.float16),
+                                                 (128, 3, True, torch.bfloat16),
+                                                 (256, 3, True, torch.float16),
+                                                 (96, 2, False, torch.float32),
+                                                 (256, 8, False, torch.bfloat16)])
+def test_decompress_within_an_ulp_of_float64(dim, bits, prod, dtype):
+    """Several tiles per program and every output dtype: within one output ulp of the float64
+    reconstruction (`within_an_ulp`)."""
+    gen = torch.Generator().manual_seed(dim + bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 4, 3000, dim, bits, prod, 6)
+    truth = float64_reconstruction(fields, rotation, centroids, qjl, bits)
+    poison()
+    out = torch.ops.tq.decompress(*cuda((*fields, rotation, centroids, qjl, bits, dtype)))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert within_an_ulp(out, truth)
+
+
+def test_head_dim_above_256_runs_the_reference_on_the_gpu():
+    """head_dim 512 is outside the kernels' range (`ops._use_triton`): the ops still answer,
+    through the reference on the GPU, and agree with it on the CPU."""
+    gen = torch.Generator().manual_seed(512)
+    fields, rotation, centroids, qjl = packed(gen, 1, 2, 40, 512, 3, True, 8)
+    args = (*fields, rotation, centroids, qjl, 3, torch.float32)
+    assert rel_err(torch.ops.tq.decompress(*cuda(args)), reference.decompress(*args)) < 1e-5
+    query = torch.randn(1, 4, 1, 512, generator=gen)
+    key = (*fields, rotation, centroids, qjl, 3)
+    assert rel_err(torch.ops.tq.scores(*cuda((query,) + key)),
+                   reference.scores(query, *key)) < 1e-5
 
 
 def test_opcheck():

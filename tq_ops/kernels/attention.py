@@ -358,10 +358,9 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
     """Prefill as `decompress` of K and V to fp16 (B, Hkv, Lk, D) plus fp16 flash attention.
 
     Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
-    tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V plus
-    `decompress`'s fp32 intermediates, about 10 (MSE keys) to 12 (Prod keys, m = D) * D bytes per
-    cached token per KV head at peak. Same arguments as `attention` (attn_mask and kv_lens are
-    None here).
+    tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V, 4 * D
+    bytes per cached token per KV head (at D = 256 `decompress` also holds fp32 intermediates).
+    Same arguments as `attention` (attn_mask and kv_lens are None here).
     """
     keys = decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                       k_qjl, k_bits, torch.float16)

@@ -47,7 +47,7 @@ UNIT_SCALE = tl.constexpr(4096.0)  # u and r_rot are scaled by 2^12 before the h
 
 
 @triton.jit
-def _split_f16(v):
+def split_f16(v):
     """fp32 v -> fp16 (hi, lo) with hi + lo == v to ~2^-22 relative."""
     hi = v.to(tl.float16)
     return hi, (v - hi.to(tl.float32)).to(tl.float16)
@@ -232,7 +232,7 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
     offs_k = tl.arange(0, D_P)
     pi = tl.load(rot_ptr + coord[:, None] * stride_r0 + offs_k[None, :] * stride_r1,
                  mask=c_ok[:, None] & (offs_k[None, :] < D), other=0.0).to(tl.float32)
-    hi, lo = _split_f16(pi * ROT_SCALE)
+    hi, lo = split_f16(pi * ROT_SCALE)
     out = rot_out + offs_k[None, :] * NCOL + offs_c[:, None]
     tl.store(out, hi)
     tl.store(out + D_P * NCOL, lo)
@@ -246,7 +246,7 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
             a = tl.load(rot_ptr + coord * stride_r0 + j * stride_r1, mask=c_ok, other=0.0)
             s = tl.load(qjl_ptr + row * stride_q0 + j * stride_q1, mask=q_ok, other=0.0)
             acc += a.to(tl.float32)[:, None] * s.to(tl.float32)[None, :]
-        hi, lo = _split_f16(acc * ROT_SCALE)
+        hi, lo = split_f16(acc * ROT_SCALE)
         out = qjl_out + offs_c[:, None] * QCOL + offs_q[None, :]
         tl.store(out, hi)
         tl.store(out + NCOL * QCOL, lo)
@@ -372,7 +372,7 @@ def _compress_kernel(
                     rot_hi = tl.load(rot + kx * NCOL)
                     rot_lo = tl.load(rot + (D_P + kx) * NCOL)
                 xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-                u_hi, u_lo = _split_f16(xf.to(tl.float32) * scale[:, None])
+                u_hi, u_lo = split_f16(xf.to(tl.float32) * scale[:, None])
                 acc = tl.dot(u_hi, rot_hi, acc)
                 acc = tl.dot(u_hi, rot_lo, acc)
                 acc = tl.dot(u_lo, rot_hi, acc)
@@ -401,7 +401,7 @@ def _compress_kernel(
             gamma = tl.sqrt(tl.sum(resid * resid, axis=1))
             tl.store(res_ptr + b64 * stride_rb + h64 * stride_rh + slot * stride_rs, gamma,
                      mask=row_ok)
-            r_hi, r_lo = _split_f16(resid * UNIT_SCALE)
+            r_hi, r_lo = split_f16(resid * UNIT_SCALE)
             LANES: tl.constexpr = QBLOCK // QSEG_P  # sign bit lanes per chunk of columns
             offs_q = tl.arange(0, QBLOCK)
             lane = offs_q // QSEG_P
