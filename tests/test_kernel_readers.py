@@ -155,6 +155,18 @@ def test_attention_causal_chunk_with_offset():
     assert rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("k_prod,v_bits,q_len", [(True, 4, 1), (False, 3, 5)])
+def test_attention_deferred_softmax_sums(k_prod, v_bits, q_len):
+    """DEFER_SUM (GPU decode with Prod keys or non-4-bit values) keeps per-key partial sums and
+    reduces them after the loop: ragged lengths (whole splits empty) and a causal chunk whose
+    rows see different key counts, over several 64-key tiles per program."""
+    gen = torch.Generator().manual_seed(13 + q_len)
+    tune = dict(BLOCK_N=64, DEFER_SUM=True, resident=1)  # one split: 3 tiles in a loop
+    out, ref = attention_case(gen, q_len=q_len, is_causal=q_len > 1, k_prod=k_prod,
+                              v_bits=v_bits, kv_lens=torch.tensor([150, 40]), tune=tune)
+    assert rel_err(out, ref) < 2e-3
+
+
 def test_attention_prefill_bf16_dim80():
     gen = torch.Generator().manual_seed(12)
     out, ref = attention_case(gen, batch=1, kv_heads=1, q_len=40, kv_len=40, dim=80,

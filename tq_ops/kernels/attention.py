@@ -52,7 +52,7 @@ def _attention_kernel(
         MASK_BOOL: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
         K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, K_PTX: tl.constexpr,
         V_PTX: tl.constexpr, RUN_IF: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr):
+        BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr, DEFER_SUM: tl.constexpr):
     """Attention of rows [pid_m * BLOCK_M, +BLOCK_M) of one KV head over one key split.
 
     q (B, HKV, R, DK) and sq (B, HKV, R, M) are in the dot dtype, pre-scaled by
@@ -67,7 +67,8 @@ def _attention_kernel(
     (`nibble_halves`, by PTX if K_PTX / V_PTX), each with its own dot.
     RUN_IF 1 / 2: run only if the PTX-decoded 4-bit tables are / are not all
     `symmetric_table`s (the launcher starts both variants; the other returns at once); 0:
-    always.
+    always. DEFER_SUM: keep the softmax sums per key slot, (BLOCK_N, BLOCK_M), and reduce them
+    once after the key loop instead of across warps every tile.
     """
     K_HALVES: tl.constexpr = K_W0 == 4 and K_W1 == 0
     V_HALVES: tl.constexpr = V_W0 == 4 and V_W1 == 0
@@ -131,7 +132,10 @@ def _attention_kernel(
     mask_base = mask_ptr + b * m_sb + head[None, :] * m_sh + qi[None, :] * m_sq
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if DEFER_SUM:
+        l_keys = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     if V_HALVES:  # coordinates k and V_SEGLEN + k
         acc = tl.zeros([V_SEG_PAD, BLOCK_M], tl.float32)
         acc_hi = tl.zeros([V_SEG_PAD, BLOCK_M], tl.float32)
@@ -172,7 +176,10 @@ def _attention_kernel(
         m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[None, :])
         alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 0)
+        if DEFER_SUM:
+            l_keys = l_keys * alpha[None, :] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
 
         vn = tl.load(vn_base + keys * vn_ss, mask=key_ok, other=0.0).to(tl.float32)
@@ -187,6 +194,8 @@ def _attention_kernel(
                                V_W1, V_W2, V_NSEG, V_SEGLEN, V_SEG_PAD, V_OFF1, V_OFF2, V_MODE)
             acc = acc * alpha[None, :] + tl.dot(tl.trans(vals.to(q.dtype)), pv)
 
+    if DEFER_SUM:
+        l_i = tl.sum(l_keys, 0)
     if SPLIT:  # rotated-domain partials (coordinate order) for `_merge_kernel`
         part = (pid_bh * tl.num_programs(2) + split) * R + rows
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
@@ -281,7 +290,7 @@ def _mode(bits: int) -> int:
     return TABLE.value
 
 
-DEEP_DECODE = dict(BLOCK_N=64, num_stages=3)  # decode tiles when `deep_pipeline` (config)
+DEEP_DECODE = dict(BLOCK_N=64, num_stages=3, DEFER_SUM=True)  # decode when `deep_pipeline`
 
 
 def wants_deep_decode(prod_keys: bool, v_bits: int) -> bool:
@@ -298,7 +307,8 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     (measured 1.1-1.2x at batch 32 / 32k, BENCHMARKS.md), with 128-key tiles in one stage;
     `deep_pipeline` (Prod keys, or values of other than 4 bits) takes 64-key tiles in three
     stages instead (measured 1.14-1.18x for Prod keys, 1.01-1.05x for MSE keys with 3-bit
-    values, BENCHMARKS.md 2026-12-04).
+    values, BENCHMARKS.md 2026-12-04) and `DEFER_SUM` (1.03-1.08x there; with 128-key tiles
+    it spills and was 1.06x slower).
     Splits fill at most one wave of `resident` programs per multiprocessor (4 for GPU decode:
     that many fit at 128 registers and <= 41 KB of shared memory each), never a partial
     second wave, whose few programs would take a whole split's time (measured 1.2-1.3x at
@@ -307,7 +317,7 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     """
     decode = rows <= 16
     cfg = dict(BLOCK_M=16 if decode else 64, BLOCK_N=128 if decode else 64, OUT_BLOCK=32,
-               num_warps=4, num_stages=2, resident=2)
+               DEFER_SUM=False, num_warps=4, num_stages=2, resident=2)
     if decode and device.type == "cuda":
         cfg.update(num_stages=1, maxnreg=128, resident=4)
         if deep_pipeline:

@@ -35,8 +35,7 @@ def _split_rows(mat_ptr, NSEG: tl.constexpr, SEGLEN: tl.constexpr, SEG_PAD: tl.c
 
 @triton.jit
 def _decompress_kernel(idx_ptr, i_sr, sign_ptr, s_sr, nrm_ptr, res_ptr, cent_ptr, rot_ptr,
-                       qjl_ptr, out_ptr, N, QJL_SCALE,
-                       D: tl.constexpr, M: tl.constexpr,
+                       qjl_ptr, out_ptr, N, QJL_SCALE, D: tl.constexpr,
                        K_W0: tl.constexpr, K_W1: tl.constexpr, K_W2: tl.constexpr,
                        K_NSEG: tl.constexpr, K_SEGLEN: tl.constexpr, K_SEG_PAD: tl.constexpr,
                        K_OFF1: tl.constexpr, K_OFF2: tl.constexpr,
@@ -167,7 +166,7 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0),
         norms.reshape(count), res.reshape(count), centroids.contiguous(),
         rotation.contiguous(), (qjl if has_qjl else rotation).contiguous(), out, count,
-        math.sqrt(math.pi / 2) / m, D=dim, M=m, **prefixed("K_", k_layout),
+        math.sqrt(math.pi / 2) / m, D=dim, **prefixed("K_", k_layout),
         S_NSEG=s_layout["NSEG"], S_SEGLEN=s_layout["SEGLEN"], S_SEG_PAD=s_layout["SEG_PAD"],
         HAS_QJL=has_qjl, BLOCK_N=block_n, OUT_BLOCK=out_block, num_warps=4)
     return out
