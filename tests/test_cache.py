@@ -121,9 +121,12 @@ def test_decode_graph_reads_the_packed_cache(key_quantizer, attention):
             layer.cumulative_length.fill_(8)
         sites, targets = [], []
 
+        lens = []
+
         def eager_rewrite(gm, example_inputs):
             sites.extend(rewrite_attention(gm))
             targets.extend(str(n.target) for n in gm.graph.nodes)
+            lens.extend(n.args[-1] for n in gm.graph.nodes if "tq.attention" in str(n.target))
             return gm.forward
 
         fused = torch.compile(model, backend=eager_rewrite, fullgraph=True)(
@@ -132,6 +135,11 @@ def test_decode_graph_reads_the_packed_cache(key_quantizer, attention):
         [("cache", key_quantizer, 4)] * 2
     assert not any("decompress" in t for t in targets)  # the packed cache is read directly
     assert sum("compress_into" in t for t in targets) == 4
+    # attention stops at each layer's written length (the counter after its update)
+    assert [n.target for n in lens] == [torch.ops.aten.repeat.default] * 2
+    assert all(n.args[0].op == "placeholder" and n.args[1] == [1] and
+               n.args[0].name.endswith(f"layers_{i}_cumulative_length")
+               for i, n in enumerate(lens))
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
 
 

@@ -191,6 +191,35 @@ def compressed_source(node: Node) -> Compressed | None:
     return Compressed(node, fields, length)
 
 
+def written_length(source: Compressed) -> Node | None:
+    """The 0-d counter of the slots written so far, if `source` reads buffers that a
+    TurboQuantCache update wrote earlier in this graph: `tq::compress_into` into its indices at
+    positions `arange(L) + counter`, then `counter.add_(L)`, both before the decompress. Slots
+    at and past the counter are unwritten, so attention can stop there. Else None."""
+    indices = source.fields.get("indices")
+    if not isinstance(indices, Node):
+        return None
+    order = {n: i for i, n in enumerate(indices.graph.nodes)}
+    compress_into = torch.ops.tq.compress_into
+    names = [a.name for a in compress_into.default._schema.arguments]
+    for write in indices.users:
+        if not _is_function(write, compress_into.default, compress_into):
+            continue
+        args = dict(zip(names, write.args), **write.kwargs)
+        positions = args.get("positions")
+        if args.get("indices") is not indices or not _is_function(positions, operator.add):
+            continue
+        steps, counter = positions.args
+        if not (_is_function(steps, torch.arange) and len(steps.args) == 1
+                and isinstance(steps.args[0], int) and counter.op == "placeholder"):
+            continue
+        bumps = [u for u in counter.users if _is_method(u, "add_")]
+        if (len(bumps) == 1 and bumps[0].args == (counter, steps.args[0])
+                and order[write] < order[bumps[0]] < order[source.decompress]):
+            return counter
+    return None
+
+
 def _finish(site: Attention, q_heads, k_heads, v_heads) -> Attention | str:
     """Shared proof obligations on the heads and the causal convention; sets the sources."""
     if any(getattr(value_of(x), "requires_grad", False) for x in
