@@ -119,9 +119,7 @@ def test_decode_graph_reads_the_packed_cache(key_quantizer, attention):
             for tensor, value in zip(layer.tensors(), saved):
                 tensor.copy_(value)
             layer.cumulative_length.fill_(8)
-        sites, targets = [], []
-
-        lens = []
+        sites, targets, lens = [], [], []
 
         def eager_rewrite(gm, example_inputs):
             sites.extend(rewrite_attention(gm))

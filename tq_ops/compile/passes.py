@@ -200,12 +200,13 @@ def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     k = {n: _field(build, ks, n) for n in ("indices", "norms", "signs", "residual_norms",
                                           "rotation", "centroids", "qjl")}
     v = {n: _field(build, vs, n) for n in ("indices", "norms", "rotation", "centroids")}
-    kv_lens = None
-    counter = patterns.written_length(ks) if site.attn_mask is not None else None
-    if counter is not None and ks.length is None:  # stop at the written slots (the mask hides
-        # the rest anyway): decode and prefill then cost the cache's fill, not its capacity
-        kv_lens = build.call(torch.ops.aten.repeat.default, counter,
-                             [value_of(k["indices"]).shape[0]])
+    kv_lens = None  # stop at the written slots (the mask hides the rest anyway): decode and
+    # prefill then cost the cache's fill, not its capacity
+    if site.attn_mask is not None and ks.length is None:
+        counter = patterns.written_length(ks)
+        if counter is not None:
+            kv_lens = build.call(torch.ops.aten.repeat.default, counter,
+                                 [value_of(k["indices"]).shape[0]])
     out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
                      k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
                      ks.fields["bits"], v["indices"], v["norms"], v["rotation"], v["centroids"],

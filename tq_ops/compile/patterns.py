@@ -199,7 +199,6 @@ def written_length(source: Compressed) -> Node | None:
     indices = source.fields.get("indices")
     if not isinstance(indices, Node):
         return None
-    order = {n: i for i, n in enumerate(indices.graph.nodes)}
     compress_into = torch.ops.tq.compress_into
     names = [a.name for a in compress_into.default._schema.arguments]
     for write in indices.users:
@@ -214,9 +213,10 @@ def written_length(source: Compressed) -> Node | None:
                 and isinstance(steps.args[0], int) and counter.op == "placeholder"):
             continue
         bumps = [u for u in counter.users if _is_method(u, "add_")]
-        if (len(bumps) == 1 and bumps[0].args == (counter, steps.args[0])
-                and order[write] < order[bumps[0]] < order[source.decompress]):
-            return counter
+        if len(bumps) == 1 and bumps[0].args == (counter, steps.args[0]):
+            order = {n: i for i, n in enumerate(indices.graph.nodes)}
+            if order[write] < order[bumps[0]] < order[source.decompress]:
+                return counter
     return None
 
 

@@ -436,9 +436,9 @@ def _configs():
             for m, w, st in ((64, 4, 2), (64, 4, 3), (128, 8, 2))]
 
 
-def _programs(device: torch.device) -> int:
-    """Programs to launch at most: two per SM; two when the interpreter runs on the CPU, so
-    tests cover the tile loop."""
+def persistent_programs(device: torch.device) -> int:
+    """Programs a persistent tile loop launches at most: two per SM; two when the interpreter
+    runs on the CPU, so tests cover the tile loop (compress, decompress)."""
     if device.type != "cuda":
         return 2
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -482,7 +482,7 @@ def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, 
         BLOCK_C=block_c)
     sgn = signs if signs is not None else indices
     res = residual_norms if residual_norms is not None else norms
-    programs = _programs(dev)
+    programs = persistent_programs(dev)
     tiles = lambda meta: batch * heads * triton.cdiv(seq, meta["BLOCK_M"])  # noqa: E731
     grid = lambda meta: (min(programs, tiles(meta)),)  # noqa: E731
     for sym in (True, False):  # one of the two returns at once (see _compress_kernel)

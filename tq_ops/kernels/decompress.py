@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, tile_coords
-from .compress import ROT_SCALE, UNIT_SCALE, split_f16
+from .compress import ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
 
 
 @triton.jit
@@ -123,14 +123,6 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     return out
 
 
-def _programs(device: torch.device) -> int:
-    """Row-tile programs per column block: two per SM; two on the CPU (the interpreter), so
-    tests cover the tile loop."""
-    if device.type != "cuda":
-        return 2
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, bits, dtype):
     """Packed (B, H, S, .) fields -> reconstruction (B, H, S, D) in `dtype`.
 
@@ -160,8 +152,8 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
     # registers without spills at head_dim 128 (bench/sass_stats.py-style offline builds).
     block_n, out_block = 64, min(triton.next_power_of_2(dim), 64 if has_qjl else 128)
     col_blocks = triton.cdiv(dim, out_block)
-    grid = (min(triton.cdiv(count, block_n), max(1, _programs(indices.device) // col_blocks)),
-            col_blocks)
+    grid = (min(triton.cdiv(count, block_n),
+                max(1, persistent_programs(indices.device) // col_blocks)), col_blocks)
     torch.library.wrap_triton(_decompress_kernel)[grid](
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0),
         norms.reshape(count), res.reshape(count), centroids.contiguous(),
