@@ -72,11 +72,11 @@ def cache(batch, length, k_bits, prod, v_bits):
     return k, v, nbytes
 
 
-def tq_call(query, k, v, is_causal, kv_lens, tune=None):
+def tq_call(query, k, v, is_causal, kv_lens, tune=None, mask=None):
     args = (query, k["k_indices"], k["k_norms"], k["k_signs"], k["k_residual_norms"],
             k["k_rotation"], k["k_centroids"], k["k_qjl"], k["k_bits"], v["v_indices"],
             v["v_norms"], v["v_rotation"], v["v_centroids"], v["v_bits"], DIM ** -0.5,
-            is_causal, None, kv_lens)
+            is_causal, mask, kv_lens)
     if tune is not None:
         return lambda: attention_kernels.fused_attention(*args, tune=tune)
     return lambda: torch.ops.tq.attention(*args)
@@ -132,9 +132,12 @@ def prefill_table(bw, lengths, rows_out):
           "kernel (`fused_attention`) is what decode, masks and ragged lengths use. "
           "Decompress: K and V (K4/V4 mse) to fp16, the first step of the tq mse call; its "
           "floor is packed bytes read + fp16 written at the copy bandwidth.\n")
+    print("Masked: the causal mask given as a bool tensor, so the call takes the fused kernel "
+          "(as a transformers prefill does); cache: that mask over twice as many slots, half "
+          "of them written (`kv_lens`), as a compiled `TurboQuantCache` prefill sees it.\n")
     print("| tokens | SDPA fp16 ms | tq K4/V4 prod ms | tq K4/V4 mse ms | fused kernel mse ms | "
-          "tq mse vs SDPA | decompress ms | its floor ms |")
-    print("|---|---|---|---|---|---|---|---|")
+          "masked mse ms | cache masked mse ms | tq mse vs SDPA | decompress ms | its floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for length in lengths:
         q = torch.randn(1, Q_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
         kk = torch.randn(1, KV_HEADS, length, DIM, device=CUDA, dtype=torch.float16)
@@ -146,12 +149,20 @@ def prefill_table(bw, lengths, rows_out):
             k, v, nbytes = cache(1, length, k_bits, prod, v_bits)
             times.append(timed(tq_call(q, k, v, True, None)))
         times.append(timed(tq_call(q, k, v, True, None, tune={})))
+        causal = torch.ones(length, length, device=CUDA, dtype=torch.bool).tril()
+        times.append(timed(tq_call(q, k, v, False, None, mask=causal)))
         unpack = timed(decompress_call(k, v))
+        del k, v
+        k, v, _ = cache(1, 2 * length, *CONFIGS[1][1:])
+        over_slots = torch.cat([causal, torch.zeros_like(causal)], 1)
+        lens = torch.full((1,), length, device=CUDA, dtype=torch.int32)
+        times.append(timed(tq_call(q, k, v, False, lens, mask=over_slots)))
         floor = (nbytes + 2 * kk.numel() * kk.element_size()) / bw / 1e9
         rows_out.append(dict(kind="prefill", length=length, sdpa=sdpa, tq=times,
                              decompress=unpack))
         print(f"| {length} | {sdpa:.3f} | {times[0]:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
-              f"{sdpa / times[1]:.2f} | {unpack:.3f} | {floor:.3f} |", flush=True)
+              f"{times[3]:.3f} | {times[4]:.3f} | {sdpa / times[1]:.2f} | {unpack:.3f} | "
+              f"{floor:.3f} |", flush=True)
 
 
 def sweep_row(label, ms_of, tune, nbytes, bw, rows_out) -> None:

@@ -7,9 +7,11 @@ The model has Llama-3.1-8B's layer shape (hidden 4096, 32 query / 8 kv heads of 
 per-layer work is that of the 8B model) and random fp16 (or --dtype bfloat16) weights. Both
 caches hold --context slots (default 32768), filled with random data, and the step attends
 over all of them, as a static cache does. Before timing, the compiled TurboQuant step is
-checked against the eager step (decompress + SDPA) on the same state.
+checked against the eager step (decompress + SDPA) on the same state. --fill N writes only N
+tokens: the fp16 step still attends over every slot (masked), the TurboQuant step reads the
+written ones (the compile pass's kv_lens).
 
-    PYTHONPATH=. python bench/decode_model.py [--layers 32] [--context 32768] [--out DIR]
+    PYTHONPATH=. python bench/decode_model.py [--layers 32] [--context 32768] [--fill N] [--out DIR]
 """
 
 import argparse
@@ -124,13 +126,19 @@ def main():
     parser.add_argument("--k-bits", type=int, default=4)
     parser.add_argument("--v-bits", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--fill", type=int, default=None,
+                        help="tokens written before timing (default: all but room for the steps)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     model = build(args.layers, "cuda", getattr(torch, args.dtype))
     token = torch.tensor([[1234]], device="cuda")
-    filled = args.context - 2 * (args.steps + 8)  # room for warm-up and timed steps
-    results = {"layers": args.layers, "context": args.context, "k_bits": args.k_bits,
+    room = 2 * (args.steps + 8)  # slots for warm-up and timed steps
+    filled = args.context - room if args.fill is None else args.fill
+    if not 0 < filled <= args.context - room:
+        parser.error(f"--fill must be in [1, {args.context - room}]")
+    results = {"layers": args.layers, "context": args.context, "filled": filled,
+               "k_bits": args.k_bits,
                "v_bits": args.v_bits, "dtype": args.dtype}
     with torch.no_grad():
         results.update(bench_turboquant(model, token, args, filled))
@@ -148,7 +156,8 @@ def main():
         json.dump(results, f, indent=1)
 
     print(f"\nLlama-3.1-8B-shaped decode step, {args.layers} layers, {args.dtype} weights, "
-          f"{args.context} cache slots, CUDA graphs, median of {args.steps} steps")
+          f"{args.context} cache slots ({filled} written), CUDA graphs, median of {args.steps} "
+          "steps")
     print(f"fused compiled step vs eager decompress+SDPA: rel. logits error "
           f"{results['tq_vs_eager_rel_err']:.2e}; rewritten sites: {len(results['tq_sites'])}; "
           f"cudagraph skips: {results['inductor_counters'].get('cudagraph_skips', 0)}")

@@ -190,7 +190,7 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
     args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
             v_bits, dim ** -0.5, is_causal, None, None)
     assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
-                                                   is_causal, None, None)
+                                                   None)
     out = attention_kernels.flash_prefill(*args)
     ref = reference.attention(query.float(), *args[1:])
     slack = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 0.0}[dtype]
@@ -198,22 +198,51 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
     assert rel_err(out, ref) < 3e-3 + slack
 
 
-def test_flash_prefill_only_where_sdpa_matches_the_semantics():
-    """Decode, masks, ragged lengths, causal chunks (bottom-right) and fp32 norms stay fused."""
+def test_flash_prefill_serves_prefills_with_bool_or_no_mask():
+    """Decode, float masks and fp32 norms stay fused; bool masks, ragged lengths and causal
+    chunks go to decompression + SDPA."""
     query = torch.zeros(1, 8, 32, 64, dtype=torch.float16)
     idx, norms = torch.zeros(1, 2, 32, 24, dtype=torch.uint8), torch.ones(1, 2, 32, 1).half()
     rot = torch.eye(64)
 
-    def applies(q=query, k_norms=norms, is_causal=True, mask=None, lens=None, kv_len=32):
-        return attention_kernels.flash_prefill_applies(q, idx[:, :, :kv_len], k_norms,
-                                                       norms[:, :, :kv_len], rot, is_causal,
-                                                       mask, lens)
-    assert applies() and applies(is_causal=False, kv_len=20)
-    assert not applies(q=query[:, :, :1])  # decode: 4 rows per KV head
-    assert not applies(kv_len=20)  # causal chunk: SDPA would align the mask top-left
-    assert not applies(mask=torch.ones(32, 32, dtype=torch.bool))
-    assert not applies(lens=torch.tensor([32]))
+    def applies(q=query, k_norms=norms, mask=None):
+        return attention_kernels.flash_prefill_applies(q, idx, k_norms, norms, rot, mask)
+    assert applies() and applies(mask=torch.ones(32, 32, dtype=torch.bool))
+    assert not applies(q=query[:, :, :4])  # decode: 16 rows per KV head
+    assert not applies(mask=torch.zeros(32, 32))
     assert not applies(k_norms=norms.float())
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([1, 2, 4]), st.integers(17, 40), st.integers(0, 30),
+       st.booleans(), st.sampled_from(["none", "shared", "per-head"]), st.booleans(),
+       st.sampled_from([torch.float16, torch.bfloat16]), st.integers(0, 99))
+def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys, is_causal,
+                                                mask_kind, ragged, dtype, seed):
+    """Decompression + SDPA per group head under every `tq::attention` masking rule: a bool
+    mask shared by all heads or per query head, ragged kv_lens, a causal chunk aligned
+    bottom-right; rows that see no key give zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_len = q_len + extra_keys
+    keys, k_rot, k_cent, _ = packed(gen, batch, 2, kv_len, 32, 3, False, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, 32, 2, False, 2)
+    query = (torch.randn(batch, 2 * group, q_len, 32, generator=gen) * 2).to(dtype)
+    heads = 2 * group if mask_kind == "per-head" else 1
+    mask = None
+    if mask_kind != "none":
+        mask = torch.rand(batch, heads, q_len, kv_len, generator=gen) > 0.3
+        mask[..., 0, :] = False  # an empty row
+    kv_lens = torch.randint(0, kv_len + 1, (batch,), generator=gen) if ragged else None
+    args = (query, keys[0], keys[1], None, None, k_rot, k_cent, None, 3, values[0], values[1],
+            v_rot, v_cent, 2, 32 ** -0.5, is_causal, mask, kv_lens)
+    assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
+                                                   mask)
+    out = attention_kernels.flash_prefill(*args)
+    ref = reference.attention(query.float(), *args[1:])
+    assert out.dtype == dtype and out.shape == ref.shape
+    empty = (ref == 0).all(-1)
+    assert (out[empty] == 0).all()
+    assert rel_err(out, ref) < 3e-3 + {torch.float16: 1e-3, torch.bfloat16: 4e-3}[dtype]
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -228,3 +257,21 @@ def test_attention_explicit_mask_and_empty_rows(kind):
                               kv_lens=torch.tensor([70, 0]) if kind == "float" else None)
     assert rel_err(out, ref) < 2e-3
     assert out[1, :, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attention_skips_tiles_the_mask_hides(kind):
+    """SKIP_EMPTY (prefill) skips key tiles that the mask hides for every row of a query
+    tile: a causal mask with a hidden 64-key band and a hidden row, 64-key tiles."""
+    gen = torch.Generator().manual_seed(17)
+    q_len, kv_len = 40, 150
+    keep = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    keep[:, :, :, 64:128] = False
+    keep[1, :, 3] = False
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
+                                                   float("-inf"))
+    out, ref = attention_case(gen, group=2, q_len=q_len, kv_len=kv_len, mask=mask,
+                              dtype=torch.float32, tune=dict(BLOCK_N=64, SKIP_EMPTY=True))
+    assert rel_err(out, ref) < 2e-3
+    assert out[1, :, 3].abs().max() == 0
+

@@ -52,7 +52,8 @@ def _attention_kernel(
         MASK_BOOL: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
         K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, K_PTX: tl.constexpr,
         V_PTX: tl.constexpr, RUN_IF: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr, DEFER_SUM: tl.constexpr):
+        BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr, DEFER_SUM: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr):
     """Attention of rows [pid_m * BLOCK_M, +BLOCK_M) of one KV head over one key split.
 
     q (B, HKV, R, DK) and sq (B, HKV, R, M) are in the dot dtype, pre-scaled by
@@ -144,55 +145,63 @@ def _attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        gamma = tl.zeros([BLOCK_N], tl.float32)
-        if HAS_QJL:
-            gamma = tl.load(kr_base + keys * kr_ss, mask=key_ok, other=0.0).to(tl.float32)
-        if K_HALVES:
-            lo, hi = nibble_halves(ki_base + keys[:, None] * ki_ss, key_ok, kc_ptr, k_words,
-                                   K_SEGLEN, K_SEG_PAD, K_PTX)
-            s = tl.dot(lo.to(q.dtype), q) + tl.dot(hi.to(q.dtype), q_hi)
-            if HAS_QJL:
-                s += qjl_logits(sq, ks_base + keys[:, None] * ks_ss, key_ok, gamma, S_NSEG,
-                                S_SEGLEN, S_SEG_PAD, S_MODE, "ieee")
-        else:
-            s = key_logits(q, sq, ki_base + keys[:, None] * ki_ss,
-                           ks_base + keys[:, None] * ks_ss, key_ok, gamma, kc_ptr, k_words,
-                           K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2, S_NSEG, S_SEGLEN,
-                           S_SEG_PAD, HAS_QJL, K_MODE, S_MODE, "ieee")
-        kn = tl.load(kn_base + keys * kn_ss, mask=key_ok, other=0.0).to(tl.float32)
-        s = s * kn[:, None]
         keep = key_ok[:, None] & row_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (keys[:, None] <= last[None, :])
+        bias = None
         if HAS_MASK:
             extra = tl.load(mask_base + keys[:, None] * m_sk, mask=keep, other=0)
             if MASK_BOOL:
                 keep = keep & (extra != 0)
             else:
-                s += extra.to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, -float("inf"))
+                bias = extra.to(tl.float32) * 1.4426950408889634
+                keep = keep & (bias != -float("inf"))
+        live = True
+        if SKIP_EMPTY:  # a tile the mask hides entirely changes nothing: skip its decode
+            live = tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0
+        if live:
+            gamma = tl.zeros([BLOCK_N], tl.float32)
+            if HAS_QJL:
+                gamma = tl.load(kr_base + keys * kr_ss, mask=key_ok, other=0.0).to(tl.float32)
+            if K_HALVES:
+                lo, hi = nibble_halves(ki_base + keys[:, None] * ki_ss, key_ok, kc_ptr, k_words,
+                                       K_SEGLEN, K_SEG_PAD, K_PTX)
+                s = tl.dot(lo.to(q.dtype), q) + tl.dot(hi.to(q.dtype), q_hi)
+                if HAS_QJL:
+                    s += qjl_logits(sq, ks_base + keys[:, None] * ks_ss, key_ok, gamma, S_NSEG,
+                                    S_SEGLEN, S_SEG_PAD, S_MODE, "ieee")
+            else:
+                s = key_logits(q, sq, ki_base + keys[:, None] * ki_ss,
+                               ks_base + keys[:, None] * ks_ss, key_ok, gamma, kc_ptr, k_words,
+                               K_W0, K_W1, K_W2, K_NSEG, K_SEGLEN, K_SEG_PAD, K_OFF1, K_OFF2,
+                               S_NSEG, S_SEGLEN, S_SEG_PAD, HAS_QJL, K_MODE, S_MODE, "ieee")
+            kn = tl.load(kn_base + keys * kn_ss, mask=key_ok, other=0.0).to(tl.float32)
+            s = s * kn[:, None]
+            if bias is not None:
+                s += bias
+            s = tl.where(keep, s, -float("inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[None, :])
-        alpha = tl.exp2(m_i - m_use)
-        if DEFER_SUM:
-            l_keys = l_keys * alpha[None, :] + p
-        else:
-            l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[None, :])
+            alpha = tl.exp2(m_i - m_use)
+            if DEFER_SUM:
+                l_keys = l_keys * alpha[None, :] + p
+            else:
+                l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
 
-        vn = tl.load(vn_base + keys * vn_ss, mask=key_ok, other=0.0).to(tl.float32)
-        pv = (p * vn[:, None]).to(q.dtype)
-        if V_HALVES:
-            lo, hi = nibble_halves(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, v_words,
-                                   V_SEGLEN, V_SEG_PAD, V_PTX)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(lo.to(q.dtype)), pv)
-            acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(hi.to(q.dtype)), pv)
-        else:
-            vals = decode_tile(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, v_words, V_W0,
-                               V_W1, V_W2, V_NSEG, V_SEGLEN, V_SEG_PAD, V_OFF1, V_OFF2, V_MODE)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(vals.to(q.dtype)), pv)
+            vn = tl.load(vn_base + keys * vn_ss, mask=key_ok, other=0.0).to(tl.float32)
+            pv = (p * vn[:, None]).to(q.dtype)
+            if V_HALVES:
+                lo, hi = nibble_halves(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, v_words,
+                                       V_SEGLEN, V_SEG_PAD, V_PTX)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(lo.to(q.dtype)), pv)
+                acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(hi.to(q.dtype)), pv)
+            else:
+                vals = decode_tile(vi_base + keys[:, None] * vi_ss, key_ok, vc_ptr, v_words, V_W0,
+                                   V_W1, V_W2, V_NSEG, V_SEGLEN, V_SEG_PAD, V_OFF1, V_OFF2, V_MODE)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(vals.to(q.dtype)), pv)
 
     if DEFER_SUM:
         l_i = tl.sum(l_keys, 0)
@@ -317,7 +326,7 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     """
     decode = rows <= 16
     cfg = dict(BLOCK_M=16 if decode else 64, BLOCK_N=128 if decode else 64, OUT_BLOCK=32,
-               DEFER_SUM=False, num_warps=4, num_stages=2, resident=2)
+               DEFER_SUM=False, SKIP_EMPTY=False, num_warps=4, num_stages=2, resident=2)
     if decode and device.type == "cuda":
         cfg.update(num_stages=1, maxnreg=128, resident=4)
         if deep_pipeline:
@@ -337,48 +346,71 @@ def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, 
 
     query (B, Hq, Lq, DK) float16/bfloat16/float32; packed K/V fields (B, Hkv, Lk, .);
     attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,) int or None.
-    Returns (B, Hq, Lq, DV) in the query dtype. Prefills without a mask or ragged lengths
-    (`flash_prefill_applies`) decompress K and V and run fp16 flash attention; everything else
-    runs the fused kernel (`fused_attention`).
+    Returns (B, Hq, Lq, DV) in the query dtype. Prefills with no mask or a bool one
+    (`flash_prefill_applies`) decompress K and V and run fp16 SDPA; everything else runs the
+    fused kernel (`fused_attention`).
     """
     args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
             k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
             is_causal, attn_mask, kv_lens)
-    if flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, is_causal,
-                             attn_mask, kv_lens):
+    if flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask):
         return flash_prefill(*args)
     return fused_attention(*args)
 
 
-def flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, is_causal, attn_mask,
-                          kv_lens) -> bool:
-    """Whether `flash_prefill` serves this call: more than 16 query rows per KV head, no
-    mask, no ragged lengths, causal only with as many queries as keys (SDPA aligns its causal
-    mask top-left), equal K/V head dims, fp16 norms (decompressed values then fit in fp16)."""
+def flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask) -> bool:
+    """Whether `flash_prefill` serves this call: more than 16 query rows per KV head, no mask
+    or a bool one, equal K/V head dims, fp16 norms (decompressed values then fit in fp16)."""
     _, q_heads, q_len, dk = query.shape
     kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
-    return (q_len * (q_heads // kv_heads) > 16 and kv_len > 0 and attn_mask is None
-            and kv_lens is None and (not is_causal or q_len == kv_len)
+    return (q_len * (q_heads // kv_heads) > 16 and kv_len > 0
+            and (attn_mask is None or attn_mask.dtype == torch.bool)
             and v_rotation.shape[0] == dk and k_norms.dtype == v_norms.dtype == torch.float16)
 
 
 def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                   k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
                   is_causal, attn_mask, kv_lens):
-    """Prefill as `decompress` of K and V to fp16 (B, Hkv, Lk, D) plus fp16 flash attention.
+    """Prefill as `decompress` of K and V to fp16 (B, Hkv, Lk, D) plus fp16 SDPA.
 
     Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
     tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V, 4 * D
     bytes per cached token per KV head (at D = 256 `decompress` also holds fp32 intermediates).
-    Same arguments as `attention` (attn_mask and kv_lens are None here).
+    Same arguments as `attention` (attn_mask None or bool). A plain call is one flash SDPA
+    (GQA); a bool mask, ragged lengths or a causal chunk with fewer queries than keys become one
+    bool mask (`_prefill_mask`) and one SDPA per group head (torch 2.11 runs masked GQA SDPA
+    on its O(Lq x Lk)-memory math backend).
     """
     keys = decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                       k_qjl, k_bits, torch.float16)
     values = decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits,
                         torch.float16)
-    out = F.scaled_dot_product_attention(query.to(torch.float16), keys, values,
-                                         is_causal=is_causal, scale=scale, enable_gqa=True)
+    query16 = query.to(torch.float16)
+    q_heads, q_len, kv_len = query.shape[1], query.shape[2], keys.shape[2]
+    if attn_mask is None and kv_lens is None and (not is_causal or q_len == kv_len):
+        out = F.scaled_dot_product_attention(query16, keys, values, is_causal=is_causal,
+                                             scale=scale, enable_gqa=True)
+        return out.to(query.dtype)
+    keep = _prefill_mask(q_len, kv_len, is_causal, attn_mask, kv_lens, query.device)
+    group = q_heads // keys.shape[1]
+    per_head = keep.shape[1] > 1
+    out = torch.stack([F.scaled_dot_product_attention(
+        query16[:, g::group], keys, values, scale=scale,
+        attn_mask=keep[:, g::group] if per_head else keep) for g in range(group)], 2)
+    out = out.flatten(1, 2).masked_fill(~keep.any(-1, keepdim=True), 0.0)
     return out.to(query.dtype)
+
+
+def _prefill_mask(q_len, kv_len, is_causal, attn_mask, kv_lens, device):
+    """Bool (B | 1, Hq | 1, Lq | 1, Lk): the keys each query sees under the `tq::attention`
+    semantics (kv_lens, bottom-right causal, attn_mask), as one mask."""
+    lengths = (torch.full((1,), kv_len, device=device) if kv_lens is None
+               else kv_lens.to(device=device, dtype=torch.long))[:, None, None, None]
+    key = torch.arange(kv_len, device=device)
+    keep = key < lengths
+    if is_causal:
+        keep = keep & (key <= lengths - q_len + torch.arange(q_len, device=device)[:, None])
+    return keep if attn_mask is None else keep & attn_mask
 
 
 def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
