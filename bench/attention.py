@@ -128,12 +128,12 @@ def decompress_call(k, v):
 
 def prefill_table(bw, lengths, rows_out):
     print("\n## Causal prefill (batch 1, Hq 32, Hkv 8, d 128, fp16 queries)\n")
-    print("`tq::attention` serves these by decompression + fp16 flash attention; the fused "
-          "kernel (`fused_attention`) is what decode, masks and ragged lengths use. "
+    print("`tq::attention` serves these by decompression + fp16 SDPA; the fused kernel "
+          "(`fused_attention`) is what decode and float masks use. "
           "Decompress: K and V (K4/V4 mse) to fp16, the first step of the tq mse call; its "
           "floor is packed bytes read + fp16 written at the copy bandwidth.\n")
-    print("Masked: the causal mask given as a bool tensor, so the call takes the fused kernel "
-          "(as a transformers prefill does); cache: that mask over twice as many slots, half "
+    print("Masked: the causal mask given as a bool tensor (as a transformers prefill does), "
+          "served by one SDPA per group head; cache: that mask over twice as many slots, half "
           "of them written (`kv_lens`), as a compiled `TurboQuantCache` prefill sees it.\n")
     print("| tokens | SDPA fp16 ms | tq K4/V4 prod ms | tq K4/V4 mse ms | fused kernel mse ms | "
           "masked mse ms | cache masked mse ms | tq mse vs SDPA | decompress ms | its floor ms |")

@@ -138,8 +138,7 @@ def main():
     if not 0 < filled <= args.context - room:
         parser.error(f"--fill must be in [1, {args.context - room}]")
     results = {"layers": args.layers, "context": args.context, "filled": filled,
-               "k_bits": args.k_bits,
-               "v_bits": args.v_bits, "dtype": args.dtype}
+               "k_bits": args.k_bits, "v_bits": args.v_bits, "dtype": args.dtype}
     with torch.no_grad():
         results.update(bench_turboquant(model, token, args, filled))
         print("turboquant:", {k: v for k, v in results.items() if k != "tq_sites"}, flush=True)

@@ -25,6 +25,7 @@ from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_lo
                     table_words, tile_coords, variant_runs)
 from .decompress import decompress
 from .queries import rotated_queries
+from ..reference import visible
 
 LOG2E = 1.4426950408889634
 
@@ -377,9 +378,9 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
     tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V, 4 * D
     bytes per cached token per KV head (at D = 256 `decompress` also holds fp32 intermediates).
     Same arguments as `attention` (attn_mask None or bool). A plain call is one flash SDPA
-    (GQA); a bool mask, ragged lengths or a causal chunk with fewer queries than keys become one
-    bool mask (`_prefill_mask`) and one SDPA per group head (torch 2.11 runs masked GQA SDPA
-    on its O(Lq x Lk)-memory math backend).
+    (GQA); a bool mask, ragged lengths or a causal chunk with fewer queries than keys become
+    one bool mask (`reference.visible` & attn_mask) and one SDPA per group head (torch 2.11
+    runs masked GQA SDPA on its O(Lq x Lk)-memory math backend).
     """
     keys = decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                       k_qjl, k_bits, torch.float16)
@@ -391,7 +392,9 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
         out = F.scaled_dot_product_attention(query16, keys, values, is_causal=is_causal,
                                              scale=scale, enable_gqa=True)
         return out.to(query.dtype)
-    keep = _prefill_mask(q_len, kv_len, is_causal, attn_mask, kv_lens, query.device)
+    keep = visible(query.shape[0], q_len, kv_len, is_causal, kv_lens, query.device)
+    if attn_mask is not None:
+        keep = keep & attn_mask
     group = q_heads // keys.shape[1]
     per_head = keep.shape[1] > 1
     out = torch.stack([F.scaled_dot_product_attention(
@@ -399,18 +402,6 @@ def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotati
         attn_mask=keep[:, g::group] if per_head else keep) for g in range(group)], 2)
     out = out.flatten(1, 2).masked_fill(~keep.any(-1, keepdim=True), 0.0)
     return out.to(query.dtype)
-
-
-def _prefill_mask(q_len, kv_len, is_causal, attn_mask, kv_lens, device):
-    """Bool (B | 1, Hq | 1, Lq | 1, Lk): the keys each query sees under the `tq::attention`
-    semantics (kv_lens, bottom-right causal, attn_mask), as one mask."""
-    lengths = (torch.full((1,), kv_len, device=device) if kv_lens is None
-               else kv_lens.to(device=device, dtype=torch.long))[:, None, None, None]
-    key = torch.arange(kv_len, device=device)
-    keep = key < lengths
-    if is_causal:
-        keep = keep & (key <= lengths - q_len + torch.arange(q_len, device=device)[:, None])
-    return keep if attn_mask is None else keep & attn_mask
 
 
 def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
