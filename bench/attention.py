@@ -134,7 +134,8 @@ def prefill_table(bw, lengths, rows_out):
           "floor is packed bytes read + fp16 written at the copy bandwidth.\n")
     print("Masked: the causal mask given as a bool tensor (as a transformers prefill does), "
           "served by one SDPA per group head; cache: that mask over twice as many slots, half "
-          "of them written (`kv_lens`), as a compiled `TurboQuantCache` prefill sees it.\n")
+          "of them written (`kv_lens`), as a compiled `TurboQuantCache` prefill sees it, "
+          "served by the fused kernel, which stops at `kv_lens`.\n")
     print("| tokens | SDPA fp16 ms | tq K4/V4 prod ms | tq K4/V4 mse ms | fused kernel mse ms | "
           "masked mse ms | cache masked mse ms | tq mse vs SDPA | decompress ms | its floor ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")

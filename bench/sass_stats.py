@@ -103,12 +103,12 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
                       **prefixed("V_", plane_layout(128, v_bits)),
                       **prefixed("S_", plane_layout(128 if prod else 16, 1)),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
-                      HAS_LENS=True, SPLIT=True, K_MODE=mode.get(k_bits, TABLE).value,
-                      V_MODE=mode.get(v_bits, TABLE).value,
+                      MASK_KEYS=False, HAS_LENS=True, SPLIT=True,
+                      K_MODE=mode.get(k_bits, TABLE).value, V_MODE=mode.get(v_bits, TABLE).value,
                       S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_bits == 4,
                       V_PTX=ptx and v_bits == 4, RUN_IF=1 if ptx and 4 in (k_bits, v_bits) else 0,
                       BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32,
-                      DEFER_SUM=tiles.get("DEFER_SUM", False))
+                      DEFER_SUM=tiles.get("DEFER_SUM", False), SKIP_EMPTY=False)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
                     lens_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,

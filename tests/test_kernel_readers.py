@@ -190,7 +190,7 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
     args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
             v_bits, dim ** -0.5, is_causal, None, None)
     assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
-                                                   None)
+                                                   None, None)
     out = attention_kernels.flash_prefill(*args)
     ref = reference.attention(query.float(), *args[1:])
     slack = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 0.0}[dtype]
@@ -199,22 +199,27 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
 
 
 def test_flash_prefill_serves_prefills_with_bool_or_no_mask():
-    """Decode, float masks and fp32 norms stay fused; bool masks, ragged lengths and causal
-    chunks go to decompression + SDPA."""
+    """Decode, float masks, fp32 norms and prefills into a cache of at least twice as many
+    slots as queries (kv_lens) stay fused; bool masks, ragged lengths and causal chunks go to
+    decompression + SDPA."""
     query = torch.zeros(1, 8, 32, 64, dtype=torch.float16)
     idx, norms = torch.zeros(1, 2, 32, 24, dtype=torch.uint8), torch.ones(1, 2, 32, 1).half()
     rot = torch.eye(64)
 
-    def applies(q=query, k_norms=norms, mask=None):
-        return attention_kernels.flash_prefill_applies(q, idx, k_norms, norms, rot, mask)
+    def applies(q=query, k_norms=norms, mask=None, kv_lens=None):
+        return attention_kernels.flash_prefill_applies(q, idx, k_norms, norms, rot, mask,
+                                                       kv_lens)
     assert applies() and applies(mask=torch.ones(32, 32, dtype=torch.bool))
+    assert applies(q=query[:, :, :17], kv_lens=torch.tensor([32]))  # 32 < 2 x 17 slots
+    assert not applies(q=query[:, :, :16], kv_lens=torch.tensor([32]))
+    assert applies(q=query[:, :, :16])  # no kv_lens: every slot is a key
     assert not applies(q=query[:, :, :4])  # decode: 16 rows per KV head
     assert not applies(mask=torch.zeros(32, 32))
     assert not applies(k_norms=norms.float())
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(1, 2), st.sampled_from([1, 2, 4]), st.integers(17, 40), st.integers(0, 30),
+@given(st.integers(1, 2), st.sampled_from([1, 2, 4]), st.integers(17, 40), st.integers(0, 16),
        st.booleans(), st.sampled_from(["none", "shared", "per-head"]), st.booleans(),
        st.sampled_from([torch.float16, torch.bfloat16]), st.integers(0, 99))
 def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys, is_causal,
@@ -236,7 +241,7 @@ def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys,
     args = (query, keys[0], keys[1], None, None, k_rot, k_cent, None, 3, values[0], values[1],
             v_rot, v_cent, 2, 32 ** -0.5, is_causal, mask, kv_lens)
     assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
-                                                   mask)
+                                                   mask, kv_lens)
     out = attention_kernels.flash_prefill(*args)
     ref = reference.attention(query.float(), *args[1:])
     assert out.dtype == dtype and out.shape == ref.shape
@@ -257,6 +262,22 @@ def test_attention_explicit_mask_and_empty_rows(kind):
                               kv_lens=torch.tensor([70, 0]) if kind == "float" else None)
     assert rel_err(out, ref) < 2e-3
     assert out[1, :, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_attention_mask_shared_by_all_rows(kind, q_len):
+    """A (B, 1, 1, Lk) mask (a decode or padding mask) is read once per key (MASK_KEYS) and
+    applied to every head and query row, with kv_lens; a sequence it hides gives zeros."""
+    gen = torch.Generator().manual_seed(19 + q_len)
+    keep = torch.rand(2, 1, 1, 150, generator=gen) > 0.4
+    keep[1] = False
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
+                                                   float("-inf"))
+    out, ref = attention_case(gen, q_len=q_len, mask=mask, dtype=torch.float32,
+                              kv_lens=torch.tensor([120, 150]))
+    assert rel_err(out, ref) < 2e-3
+    assert out[1].abs().max() == 0 and out[0].abs().min() > 0
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
