@@ -152,11 +152,11 @@ def _attention_kernel(
         if IS_CAUSAL:
             keep = keep & (keys[:, None] <= last[None, :])
         bias = None
-        if HAS_MASK and MASK_KEYS:  # one value per key, shared by every row of the tile
-            extra = tl.load(mask_ptr + b * m_sb + keys * m_sk, mask=key_ok, other=0)[:, None]
-        elif HAS_MASK:
-            extra = tl.load(mask_base + keys[:, None] * m_sk, mask=keep, other=0)
         if HAS_MASK:
+            if MASK_KEYS:  # one value per key, shared by every row of the tile
+                extra = tl.load(mask_ptr + b * m_sb + keys * m_sk, mask=key_ok, other=0)[:, None]
+            else:
+                extra = tl.load(mask_base + keys[:, None] * m_sk, mask=keep, other=0)
             if MASK_BOOL:
                 keep = keep & (extra != 0)
             else:
