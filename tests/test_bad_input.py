@@ -5,6 +5,7 @@ import torch
 
 from conftest import compress, key_fields, quantizer, root_cause
 from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2, TurboQuantProd
+from tq_ops.packing import pack, packed_bytes
 
 QUANT = quantizer("prod", 16, 3)
 X = torch.randn(1, 2, 4, 16)
@@ -75,3 +76,48 @@ def test_overflowing_norm_is_refused_not_stored_as_inf():
     assert torch.isfinite(x_hat).all()
     with pytest.raises(ValueError, match="non-finite"):
         quant.quantize(torch.full((1, 1, 1, 16), float("nan")))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: TurboQuantCompressorV2(head_dim=16.0), "head_dim must be an int in"),  # was "qjl_dim"
+    (lambda: TurboQuantCompressorV2(head_dim=4, bits=1), "head_dim must be an int in"),
+    (lambda: TurboQuantProd(16.0, 3), "dim must be an int in"),
+    (lambda: TurboQuantProd(True, 1), "dim must be an int in"),  # was a randn() TypeError
+    (lambda: TurboQuantProd(0, 1), "dim must be an int in"),
+    (lambda: TurboQuantProd(16, 3, qjl_dim=True), "qjl_dim must be a positive int"),
+])
+def test_dim_is_checked_first_and_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("bits", [9, 12, 16, -1, 3.0])
+def test_packing_refuses_bits_out_of_range(bits):
+    """packed_bytes(16, 12) was 8 (the 4-bit plane only), pack(codes, 9) kept 1 bit."""
+    with pytest.raises(ValueError, match="bits must be an int in \\[0, 8\\]"):
+        packed_bytes(16, bits)
+    with pytest.raises(ValueError, match="bits must be an int"):
+        pack(torch.zeros(1, 16, dtype=torch.int32), bits)
+
+
+def attention_call(kv_lens, kv_heads=2):
+    vq = quantizer("mse", 16, 2, seed=1)
+    x = torch.randn(2, kv_heads, 6, 16, generator=torch.Generator().manual_seed(0))
+    k_fields = key_fields(QUANT, compress(QUANT, x))
+    query = torch.randn(2, 2 * kv_heads, 3, 16)
+    return torch.ops.tq.attention(query, *k_fields, *compress(vq, x)[:2], vq.rotation,
+                                  vq.centroids, vq.index_bits, 0.25, True, None, kv_lens)
+
+
+@pytest.mark.parametrize("kv_lens", [[7, 6], [6, -1]])
+def test_attention_kv_lens_beyond_the_keys(kv_lens):
+    """kv_lens > Lk: the reference shifted the causal diagonal by kv_lens, the CUDA kernel by
+    min(kv_lens, Lk), so CPU and GPU gave different outputs; now refused."""
+    with pytest.raises(ValueError, match="kv_lens must lie in \\[0, 6\\]"):
+        attention_call(torch.tensor(kv_lens))
+    assert attention_call(torch.tensor([6, 0])).shape == (2, 4, 3, 16)  # the bounds are fine
+
+
+def test_attention_with_zero_kv_heads_names_the_problem():
+    with pytest.raises(ValueError, match="0 heads"):  # was ZeroDivisionError
+        attention_call(None, kv_heads=0)

@@ -158,3 +158,37 @@ def test_inductor_hook_fuses_cache_attention(caplog):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert [s.source for s in hook.sites] == ["cache", "cache"]
     assert "rewrote attention" in caplog.text
+
+
+def test_bad_cache_arguments_and_states_name_the_problem():
+    config = transformers.LlamaConfig(**SMALL)
+    for bad in (dict(max_cache_len=-1), dict(max_cache_len=2.5), dict(max_batch_size=0)):
+        with pytest.raises(ValueError, match="must be a positive int"):  # was a torch error
+            TurboQuantCache(config=config, **{"max_cache_len": 4, **bad})
+    with pytest.raises(ValueError, match="qjl_dim applies to key_quantizer='prod' only"):
+        TurboQuantCache(config=config, max_cache_len=4, qjl_dim=8)  # was silently ignored
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+    keys = torch.randn(1, 2, 2, 16)
+    for values in (torch.randn(1, 2, 2, 8), torch.randn(1, 1, 2, 16), torch.randn(1, 2, 3, 16)):
+        with pytest.raises(ValueError, match="value states of shape"):
+            cache.update(keys, values, 0)
+    assert int(cache.get_seq_length(0)) == 0 and cache.layers[0].k_norms.abs().max() == 0
+
+
+def test_update_refuses_norms_beyond_norm_dtype_instead_of_storing_inf():
+    """Keys with norm > 65504 were stored as inf norms (NaN attention), unlike the quantizers."""
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+    keys, values = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
+    with pytest.raises(ValueError, match="norm_dtype=torch.float32"):
+        cache.update(keys * 1e5, values, 0)
+    layer = cache.layers[0]
+    assert int(cache.get_seq_length(0)) == 0
+    assert all(t.abs().max() == 0 for t in layer.tensors())  # the slots stay unwritten
+    k_hat, _ = cache.update(keys, values, 0)
+    assert int(cache.get_seq_length(0)) == 2 and torch.isfinite(k_hat).all()
+    wide = TurboQuantCache(config=config, max_cache_len=4, norm_dtype=torch.float32)
+    k_big, _ = wide.update(keys * 1e5, values, 0)
+    k_ref, _ = TurboQuantCache(config=config, max_cache_len=4,
+                               norm_dtype=torch.float32).update(keys, values, 0)
+    assert ((k_big[:, :, :2] - k_ref[:, :, :2] * 1e5).norm() / k_big.norm()).item() < 1e-3

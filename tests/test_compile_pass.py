@@ -130,9 +130,40 @@ def test_explicit_matmul_softmax_attention(fn, kv_heads, kind):
                                rtol=1e-5, atol=1e-5)
 
 
+def keyword_spellings(q, k, v, mask):
+    """Every step of both attention forms with its tensors passed by keyword."""
+    w = torch.mul(input=q @ torch.transpose(input=k, dim0=-1, dim1=-2), other=0.25)
+    w = F.softmax(input=torch.add(input=w, other=mask), dim=-1)
+    x = torch.matmul(input=F.dropout(input=w, p=0.0), other=v)
+    k2, v2 = (torch.repeat_interleave(input=t[:, :HKV], repeats=2, dim=1) for t in (k, v))
+    return x + F.scaled_dot_product_attention(query=q, key=k2, value=v2, attn_mask=mask)
+
+
+def test_keyword_argument_spellings_are_rewritten():
+    q, k, v = qkv(HQ)
+    mask = randn(B, 1, L, L, seed=3)
+    out, sites, _ = rewrite_and_run(keyword_spellings, q, k, v, mask)
+    assert [s.kind for s in sites] == ["matmul", "sdpa+repeat_kv"]
+    config = TurboQuantConfig()
+    expected = (simulate(config, 0, q, k, v, 0.25, mask=mask)
+                + simulate(config, 1, q, k[:, :HKV], v[:, :HKV], 0.25, mask=mask))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def escaping_weights(q, k, v, mask):
     w = F.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
     return w @ v, w
+
+
+def mask_written_mid_attention(q, k, v):
+    mask = torch.zeros(q.shape[2], k.shape[2])
+    w = F.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, dim=-1)
+    mask[:, 0] = -math.inf  # after the logits: the original attention never sees it
+    return w @ v
+
+
+def one_head_repeated(t):
+    return t[:, :1].repeat_interleave(HQ, dim=1)
 
 
 UNPROVABLE = {
@@ -145,7 +176,21 @@ UNPROVABLE = {
                           "dim 2"),
     "bool_added": (lambda q, k, v: F.softmax(q @ k.transpose(-1, -2) + (k[:, :, :, 0] > 0)[
         :, :, None], dim=-1) @ v, L, "floating mask"),
+    "sdpa_batch_broadcast": (lambda q, k, v: F.scaled_dot_product_attention(q[:1], k, v), L,
+                             "batch sizes"),
+    "matmul_batch_broadcast": (lambda q, k, v: F.softmax(q @ k[:1].transpose(-1, -2), dim=-1)
+                               @ v[:1], L, "batch sizes"),
+    "sdpa_head_broadcast": (lambda q, k, v: F.scaled_dot_product_attention(
+        q[:, :1], one_head_repeated(k), one_head_repeated(v)), L, "head counts differ"),
+    "head_dim_4": (lambda q, k, v: F.scaled_dot_product_attention(q[..., :4], k[..., :4],
+                                                                  v[..., :4]), L, "outside"),
+    "mask_written_mid_attention": (mask_written_mid_attention, L, "in-place"),
+    "active_dropout": (lambda q, k, v: F.dropout(F.softmax(q @ k.transpose(-1, -2), dim=-1),
+                                                 0.5, training=True) @ v, L, "inactive dropout"),
+    "head_mask": (lambda q, k, v: (F.softmax(q @ k.transpose(-1, -2), dim=-1) * q[:, :, :1, :1])
+                  @ v, L, "neither a cast"),
 }
+RANDOM = ("dropout", "active_dropout")
 
 
 @pytest.mark.parametrize("case", [*UNPROVABLE, "requires_grad"])
@@ -158,8 +203,21 @@ def test_unprovable_sites_are_left_alone_and_logged(case, caplog):
         out, sites, _ = rewrite_and_run(fn, q, k, v)
     assert sites == []
     assert any(reason in r.getMessage() for r in caplog.records), caplog.text
-    if case != "dropout":
+    if case not in RANDOM:
         torch.testing.assert_close(out, fn(q, k, v), rtol=0, atol=0)
+
+
+def test_dynamic_head_dim_is_left_alone(caplog):
+    def attend(q, k, v):
+        return F.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+
+    q, k, v = qkv(HQ)
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 3)
+    with caplog.at_level(logging.WARNING, logger="tq_ops"):
+        out, sites, _ = rewrite_and_run(attend, q, k, v)
+    assert sites == [] and "head_dim is not static" in caplog.text
+    torch.testing.assert_close(out, attend(q, k, v), rtol=0, atol=0)
 
 
 def test_graph_without_attention_is_unchanged():

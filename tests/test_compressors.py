@@ -1,5 +1,6 @@
 """The seed-compatible API: the documented examples, field names, real bytes."""
 
+import pytest
 import torch
 
 from tq_ops import (CompressedKeys, CompressedValues, TurboQuantCompressorMSE,
@@ -66,3 +67,48 @@ def test_scores_are_unbiased_over_the_random_matrices():
     err = estimates - truth
     assert err.mean().abs() < 3 * err.std() / 300**0.5
     assert err.mean().abs() < 0.03 * abs(truth)
+
+
+def test_float64_is_compressed_as_float32_and_returned_as_float64():
+    """The earlier package computed float64 input in float32 (`.float()`) and cast back."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 5, 64, dtype=torch.float64, generator=gen)
+    query = torch.randn(1, 4, 3, 64, dtype=torch.float64, generator=gen)
+    kc, vc = TurboQuantCompressorV2(64, bits=4), TurboQuantCompressorMSE(64, bits=3)
+    ck, ck32 = kc.compress(keys), kc.compress(keys.float())
+    assert ck.original_dtype == torch.float64 and torch.equal(ck.indices, ck32.indices)
+    k_hat = kc.decompress(ck)
+    assert k_hat.dtype == torch.float64
+    torch.testing.assert_close(k_hat, kc.decompress(ck32).double())
+    scores = kc.asymmetric_attention_scores(query, ck)
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, kc.asymmetric_attention_scores(query.float(), ck).double())
+    v_hat = vc.decompress(vc.compress(keys))
+    assert v_hat.dtype == torch.float64
+    assert ((v_hat - keys).norm() / keys.norm()).item() ** 2 < 0.05  # 3-bit D_mse = 0.034
+
+
+def test_norm_dtype_stores_norms_beyond_float16():
+    """The overflow error says "pass norm_dtype=torch.float32": the compressors take it."""
+    keys = torch.randn(1, 2, 4, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="norm_dtype=torch.float32"):
+        TurboQuantCompressorV2(64).compress(keys * 1e5)
+    for comp_type in (TurboQuantCompressorV2, TurboQuantCompressorMSE):
+        wide = comp_type(64, bits=4, norm_dtype=torch.float32)
+        big, small = wide.compress(keys * 1e5), wide.compress(keys)
+        assert big.norms.dtype == torch.float32 and torch.equal(big.indices, small.indices)
+        torch.testing.assert_close(big.norms, keys.norm(dim=-1, keepdim=True) * 1e5)
+        want = wide.decompress(small) * 1e5  # (a few QJL signs of near-0 projections flip)
+        assert ((wide.decompress(big) - want).norm() / want.norm()).item() < 1e-3
+
+
+def test_a_compressor_refuses_the_other_container():
+    keys = torch.randn(1, 2, 4, 64)
+    kc, vc = TurboQuantCompressorV2(64, bits=3), TurboQuantCompressorMSE(64, bits=2)
+    ck, cv = kc.compress(keys), vc.compress(keys)  # same packed index width (2 bits)
+    with pytest.raises(TypeError, match="compressed must be a CompressedValues"):
+        vc.decompress(ck)  # used to decode the keys' MSE part with the wrong rotation
+    with pytest.raises(TypeError, match="compressed must be a CompressedKeys"):
+        kc.decompress(cv)
+    with pytest.raises(TypeError, match="compressed must be a CompressedKeys"):
+        kc.asymmetric_attention_scores(keys, cv)

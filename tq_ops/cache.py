@@ -17,6 +17,7 @@ step. Compiled with the "turboquant" backend, the pass fuses "decompress, then a
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import checks
 from .compile.passes import DEFAULT_KEY_QUANTIZER, KEY_QUANTIZERS
 from .packing import packed_bytes
 from .quantizer import TurboQuantMSE, TurboQuantProd
@@ -75,9 +76,12 @@ class TurboQuantLayer(CacheLayerMixin):
         """Buffers exist from construction; only check that the states fit them."""
         expected = (self.batch_size, self.num_heads, self.head_dim)
         got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
-        if got != expected or value_states.shape[-1] != self.head_dim:
+        if key_states.dim() != 4 or got != expected:
             raise ValueError(f"TurboQuantCache holds (batch, kv_heads, head_dim) = {expected}, "
                              f"got key states of shape {tuple(key_states.shape)}")
+        if value_states.shape != key_states.shape:
+            raise ValueError(f"value states of shape {tuple(value_states.shape)} must have the "
+                             f"key states' shape {tuple(key_states.shape)}")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +96,14 @@ class TurboQuantLayer(CacheLayerMixin):
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_bits, positions, self.v_indices, self.v_norms, None,
                                    None)
+        if checks.can_sync(positions):  # eager: refuse inf/NaN norms, as the quantizers do
+            written = [t.index_select(2, positions) for t in (self.k_norms, self.v_norms)]
+            try:
+                checks.finite_norms(torch.cat(written, -1), self.k_norms.dtype)
+            except ValueError:
+                for tensor in self.tensors():
+                    tensor.index_fill_(2, positions, 0)  # unwritten slots stay zero
+                raise
         self.cumulative_length.add_(length)  # after the writes: a full cache raises, unchanged
         keys = torch.ops.tq.decompress(self.k_indices, self.k_norms, self.k_signs,
                                        self.k_residual_norms, self.k_rotation, self.k_centroids,
@@ -140,6 +152,12 @@ class TurboQuantCache(Cache):
         if key_quantizer not in KEY_QUANTIZERS:
             raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, "
                              f"got {key_quantizer!r}")
+        if qjl_dim is not None and key_quantizer != "prod":
+            raise ValueError(f"qjl_dim applies to key_quantizer='prod' only, got "
+                             f"key_quantizer={key_quantizer!r}")
+        for name, value in (("max_cache_len", max_cache_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         text = config.get_text_config(decoder=True)
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads

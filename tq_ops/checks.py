@@ -7,6 +7,7 @@ and at trace time (on fake tensors), raising TypeError / ValueError that name th
 import torch
 from torch import Tensor
 
+from .codebook import MAX_DIM, MIN_DIM
 from .packing import packed_bytes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -21,6 +22,25 @@ def tensor(name: str, value, *, ndim: int | None = None, dtypes=None) -> None:
         raise TypeError(f"{name} must have dtype in ({wanted}), got {value.dtype}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+
+
+def head_dim(name: str, value) -> None:
+    if type(value) is not int or not MIN_DIM <= value <= MAX_DIM:
+        raise ValueError(f"{name} must be an int in [{MIN_DIM}, {MAX_DIM}], got {value!r}")
+
+
+def finite_norms(norms: Tensor, norm_dtype: torch.dtype) -> None:
+    """Eager-only guard: a norm that overflowed norm_dtype (or a NaN input) is lost data."""
+    if can_sync(norms) and not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"input has non-finite values or a vector norm beyond the {norm_dtype} "
+                         "range; pass norm_dtype=torch.float32 to store larger norms")
+
+
+def can_sync(value: Tensor) -> bool:
+    """Whether a check of tensor values (a host sync) may run: a plain tensor in eager mode,
+    not while tracing or while a CUDA graph is being captured (a sync there is an error)."""
+    return (type(value) is Tensor and not torch.compiler.is_compiling()
+            and not (value.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def same_device(reference: Tensor, **tensors: Tensor | None) -> None:
@@ -70,6 +90,8 @@ def compressed(prefix: str, lead: tuple, dim, bits: int, qjl: Tensor | None, ind
 
 
 def grouped_heads(query: Tensor, kv_heads) -> None:
+    if kv_heads == 0:
+        raise ValueError("the compressed keys/values have 0 heads; attention needs at least 1")
     if query.shape[1] % kv_heads != 0:
         raise ValueError(f"query has {query.shape[1]} heads, which is not a multiple of the "
                          f"{kv_heads} key/value heads")

@@ -1,8 +1,10 @@
 """KV-cache compressors with the API of `turboquant_vllm.compressors`, on bit-packed storage.
 
-Tensors are (batch, heads, seq_len, head_dim). Unlike the earlier package, indices are
-bit-packed uint8 (not one int64 per coordinate), norms are float16, the QJL correction is
-unbiased, and scoring never allocates (q_len x kv_len x head_dim).
+Tensors are (batch, heads, seq_len, head_dim), float16 / bfloat16 / float32 / float64 (as
+in the earlier package, float64 is computed in float32 and returned in float64). Unlike the
+earlier package, indices are bit-packed uint8 (not one int64 per coordinate), norms are
+float16 (`norm_dtype`), the QJL correction is unbiased, and scoring never allocates
+(q_len x kv_len x head_dim).
 """
 
 from dataclasses import dataclass, fields
@@ -12,6 +14,13 @@ from torch import Tensor
 
 from . import checks
 from .quantizer import TurboQuantMSE, TurboQuantProd
+
+_DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _narrow(x: Tensor) -> Tensor:
+    """float64 -> float32 (the ops' widest dtype); other dtypes unchanged."""
+    return x.float() if x.dtype == torch.float64 else x
 
 
 class _Sized:
@@ -49,42 +58,56 @@ class CompressedValues(_Sized):
 
 
 class _Compressor:
-    """Holds one quantizer; `_compress` validates (batch, heads, seq, head_dim) input."""
+    """Holds one quantizer; `_compress` validates (batch, heads, seq, head_dim) input.
+
+    norm_dtype: dtype of the stored norms; float32 holds norms beyond the float16 range.
+    """
 
     quantizer_type: type
+    container: type
 
-    def __init__(self, head_dim: int, bits: int = 3, seed: int = 42):
-        self.quantizer = self.quantizer_type(head_dim, bits, seed)
+    def __init__(self, head_dim: int, bits: int = 3, seed: int = 42, *,
+                 norm_dtype: torch.dtype = torch.float16):
+        checks.head_dim("head_dim", head_dim)
+        self.quantizer = self.quantizer_type(head_dim, bits, seed, norm_dtype=norm_dtype)
         self.bits, self.head_dim = bits, head_dim
 
     def _check(self, name: str, x) -> None:
-        checks.tensor(name, x, ndim=4, dtypes=checks.FLOAT_DTYPES)
+        checks.tensor(name, x, ndim=4, dtypes=_DTYPES)
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"{name} has head_dim {x.shape[-1]}, the compressor expects "
                              f"{self.head_dim}")
 
-    def _compress(self, name: str, x, container):
+    def _compress(self, name: str, x):
         self._check(name, x)
-        return container(*self.quantizer.quantize(x), original_dtype=x.dtype)
+        return self.container(*self.quantizer.quantize(_narrow(x)), original_dtype=x.dtype)
+
+    def _check_compressed(self, compressed) -> torch.dtype:
+        """The dtype the ops reconstruct in for `compressed` (float32 for float64)."""
+        if not isinstance(compressed, self.container):
+            raise TypeError(f"compressed must be a {self.container.__name__} (from "
+                            f"{type(self).__name__}.compress), got {type(compressed).__name__}")
+        dtype = compressed.original_dtype
+        return torch.float32 if dtype == torch.float64 else dtype
 
 
 class TurboQuantCompressorV2(_Compressor):
     """Key compressor: TurboQuantProd ((bits-1)-bit MSE + 1-bit QJL), unbiased q.k scores."""
 
-    quantizer_type = TurboQuantProd
+    quantizer_type, container = TurboQuantProd, CompressedKeys
 
     def compress(self, keys: Tensor) -> CompressedKeys:
         """keys (batch, heads, seq_len, head_dim) -> CompressedKeys."""
-        return self._compress("keys", keys, CompressedKeys)
+        return self._compress("keys", keys)
 
     def decompress(self, compressed: CompressedKeys) -> Tensor:
         """Reconstruction (MSE part + QJL term) in the original dtype.
 
         For attention prefer `asymmetric_attention_scores`, which never reconstructs keys.
         """
-        c = compressed
-        return self.quantizer.dequantize(c.indices, c.norms, c.qjl_signs, c.residual_norms,
-                                         c.original_dtype)
+        c, dtype = compressed, self._check_compressed(compressed)
+        out = self.quantizer.dequantize(c.indices, c.norms, c.qjl_signs, c.residual_norms, dtype)
+        return out.to(c.original_dtype)
 
     def asymmetric_attention_scores(self, query: Tensor, compressed: CompressedKeys) -> Tensor:
         """Unscaled logits (batch, heads, q_len, kv_len) in the query dtype.
@@ -92,20 +115,24 @@ class TurboQuantCompressorV2(_Compressor):
         query (batch, q_heads, q_len, head_dim); q_heads a multiple of the key heads (GQA).
         """
         self._check("query", query)
+        self._check_compressed(compressed)
         c = compressed
-        return self.quantizer.scores(query, c.indices, c.norms, c.qjl_signs, c.residual_norms)
+        out = self.quantizer.scores(_narrow(query), c.indices, c.norms, c.qjl_signs,
+                                    c.residual_norms)
+        return out.to(query.dtype)
 
 
 class TurboQuantCompressorMSE(_Compressor):
     """Value compressor: TurboQuantMSE, `bits` bits per coordinate."""
 
-    quantizer_type = TurboQuantMSE
+    quantizer_type, container = TurboQuantMSE, CompressedValues
 
     def compress(self, values: Tensor) -> CompressedValues:
         """values (batch, heads, seq_len, head_dim) -> CompressedValues."""
-        return self._compress("values", values, CompressedValues)
+        return self._compress("values", values)
 
     def decompress(self, compressed: CompressedValues) -> Tensor:
         """Reconstruction (batch, heads, seq_len, head_dim) in the original dtype."""
-        return self.quantizer.dequantize(compressed.indices, compressed.norms,
-                                         compressed.original_dtype)
+        dtype = self._check_compressed(compressed)
+        out = self.quantizer.dequantize(compressed.indices, compressed.norms, dtype)
+        return out.to(compressed.original_dtype)

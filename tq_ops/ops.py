@@ -93,7 +93,7 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
     if positions.shape[0] != length:
         raise ValueError(f"positions must have one entry per token ({length}), "
                          f"got shape {tuple(positions.shape)}")
-    eager = type(positions) is Tensor and not torch.compiler.is_compiling()
+    eager = checks.can_sync(positions)  # not while tracing or capturing a CUDA graph
     if eager and length and bool(((positions < 0) | (positions >= capacity)).any()):
         raise IndexError(f"positions must lie in [0, {capacity}) (the buffer capacity), got "
                          f"range [{int(positions.min())}, {int(positions.max())}]")
@@ -188,6 +188,11 @@ def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -
     if kv_lens is not None:
         checks.tensor("kv_lens", kv_lens, ndim=1, dtypes=(torch.int32, torch.int64))
         checks.shape("kv_lens", kv_lens, (full[0],))
+        # eager only (a host sync): outside [0, Lk] the CUDA kernel and the reference disagree
+        eager = checks.can_sync(kv_lens)
+        if eager and full[0] and bool(((kv_lens < 0) | (kv_lens > full[3])).any()):
+            raise ValueError(f"kv_lens must lie in [0, {full[3]}] (the key length), got range "
+                             f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
 
 
 @triton_op("tq::attention", mutates_args=())

@@ -10,6 +10,8 @@ import torch
 
 def plane_widths(bits: int) -> tuple[int, ...]:
     """Plane widths of a `bits`-bit code, high-order plane first: 7 -> (4, 2, 1)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [0, 8], got {bits!r}")
     if bits == 8:
         return (8,)
     return tuple(w for w in (4, 2, 1) if bits & w)

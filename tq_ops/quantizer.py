@@ -24,13 +24,6 @@ def _check_norm_dtype(norm_dtype: torch.dtype) -> None:
         raise TypeError(f"norm_dtype must be float16, bfloat16 or float32, got {norm_dtype}")
 
 
-def _check_finite(norms: Tensor, norm_dtype: torch.dtype) -> None:
-    """Eager-only guard: a norm that overflowed norm_dtype (or a NaN input) is lost data."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"input has non-finite values or a vector norm beyond the {norm_dtype} "
-                         "range; pass norm_dtype=torch.float32 to store larger norms")
-
-
 class TurboQuantMSE(nn.Module):
     """MSE-optimal TurboQuant: `bits` bits per coordinate plus one norm per vector.
 
@@ -40,6 +33,7 @@ class TurboQuantMSE(nn.Module):
     def __init__(self, dim: int, bits: int, seed: int = 42,
                  norm_dtype: torch.dtype = torch.float16):
         super().__init__()
+        checks.head_dim("dim", dim)
         _check_bits(bits, 1)
         _check_norm_dtype(norm_dtype)
         self.dim, self.bits, self.index_bits, self.norm_dtype = dim, bits, bits, norm_dtype
@@ -56,7 +50,7 @@ class TurboQuantMSE(nn.Module):
         q = self._consts(x)
         indices, norms, _, _ = torch.ops.tq.compress(x, q.rotation, q.centroids, None,
                                                      self.index_bits, self.norm_dtype)
-        _check_finite(norms, self.norm_dtype)
+        checks.finite_norms(norms, self.norm_dtype)
         return indices, norms
 
     def dequantize(self, indices: Tensor, norms: Tensor,
@@ -83,10 +77,11 @@ class TurboQuantProd(nn.Module):
     def __init__(self, dim: int, bits: int, seed: int = 42, qjl_dim: int | None = None,
                  norm_dtype: torch.dtype = torch.float16):
         super().__init__()
+        checks.head_dim("dim", dim)
         _check_bits(bits, 1)
         _check_norm_dtype(norm_dtype)
         qjl_dim = dim if qjl_dim is None else qjl_dim
-        if not isinstance(qjl_dim, int) or qjl_dim < 1:
+        if not isinstance(qjl_dim, int) or isinstance(qjl_dim, bool) or qjl_dim < 1:
             raise ValueError(f"qjl_dim must be a positive int, got {qjl_dim!r}")
         self.dim, self.bits, self.index_bits, self.norm_dtype = dim, bits, bits - 1, norm_dtype
         self.qjl_dim = qjl_dim
@@ -103,7 +98,7 @@ class TurboQuantProd(nn.Module):
         q = self._consts(x)
         out = torch.ops.tq.compress(x, q.rotation, q.centroids, q.qjl, self.index_bits,
                                     self.norm_dtype)
-        _check_finite(out[1], self.norm_dtype)
+        checks.finite_norms(out[1], self.norm_dtype)
         return out
 
     def dequantize(self, indices: Tensor, norms: Tensor, signs: Tensor, residual_norms: Tensor,

@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from ..codebook import MAX_DIM, MIN_DIM
 from ..quantizer import TurboQuantMSE, TurboQuantProd
 from . import patterns
 from .patterns import Attention, Compressed, value_of
@@ -281,6 +282,12 @@ def rewrite_attention(gm: GraphModule, config: TurboQuantConfig | None = None, *
                         "backend='turboquant'", _where(node))
             continue
         else:
+            dims = (value_of(site.key).shape[-1], value_of(site.value).shape[-1])
+            if not all(MIN_DIM <= d <= MAX_DIM for d in dims):
+                log.warning("tq_ops: attention at %s left unchanged: key/value head_dim %s "
+                            "outside the quantizers' [%d, %d]", _where(node), dims, MIN_DIM,
+                            MAX_DIM)
+                continue
             new = _simulate(gm, site, config, simulated)
             simulated += 1
         result = new.out

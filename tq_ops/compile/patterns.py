@@ -96,6 +96,14 @@ def _arg(node: Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else default
 
 
+def _binary(node: Node) -> tuple | None:
+    """(input, other) of a call with just these two arguments, positional or by keyword."""
+    if len(node.args) > 2 or set(node.kwargs) - {"input", "other"}:
+        return None
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    return None if a is None or b is None else (a, b)
+
+
 def _number(value) -> float | None:
     """A Python number, or a 0-d constant node (`torch.full([], c)`, `torch.tensor(c)`)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -117,11 +125,14 @@ def _dim(node) -> int | None:
 def _is_last_two_transpose(node) -> bool:
     """x.transpose(-2, -1) (any dim spelling) or x.permute(0, 1, 3, 2) of a 4-D x."""
     if _is_method(node, "transpose") or _is_function(node, torch.transpose):
-        dims = {d % 4 for d in node.args[1:3]} if len(node.args) >= 3 else None
-        return _dim(node.args[0]) == 4 and dims == {2, 3}
+        dims = (_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+        return (_dim(_arg(node, 0, "input")) == 4 and all(isinstance(d, int) for d in dims)
+                and {d % 4 for d in dims} == {2, 3})
     if _is_method(node, "permute") or _is_function(node, torch.permute):
-        order = node.args[1] if len(node.args) == 2 else node.args[1:]
-        return _dim(node.args[0]) == 4 and tuple(d % 4 for d in order) == (0, 1, 3, 2)
+        order = _arg(node, 1, "dims") if len(node.args) <= 2 else node.args[1:]
+        return (_dim(_arg(node, 0, "input")) == 4 and isinstance(order, (tuple, list))
+                and all(isinstance(d, int) for d in order)
+                and tuple(d % 4 for d in order) == (0, 1, 3, 2))
     return False
 
 
@@ -133,19 +144,19 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int, list]:
     unsqueeze(2) and view) and x.repeat_interleave(n, dim=1).
     """
     if _is_method(node, "repeat_interleave") or _is_function(node, torch.repeat_interleave):
-        base, reps = node.args[0], _arg(node, 1, "repeats")
+        base, reps = _arg(node, 0, "input"), _arg(node, 1, "repeats")
         dim = _arg(node, 2, "dim")
         if isinstance(reps, int) and dim is not None and _dim(base) == 4 and dim % 4 == 1:
             return base, reps, [node]
         return node, 1, []
     if not (_is_method(node, "reshape", "view") or _is_function(node, torch.reshape)):
         return node, 1, []
-    expand = node.args[0]
+    expand = _arg(node, 0, "input")
     if not _is_method(expand, "expand"):
         return node, 1, []
     inserted = expand.args[0]
     if _is_method(inserted, "unsqueeze") or _is_function(inserted, torch.unsqueeze):
-        base = inserted.args[0]
+        base = _arg(inserted, 0, "input")
         ok = _dim(base) == 4 and _arg(inserted, 1, "dim") in (2, -3)
     elif _is_function(inserted, operator.getitem) and isinstance(inserted.args[1], tuple):
         base, index = inserted.args
@@ -220,11 +231,54 @@ def written_length(source: Compressed) -> Node | None:
     return None
 
 
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                       operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift}
+
+
+def _mutates(node: Node) -> bool:
+    """True if `node` may write into a tensor in place (x.add_(...), x[i] = y, x += y, ...)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _IN_PLACE_OPERATORS:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        schema = getattr(getattr(target, "default", None), "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _mutation_before(output: Node, nodes: list) -> Node | None:
+    """An in-place op that runs after the earliest of `nodes` and before `output`: the rewrite
+    reads the site's inputs at `output`, the original read some of them earlier."""
+    pending = set(nodes) - {output}
+    node = output.prev
+    while pending and node.op != "root":
+        if node not in pending and _mutates(node):
+            return node
+        pending.discard(node)
+        node = node.prev
+    return None
+
+
 def _finish(site: Attention, q_heads, k_heads, v_heads) -> Attention | str:
     """Shared proof obligations on the heads and the causal convention; sets the sources."""
     if any(getattr(value_of(x), "requires_grad", False) for x in
            (site.query, site.key, site.value, site.attn_mask)):
         return "inputs require grad (the tq:: ops have no backward; run under torch.no_grad())"
+    batches = [_shape(x)[0] for x in (site.query, site.key, site.value)]
+    if not (_same(batches[0], batches[1]) and _same(batches[1], batches[2])):
+        return f"query, key and value batch sizes {batches} differ (broadcast batch)"
+    head_dims = [_shape(x)[3] for x in (site.query, site.key, site.value)]
+    if not all(isinstance(d, int) for d in head_dims):
+        return f"head_dim is not static: {head_dims}"
     if not _same(k_heads, v_heads):
         return "key and value have different head counts after removing repeat-KV"
     if not (isinstance(q_heads, int) and isinstance(k_heads, int) and q_heads % k_heads == 0):
@@ -243,6 +297,11 @@ def _finish(site: Attention, q_heads, k_heads, v_heads) -> Attention | str:
             return f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {full}"
     site.key_source = compressed_source(site.key)
     site.value_source = compressed_source(site.value)
+    sources = [s.decompress for s in (site.key_source, site.value_source) if s is not None]
+    mutation = _mutation_before(site.output, site.replaced + sources)
+    if mutation is not None:
+        return (f"in-place {mutation.name} runs inside the attention (between reading its "
+                "inputs and its output)")
     return site
 
 
@@ -275,7 +334,7 @@ def match_sdpa(node: Node) -> Attention | str | None:
     q_shape, k_shape = _shape(q), _shape(k_base)
     if not isinstance(q_shape[3], int):
         return "head_dim is not static"
-    if not args["enable_gqa"] and k_rep == 1 and not _same(q_shape[1], k_shape[1]):
+    if not args["enable_gqa"] and not _same(q_shape[1], _shape(k)[1]):
         return "query and key head counts differ without enable_gqa"
     scale = (1 / math.sqrt(q_shape[3]) if args["scale"] is None else _number(args["scale"]))
     kind = "sdpa+repeat_kv" if k_rep > 1 else "sdpa"
@@ -307,7 +366,7 @@ def _skip_casts_and_identity(node: Node, chain: list) -> Node:
         if not ok:
             return node
         chain.append(node)
-        node = node.args[0]
+        node = _arg(node, 0, "input")
 
 
 def _softmax_dim(node) -> int | None:
@@ -319,25 +378,30 @@ def _softmax_dim(node) -> int | None:
 def match_matmul(node: Node) -> Attention | str | None:
     """matmul(softmax(scale * (q @ k^T) + mask), v) with optional casts and inactive dropout
     between the steps. None if `node` is not a matmul fed by a softmax."""
-    if not _is_matmul(node) or len(node.args) != 2:
+    if not _is_matmul(node) or _binary(node) is None:
         return None
     chain = [node]
-    probs = _skip_casts_and_identity(node.args[0], chain)
+    probs, v = _binary(node)
+    probs = _skip_casts_and_identity(probs, chain)
     dim = _softmax_dim(probs)
     if dim is None:
+        before = [_skip_casts_and_identity(n, []) for n in getattr(probs, "all_input_nodes", ())]
+        if (not _is_matmul(probs) and any(_softmax_dim(n) is not None for n in before)
+                and all(_float_4d(x) for x in (probs, v))):
+            return (f"{probs.name} between the softmax and the value matmul is neither a cast "
+                    "nor an inactive dropout")
         return None
-    v = node.args[1]
     if not all(_float_4d(x) for x in (probs, v)):
         return "softmax or value is not a 4-D floating tensor"
     if dim % 4 != 3:
         return f"softmax over dim {dim}, not the key dimension"
     chain.append(probs)
-    x = _skip_casts_and_identity(probs.args[0], chain)
+    x = _skip_casts_and_identity(_arg(probs, 0, "input"), chain)
     mask, scale = None, 1.0
     if _is_function(x, operator.add, torch.add) or _is_method(x, "add", "__add__"):
-        left, right = x.args[:2]
-        if len(x.args) > 2 or x.kwargs:
+        if _binary(x) is None:
             return "mask addition has an alpha"
+        left, right = _binary(x)
         scores, mask = (left, right) if _is_scores(left) else (right, left)
         if not (isinstance(value_of(mask), torch.Tensor) and value_of(mask).dtype in _FLOAT):
             return "added term is not a floating mask tensor"
@@ -345,10 +409,10 @@ def match_matmul(node: Node) -> Attention | str | None:
         x = _skip_casts_and_identity(scores, chain)
     while (_is_function(x, operator.mul, operator.truediv, torch.mul, torch.div)
            or _is_method(x, "mul", "div", "__mul__", "__truediv__")):
-        left, right = x.args[:2]
         divide = x.target in (operator.truediv, torch.div, "div", "__truediv__")
-        if len(x.args) > 2 or x.kwargs:
+        if _binary(x) is None:
             return "scaling has extra arguments (rounding mode?)"
+        left, right = _binary(x)
         factor, scores = (_number(right), left)
         if factor is None and not divide:
             factor, scores = _number(left), right
@@ -357,14 +421,14 @@ def match_matmul(node: Node) -> Attention | str | None:
         scale *= 1 / factor if divide else factor
         chain.append(x)
         x = _skip_casts_and_identity(scores, chain)
-    if not (_is_matmul(x) and len(x.args) == 2 and _is_last_two_transpose(x.args[1])):
+    if not (_is_matmul(x) and _binary(x) is not None and _is_last_two_transpose(_binary(x)[1])):
         return "softmax input is not (scaled, masked) q @ k.transpose(-2, -1)"
     chain.append(x)
     for inner in chain[1:]:
         if len(inner.users) != 1:
             return f"intermediate {inner.name} is also used elsewhere (attention weights escape)"
-    q, key_t = x.args
-    k = key_t.args[0]
+    q, key_t = _binary(x)
+    k = _arg(key_t, 0, "input")
     if not all(_float_4d(t) for t in (q, k)):
         return "query and key are not 4-D floating tensors"
     k_base, k_rep, k_nodes = strip_repeat_kv(k)
@@ -386,7 +450,9 @@ def _is_scores(node) -> bool:
         node = _skip_casts_and_identity(node, chain)
         if (_is_function(node, operator.mul, operator.truediv, torch.mul, torch.div)
                 or _is_method(node, "mul", "div", "__mul__", "__truediv__")):
-            left, right = node.args[:2]
+            if _binary(node) is None:
+                return False
+            left, right = _binary(node)
             node = left if isinstance(left, Node) and _number(left) is None else right
             continue
         return _is_matmul(node)

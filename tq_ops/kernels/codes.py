@@ -180,7 +180,7 @@ def nibble_halves(row_ptr, key_ok, cent_ptr, words, SEGLEN: tl.constexpr,
     byte = tl.load(row_ptr + k[None, :], mask=key_ok[:, None] & (k < SEGLEN)[None, :], other=0)
     if PTX:
         lo, hi = tl.inline_asm_elementwise(
-            NIBBLE_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [byte, words[0], words[1], words[2], words[3]],
+            NIBBLE_PTX, "=r,=r,=r,=r" + ",r" * 17, [byte, words[0], words[1], words[2], words[3]],
             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         lo = tl.load(cent_ptr + (byte & 15).to(tl.int32))
