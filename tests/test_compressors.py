@@ -1,5 +1,7 @@
 """The seed-compatible API: the documented examples, field names, real bytes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,8 +38,9 @@ def test_fields_and_original_dtype():
     keys = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     ck = TurboQuantCompressorV2(64, bits=4).compress(keys)
     assert isinstance(ck, CompressedKeys) and ck.original_dtype == torch.bfloat16
-    assert {f for f in vars(ck)} == {"indices", "norms", "qjl_signs", "residual_norms",
-                                     "original_dtype"}
+    # the seed's fields in the seed's order (positional construction works), then ours
+    assert [f.name for f in dataclasses.fields(ck)] == [
+        "indices", "norms", "qjl_signs", "residual_norms", "original_dtype", "compressed_by"]
     assert TurboQuantCompressorV2(64, bits=4).decompress(ck).dtype == torch.bfloat16
     cv = TurboQuantCompressorMSE(64, bits=4).compress(keys.float())
     assert isinstance(cv, CompressedValues) and cv.original_dtype == torch.float32
@@ -112,3 +115,19 @@ def test_a_compressor_refuses_the_other_container():
         kc.decompress(cv)
     with pytest.raises(TypeError, match="compressed must be a CompressedKeys"):
         kc.asymmetric_attention_scores(keys, cv)
+
+
+def test_a_compressor_refuses_data_of_another_seed_or_width():
+    keys = torch.randn(1, 2, 4, 64)
+    for comp_type in (TurboQuantCompressorV2, TurboQuantCompressorMSE):
+        ours = comp_type(64, bits=3, seed=1)
+        data = ours.compress(keys)
+        torch.testing.assert_close(ours.decompress(data),
+                                   ours.decompress(dataclasses.replace(data, compressed_by=None)))
+        for other in (comp_type(64, bits=3, seed=2),  # same shapes: decoded silently before
+                      comp_type(64, bits=3, seed=1, norm_dtype=torch.float32)):
+            with pytest.raises(ValueError, match="compressed by a compressor with"):
+                other.decompress(data)
+    with pytest.raises(ValueError, match="compressed by a compressor with"):
+        TurboQuantCompressorV2(64, bits=3, seed=2).asymmetric_attention_scores(
+            keys, TurboQuantCompressorV2(64, bits=3, seed=1).compress(keys))

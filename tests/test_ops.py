@@ -231,6 +231,11 @@ def test_compress_into_writes_exactly_the_given_slots():
     with pytest.raises(IndexError, match="capacity"):
         torch.ops.tq.compress_into(x, quant.rotation, quant.centroids, quant.qjl,
                                    quant.index_bits, torch.tensor([1, 8, 2]), *buffers)
+    before = [b.clone() for b in buffers]
+    with pytest.raises(ValueError, match="distinct"):  # which token would stay is unspecified
+        torch.ops.tq.compress_into(x, quant.rotation, quant.centroids, quant.qjl,
+                                   quant.index_bits, torch.tensor([3, 1, 3]), *buffers)
+    assert all(torch.equal(b, old) for b, old in zip(buffers, before))
 
 
 # --------------------------------------------------------------------- memory

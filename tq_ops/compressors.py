@@ -45,6 +45,7 @@ class CompressedKeys(_Sized):
     qjl_signs: Tensor
     residual_norms: Tensor
     original_dtype: torch.dtype = torch.float16
+    compressed_by: tuple | None = None  # (head_dim, bits, seed, norm_dtype); None: unchecked
 
 
 @dataclass
@@ -55,6 +56,7 @@ class CompressedValues(_Sized):
     indices: Tensor
     norms: Tensor
     original_dtype: torch.dtype = torch.float16
+    compressed_by: tuple | None = None  # (head_dim, bits, seed, norm_dtype); None: unchecked
 
 
 class _Compressor:
@@ -71,6 +73,7 @@ class _Compressor:
         checks.head_dim("head_dim", head_dim)
         self.quantizer = self.quantizer_type(head_dim, bits, seed, norm_dtype=norm_dtype)
         self.bits, self.head_dim = bits, head_dim
+        self.settings = (head_dim, bits, seed, norm_dtype)
 
     def _check(self, name: str, x) -> None:
         checks.tensor(name, x, ndim=4, dtypes=_DTYPES)
@@ -80,13 +83,18 @@ class _Compressor:
 
     def _compress(self, name: str, x):
         self._check(name, x)
-        return self.container(*self.quantizer.quantize(_narrow(x)), original_dtype=x.dtype)
+        return self.container(*self.quantizer.quantize(_narrow(x)), original_dtype=x.dtype,
+                              compressed_by=self.settings)
 
     def _check_compressed(self, compressed) -> torch.dtype:
         """The dtype the ops reconstruct in for `compressed` (float32 for float64)."""
         if not isinstance(compressed, self.container):
             raise TypeError(f"compressed must be a {self.container.__name__} (from "
                             f"{type(self).__name__}.compress), got {type(compressed).__name__}")
+        by = compressed.compressed_by
+        if by is not None and by != self.settings:  # another rotation or codebook: garbage
+            raise ValueError(f"compressed by a compressor with (head_dim, bits, seed, norm_dtype)"
+                             f" = {by}, this one has {self.settings}")
         dtype = compressed.original_dtype
         return torch.float32 if dtype == torch.float64 else dtype
 

@@ -97,6 +97,9 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
     if eager and length and bool(((positions < 0) | (positions >= capacity)).any()):
         raise IndexError(f"positions must lie in [0, {capacity}) (the buffer capacity), got "
                          f"range [{int(positions.min())}, {int(positions.max())}]")
+    if eager and length > 1 and positions.unique().numel() < length:
+        raise ValueError("positions must be distinct: two tokens written to one slot would "
+                         "leave either one there")
 
 
 @triton_op("tq::compress_into", mutates_args=("indices", "norms", "signs", "residual_norms"))
