@@ -113,6 +113,15 @@ def _node(keys, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _pick4(keys, c_hi, c_lo, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr):
+    """The node of level LEVEL after prefix J + 2 * c_hi + c_lo, by selects among scalars."""
+    return tl.where(c_hi,
+                    tl.where(c_lo, _node(keys, J + 3, LEVEL, LEVELS),
+                             _node(keys, J + 2, LEVEL, LEVELS)),
+                    tl.where(c_lo, _node(keys, J + 1, LEVEL, LEVELS), _node(keys, J, LEVEL, LEVELS)))
+
+
+@triton.jit
 def _count(m, key, t, c, REST: tl.constexpr):
     """m with bit REST set where key > t (the predicate c). The last level (REST 0) adds the
     sign bit of t - key instead (key, t < 2**31), one instruction and no predicate."""
@@ -137,19 +146,11 @@ def _bisect(key, keys, tab_ptr, LEVELS: tl.constexpr):
         c1 = key > t1
         m = _count(m, key, t1, c1, LEVELS - 2)
     if LEVELS > 2:
-        t2 = tl.where(c0,
-                      tl.where(c1, _node(keys, 3, 2, LEVELS), _node(keys, 2, 2, LEVELS)),
-                      tl.where(c1, _node(keys, 1, 2, LEVELS), _node(keys, 0, 2, LEVELS)))
+        t2 = _pick4(keys, c0, c1, 0, 2, LEVELS)
         c2 = key > t2
         m = _count(m, key, t2, c2, LEVELS - 3)
     if LEVELS > 3:
-        t3_hi = tl.where(c1,
-                         tl.where(c2, _node(keys, 7, 3, LEVELS), _node(keys, 6, 3, LEVELS)),
-                         tl.where(c2, _node(keys, 5, 3, LEVELS), _node(keys, 4, 3, LEVELS)))
-        t3_lo = tl.where(c1,
-                         tl.where(c2, _node(keys, 3, 3, LEVELS), _node(keys, 2, 3, LEVELS)),
-                         tl.where(c2, _node(keys, 1, 3, LEVELS), _node(keys, 0, 3, LEVELS)))
-        t3 = tl.where(c0, t3_hi, t3_lo)
+        t3 = tl.where(c0, _pick4(keys, c1, c2, 4, 3, LEVELS), _pick4(keys, c1, c2, 0, 3, LEVELS))
         m = _count(m, key, t3, key > t3, LEVELS - 4)
     if LEVELS > 4:  # a register copy of the table (a load at a dot-derived address, feeding
         # the QJL dots, stops the pipeliner)
