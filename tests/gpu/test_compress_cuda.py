@@ -114,6 +114,33 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim):
             assert bool(buf[:, :, keep].isnan().all())
 
 
+def test_compress_into_under_cuda_graph_capture():
+    """The eager value checks (positions in range, distinct, finite norms) must not sync while
+    a graph is being captured; replays write the slots the positions tensor holds then."""
+    dim, bits, slots, tokens = 128, 4, 64, 5
+    rotation, centroids, _ = to_cuda(*constants(dim, bits, None))
+    x = random_input((1, 2, tokens, dim), torch.float16)
+    positions = torch.arange(tokens, device=CUDA)
+    fresh = kernels.compress(x, rotation, centroids, None, bits, torch.float16)
+    buffers = [torch.zeros((1, 2, slots) + t.shape[3:], dtype=t.dtype, device=CUDA)
+               for t in fresh[:2]]
+    args = (x, rotation, centroids, None, bits, positions, *buffers, None, None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.tq.compress_into(*args)  # warm up (compile) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.tq.compress_into(*args)
+    for start in (10, 40):
+        positions.copy_(torch.arange(start, start + tokens))
+        graph.replay()
+        torch.cuda.synchronize()
+        for buf, new in zip(buffers, fresh):
+            assert torch.equal(buf[:, :, start:start + tokens], new)
+
+
 @pytest.mark.parametrize("qjl_dim", [None, 64])
 def test_opcheck(qjl_dim):
     dim, bits = 64, 3
