@@ -136,17 +136,19 @@ def keyword_spellings(q, k, v, mask):
     w = F.softmax(input=torch.add(input=w, other=mask), dim=-1)
     x = torch.matmul(input=F.dropout(input=w, p=0.0), other=v)
     k2, v2 = (torch.repeat_interleave(input=t[:, :HKV], repeats=2, dim=1) for t in (k, v))
-    return x + F.scaled_dot_product_attention(query=q, key=k2, value=v2, attn_mask=mask)
+    x = x + F.scaled_dot_product_attention(query=q, key=k2, value=v2, attn_mask=mask)
+    return x + F.softmax(q @ k.mT * 0.25 + mask, dim=-1) @ v  # the property spelling
 
 
 def test_keyword_argument_spellings_are_rewritten():
     q, k, v = qkv(HQ)
     mask = randn(B, 1, L, L, seed=3)
     out, sites, _ = rewrite_and_run(keyword_spellings, q, k, v, mask)
-    assert [s.kind for s in sites] == ["matmul", "sdpa+repeat_kv"]
+    assert [s.kind for s in sites] == ["matmul", "sdpa+repeat_kv", "matmul"]
     config = TurboQuantConfig()
     expected = (simulate(config, 0, q, k, v, 0.25, mask=mask)
-                + simulate(config, 1, q, k[:, :HKV], v[:, :HKV], 0.25, mask=mask))
+                + simulate(config, 1, q, k[:, :HKV], v[:, :HKV], 0.25, mask=mask)
+                + simulate(config, 2, q, k, v, 0.25, mask=mask))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

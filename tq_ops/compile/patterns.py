@@ -123,7 +123,9 @@ def _dim(node) -> int | None:
 
 
 def _is_last_two_transpose(node) -> bool:
-    """x.transpose(-2, -1) (any dim spelling) or x.permute(0, 1, 3, 2) of a 4-D x."""
+    """x.transpose(-2, -1) (any dim spelling), x.permute(0, 1, 3, 2) or x.mT of a 4-D x."""
+    if _is_function(node, getattr) and node.args[1:] == ("mT",):
+        return _dim(node.args[0]) == 4
     if _is_method(node, "transpose") or _is_function(node, torch.transpose):
         dims = (_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
         return (_dim(_arg(node, 0, "input")) == 4 and all(isinstance(d, int) for d in dims)
