@@ -6,6 +6,7 @@ quantizer constants of the site (`site_quantizers`), i.e. an independent eager s
 
 import logging
 import math
+import operator
 
 import pytest
 import torch
@@ -130,6 +131,37 @@ def test_explicit_matmul_softmax_attention(fn, kv_heads, kind):
                                rtol=1e-5, atol=1e-5)
 
 
+def nanogpt_style(q, k, v, bias):
+    att = (q @ k.transpose(-2, -1)) * 0.25
+    att = att.masked_fill(bias[:, :, :L, :L] == 0, float("-inf"))
+    return F.softmax(att, dim=-1) @ v
+
+
+def where_styles(q, k, v, bias):
+    keep = bias[:, :, :L, :L] > 0
+    a = torch.where(keep, q @ k.transpose(-2, -1) * 0.25, float("-inf"))
+    b = torch.where(~keep, float("-inf"), q @ k.transpose(-2, -1) * 0.25)
+    return F.softmax(a, dim=-1) @ v + 2 * (F.softmax(b, dim=-1) @ v)
+
+
+def test_masked_fill_and_where_with_minus_inf_are_rewritten():
+    q, k, v = qkv(HQ)
+    bias = torch.ones(L + 3, L + 3).tril().view(1, 1, L + 3, L + 3)
+    keep = bias[:, :, :L, :L] > 0
+    config = TurboQuantConfig()
+    out, sites, gm = rewrite_and_run(nanogpt_style, q, k, v, bias)
+    assert [s.kind for s in sites] == ["matmul"]
+    assert not any(n.target in ("masked_fill", torch.matmul, operator.matmul)
+                   for n in gm.graph.nodes), gm.graph  # the dense path is gone
+    torch.testing.assert_close(out, simulate(config, 0, q, k, v, 0.25, mask=keep),
+                               rtol=1e-5, atol=1e-5)
+    out, sites, _ = rewrite_and_run(where_styles, q, k, v, bias)
+    assert [s.kind for s in sites] == ["matmul", "matmul"]
+    expected = (simulate(config, 0, q, k, v, 0.25, mask=keep)
+                + 2 * simulate(config, 1, q, k, v, 0.25, mask=keep))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def keyword_spellings(q, k, v, mask):
     """Every step of both attention forms with its tensors passed by keyword."""
     w = torch.mul(input=q @ torch.transpose(input=k, dim0=-1, dim1=-2), other=0.25)
@@ -189,6 +221,8 @@ UNPROVABLE = {
     "mask_written_mid_attention": (mask_written_mid_attention, L, "in-place"),
     "active_dropout": (lambda q, k, v: F.dropout(F.softmax(q @ k.transpose(-1, -2), dim=-1),
                                                  0.5, training=True) @ v, L, "inactive dropout"),
+    "finite_fill": (lambda q, k, v: F.softmax((q @ k.transpose(-1, -2)).masked_fill(
+        k[:, :, None, :, 0] > 0, -1e9), dim=-1) @ v, L, "not -inf"),
     "head_mask": (lambda q, k, v: (F.softmax(q @ k.transpose(-1, -2), dim=-1) * q[:, :, :1, :1])
                   @ v, L, "neither a cast"),
 }

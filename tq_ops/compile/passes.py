@@ -139,11 +139,12 @@ class _Builder:
 _PURE_FUNCTIONS = {operator.getitem, operator.add, operator.mul, operator.truediv,
                    operator.matmul, torch.matmul, torch.mul, torch.div, torch.add, torch.softmax,
                    F.softmax, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze,
-                   torch.repeat_interleave, *patterns.SDPA_TARGETS}
+                   torch.repeat_interleave, torch.masked_fill, torch.where, getattr,
+                   *patterns.SDPA_TARGETS}
 _PURE_METHODS = {"transpose", "permute", "reshape", "view", "expand", "unsqueeze", "contiguous",
                  "to", "type", "float", "half", "bfloat16", "repeat_interleave", "softmax",
                  "matmul", "__matmul__", "mul", "div", "add", "__add__", "__mul__",
-                 "__truediv__"}
+                 "__truediv__", "masked_fill"}
 
 
 def _erase_if_dead(graph: torch.fx.Graph, node: Node, also: set) -> None:
@@ -190,6 +191,13 @@ class _Replacement:
     dead: tuple = ()  # nodes that become unused besides the matched ones
 
 
+def _mask(build: _Builder, site: Attention) -> Node | None:
+    """The site's attn_mask in SDPA's convention (True or 0 = visible)."""
+    if site.mask_hides:
+        return build.call(torch.logical_not, site.attn_mask)
+    return site.attn_mask
+
+
 def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     """tq::attention straight on the packed fields the two decompress nodes read."""
     ks, vs = site.key_source, site.value_source
@@ -211,7 +219,7 @@ def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
                      k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
                      ks.fields["bits"], v["indices"], v["norms"], v["rotation"], v["centroids"],
-                     vs.fields["bits"], site.scale, site.is_causal, site.attn_mask, kv_lens)
+                     vs.fields["bits"], site.scale, site.is_causal, _mask(build, site), kv_lens)
     k_bits, key_quantizer = _user_bits(ks)
     return _Replacement(out, build, "cache", k_bits, _user_bits(vs)[0], key_quantizer,
                         (ks.decompress, vs.decompress))
@@ -242,7 +250,7 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
     v_fields = [build.call(operator.getitem, vc, i) for i in range(2)]
     out = build.call(torch.ops.tq.attention.default, site.query, *k_fields, k_rot, k_cent, k_qjl,
                      kq.index_bits, *v_fields, v_rot, v_cent, vq.index_bits, site.scale,
-                     site.is_causal, site.attn_mask, None)
+                     site.is_causal, _mask(build, site), None)
     return _Replacement(out, build, "simulate", config.k_bits, config.v_bits,
                         config.key_quantizer)
 

@@ -52,6 +52,7 @@ class Attention:
     attn_mask: Node | None
     scale: float
     is_causal: bool
+    mask_hides: bool = False  # a bool attn_mask marks hidden keys (masked_fill), not visible ones
     key_source: Compressed | None = None
     value_source: Compressed | None = None
     replaced: list = field(default_factory=list)  # nodes the rewrite makes dead, output first
@@ -399,8 +400,15 @@ def match_matmul(node: Node) -> Attention | str | None:
         return f"softmax over dim {dim}, not the key dimension"
     chain.append(probs)
     x = _skip_casts_and_identity(_arg(probs, 0, "input"), chain)
-    mask, scale = None, 1.0
-    if _is_function(x, operator.add, torch.add) or _is_method(x, "add", "__add__"):
+    mask, scale, hides = None, 1.0, False
+    fill = _fill_mask(x)
+    if isinstance(fill, str):
+        return fill
+    if fill is not None:
+        chain.append(x)
+        scores, mask, hides = fill
+        x = _skip_casts_and_identity(scores, chain)
+    elif _is_function(x, operator.add, torch.add) or _is_method(x, "add", "__add__"):
         if _binary(x) is None:
             return "mask addition has an alpha"
         left, right = _binary(x)
@@ -441,8 +449,33 @@ def match_matmul(node: Node) -> Attention | str | None:
         return "query and key head counts differ"
     replaced = chain + ([key_t] if len(key_t.users) == 1 else []) + k_nodes + v_nodes
     site = Attention("matmul" if k_rep == 1 else "matmul+repeat_kv", node, q, k_base, v_base,
-                     mask, scale, False, replaced=replaced)
+                     mask, scale, False, mask_hides=hides, replaced=replaced)
     return _finish(site, _shape(q)[1], _shape(k_base)[1], _shape(v_base)[1])
+
+
+def _fill_mask(node) -> tuple | str | None:
+    """(scores, mask, mask_hides) of scores.masked_fill(mask, -inf) (True hides a key) or
+    torch.where(mask, scores, -inf) (True keeps it; either order), a reason the fill cannot be
+    rewritten, or None if `node` is neither."""
+    if _is_method(node, "masked_fill") or _is_function(node, torch.masked_fill):
+        scores, mask, fill = (_arg(node, 0, "input"), _arg(node, 1, "mask"),
+                              _arg(node, 2, "value"))
+        hides = True
+    elif _is_function(node, torch.where) and len(node.args) + len(node.kwargs) == 3:
+        mask, scores, fill = (_arg(node, 0, "condition"), _arg(node, 1, "input"),
+                              _arg(node, 2, "other"))
+        hides = _number(scores) is not None
+        if hides:
+            scores, fill = fill, scores
+    else:
+        return None
+    if not (isinstance(value_of(mask), torch.Tensor) and value_of(mask).dtype == torch.bool
+            and isinstance(scores, Node)):
+        return f"{node.name} does not fill the logits under a bool mask"
+    if _number(fill) != -math.inf:
+        return (f"{node.name} fills hidden logits with {fill!r}, not -inf (rows that hide every "
+                "key would differ)")
+    return scores, mask, hides
 
 
 def _is_scores(node) -> bool:
