@@ -70,3 +70,17 @@ def within_an_ulp(out, truth) -> bool:
     the row's norm (kernels whose dots are exact to ~2^-22 of the row, not of each element)."""
     bound = truth.abs() * ULP[out.dtype] + truth.norm(dim=-1, keepdim=True) * 2.0 ** -20
     return bool(((out.cpu().double() - truth).abs() <= bound).all())
+
+
+def cuda_graph(op, *args):
+    """(graph, output) of `op(*args)` captured in a CUDA graph, after one warm-up call (which
+    compiles the kernels) on a side stream, as torch.cuda.graphs' docs prescribe."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(*args)
+    return graph, out

@@ -18,9 +18,9 @@ from .quantizer import TurboQuantMSE, TurboQuantProd
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
 
 
-def _narrow(x: Tensor) -> Tensor:
-    """float64 -> float32 (the ops' widest dtype); other dtypes unchanged."""
-    return x.float() if x.dtype == torch.float64 else x
+def _narrow(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float32 for float64 (their widest), else `dtype`."""
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 class _Sized:
@@ -83,11 +83,10 @@ class _Compressor:
 
     def _compress(self, name: str, x):
         self._check(name, x)
-        return self.container(*self.quantizer.quantize(_narrow(x)), original_dtype=x.dtype,
-                              compressed_by=self.settings)
+        fields = self.quantizer.quantize(x.to(_narrow(x.dtype)))
+        return self.container(*fields, original_dtype=x.dtype, compressed_by=self.settings)
 
-    def _check_compressed(self, compressed) -> torch.dtype:
-        """The dtype the ops reconstruct in for `compressed` (float32 for float64)."""
+    def _check_compressed(self, compressed) -> None:
         if not isinstance(compressed, self.container):
             raise TypeError(f"compressed must be a {self.container.__name__} (from "
                             f"{type(self).__name__}.compress), got {type(compressed).__name__}")
@@ -95,8 +94,6 @@ class _Compressor:
         if by is not None and by != self.settings:  # another rotation or codebook: garbage
             raise ValueError(f"compressed by a compressor with (head_dim, bits, seed, norm_dtype)"
                              f" = {by}, this one has {self.settings}")
-        dtype = compressed.original_dtype
-        return torch.float32 if dtype == torch.float64 else dtype
 
 
 class TurboQuantCompressorV2(_Compressor):
@@ -113,8 +110,10 @@ class TurboQuantCompressorV2(_Compressor):
 
         For attention prefer `asymmetric_attention_scores`, which never reconstructs keys.
         """
-        c, dtype = compressed, self._check_compressed(compressed)
-        out = self.quantizer.dequantize(c.indices, c.norms, c.qjl_signs, c.residual_norms, dtype)
+        self._check_compressed(compressed)
+        c = compressed
+        out = self.quantizer.dequantize(c.indices, c.norms, c.qjl_signs, c.residual_norms,
+                                        _narrow(c.original_dtype))
         return out.to(c.original_dtype)
 
     def asymmetric_attention_scores(self, query: Tensor, compressed: CompressedKeys) -> Tensor:
@@ -125,8 +124,8 @@ class TurboQuantCompressorV2(_Compressor):
         self._check("query", query)
         self._check_compressed(compressed)
         c = compressed
-        out = self.quantizer.scores(_narrow(query), c.indices, c.norms, c.qjl_signs,
-                                    c.residual_norms)
+        out = self.quantizer.scores(query.to(_narrow(query.dtype)), c.indices, c.norms,
+                                    c.qjl_signs, c.residual_norms)
         return out.to(query.dtype)
 
 
@@ -141,6 +140,7 @@ class TurboQuantCompressorMSE(_Compressor):
 
     def decompress(self, compressed: CompressedValues) -> Tensor:
         """Reconstruction (batch, heads, seq_len, head_dim) in the original dtype."""
-        dtype = self._check_compressed(compressed)
-        out = self.quantizer.dequantize(compressed.indices, compressed.norms, dtype)
+        self._check_compressed(compressed)
+        out = self.quantizer.dequantize(compressed.indices, compressed.norms,
+                                        _narrow(compressed.original_dtype))
         return out.to(compressed.original_dtype)

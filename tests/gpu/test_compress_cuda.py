@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import cuda_graph  # noqa: E402
 from test_kernel_compress import check_against_reference, constants  # noqa: E402
 
 import tq_ops  # noqa: E402,F401  (registers torch.ops.tq)
@@ -125,14 +126,7 @@ def test_compress_into_under_cuda_graph_capture():
     buffers = [torch.zeros((1, 2, slots) + t.shape[3:], dtype=t.dtype, device=CUDA)
                for t in fresh[:2]]
     args = (x, rotation, centroids, None, bits, positions, *buffers, None, None)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.tq.compress_into(*args)  # warm up (compile) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        torch.ops.tq.compress_into(*args)
+    graph, _ = cuda_graph(torch.ops.tq.compress_into, *args)
     for start in (10, 40):
         positions.copy_(torch.arange(start, start + tokens))
         graph.replay()

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from conftest import float64_reconstruction, within_an_ulp  # noqa: E402
+from conftest import cuda_graph, float64_reconstruction, within_an_ulp  # noqa: E402
 from tq_ops import reference  # noqa: E402
 from tq_ops.codebook import lloyd_max  # noqa: E402
 from tq_ops.rotation import haar_rotation, qjl_matrix  # noqa: E402
@@ -227,14 +227,7 @@ def test_cuda_graph_replay_with_new_lengths():
                                     dtype=torch.float16, is_causal=True,
                                     kv_lens=torch.tensor([10, 10, 10]))))
     lens = args[-1]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.tq.attention(*args)  # warm up (compile) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = torch.ops.tq.attention(*args)
+    graph, out = cuda_graph(torch.ops.tq.attention, *args)
     for new in ([3000, 1, 1234], [7, 2999, 0]):
         lens.copy_(torch.tensor(new))
         out.fill_(float("nan"))

@@ -381,10 +381,11 @@ def _softmax_dim(node) -> int | None:
 def match_matmul(node: Node) -> Attention | str | None:
     """matmul(softmax(scale * (q @ k^T) + mask), v) with optional casts and inactive dropout
     between the steps. None if `node` is not a matmul fed by a softmax."""
-    if not _is_matmul(node) or _binary(node) is None:
+    operands = _binary(node) if _is_matmul(node) else None
+    if operands is None:
         return None
     chain = [node]
-    probs, v = _binary(node)
+    probs, v = operands
     probs = _skip_casts_and_identity(probs, chain)
     dim = _softmax_dim(probs)
     if dim is None:
@@ -409,9 +410,10 @@ def match_matmul(node: Node) -> Attention | str | None:
         scores, mask, hides = fill
         x = _skip_casts_and_identity(scores, chain)
     elif _is_function(x, operator.add, torch.add) or _is_method(x, "add", "__add__"):
-        if _binary(x) is None:
+        operands = _binary(x)
+        if operands is None:
             return "mask addition has an alpha"
-        left, right = _binary(x)
+        left, right = operands
         scores, mask = (left, right) if _is_scores(left) else (right, left)
         if not (isinstance(value_of(mask), torch.Tensor) and value_of(mask).dtype in _FLOAT):
             return "added term is not a floating mask tensor"
@@ -420,9 +422,10 @@ def match_matmul(node: Node) -> Attention | str | None:
     while (_is_function(x, operator.mul, operator.truediv, torch.mul, torch.div)
            or _is_method(x, "mul", "div", "__mul__", "__truediv__")):
         divide = x.target in (operator.truediv, torch.div, "div", "__truediv__")
-        if _binary(x) is None:
+        operands = _binary(x)
+        if operands is None:
             return "scaling has extra arguments (rounding mode?)"
-        left, right = _binary(x)
+        left, right = operands
         factor, scores = (_number(right), left)
         if factor is None and not divide:
             factor, scores = _number(left), right
@@ -431,13 +434,14 @@ def match_matmul(node: Node) -> Attention | str | None:
         scale *= 1 / factor if divide else factor
         chain.append(x)
         x = _skip_casts_and_identity(scores, chain)
-    if not (_is_matmul(x) and _binary(x) is not None and _is_last_two_transpose(_binary(x)[1])):
+    operands = _binary(x) if _is_matmul(x) else None
+    if operands is None or not _is_last_two_transpose(operands[1]):
         return "softmax input is not (scaled, masked) q @ k.transpose(-2, -1)"
     chain.append(x)
     for inner in chain[1:]:
         if len(inner.users) != 1:
             return f"intermediate {inner.name} is also used elsewhere (attention weights escape)"
-    q, key_t = _binary(x)
+    q, key_t = operands
     k = _arg(key_t, 0, "input")
     if not all(_float_4d(t) for t in (q, k)):
         return "query and key are not 4-D floating tensors"
@@ -485,9 +489,10 @@ def _is_scores(node) -> bool:
         node = _skip_casts_and_identity(node, chain)
         if (_is_function(node, operator.mul, operator.truediv, torch.mul, torch.div)
                 or _is_method(node, "mul", "div", "__mul__", "__truediv__")):
-            if _binary(node) is None:
+            operands = _binary(node)
+            if operands is None:
                 return False
-            left, right = _binary(node)
+            left, right = operands
             node = left if isinstance(left, Node) and _number(left) is None else right
             continue
         return _is_matmul(node)

@@ -118,7 +118,8 @@ def _pick4(keys, c_hi, c_lo, J: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.co
     return tl.where(c_hi,
                     tl.where(c_lo, _node(keys, J + 3, LEVEL, LEVELS),
                              _node(keys, J + 2, LEVEL, LEVELS)),
-                    tl.where(c_lo, _node(keys, J + 1, LEVEL, LEVELS), _node(keys, J, LEVEL, LEVELS)))
+                    tl.where(c_lo, _node(keys, J + 1, LEVEL, LEVELS),
+                             _node(keys, J, LEVEL, LEVELS)))
 
 
 @triton.jit
