@@ -28,10 +28,21 @@ from tq_ops.cache import TurboQuantCache
 from tq_ops.compile import backend
 
 
-def build(layers: int, device: str, dtype: torch.dtype):
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+def llama_config(layers: int, tiny: bool = False) -> LlamaConfig:
+    """Llama-3.1-8B's layer shape with `layers` layers; tiny: 64 wide, 4 / 2 heads of 16, for
+    checking the scripts on a CPU."""
+    if tiny:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           vocab_size=128, max_position_embeddings=4096)
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+
+
+def build(layers: int, device: str, dtype: torch.dtype, tiny: bool = False):
+    """LlamaForCausalLM of `llama_config(layers, tiny)` with random weights, eval mode."""
+    config = llama_config(layers, tiny)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
@@ -39,12 +50,13 @@ def build(layers: int, device: str, dtype: torch.dtype):
 
 
 def fill_turboquant(cache: TurboQuantCache, length: int) -> None:
-    """Random packed codes and plausible norms in every slot; `length` tokens written."""
+    """Random packed codes and plausible norms in every slot (in place: no second copy of the
+    cache); `length` tokens written."""
     for layer in cache.layers:
         for name in ("k_indices", "v_indices", "k_signs"):
             t = getattr(layer, name)
             if t is not None:
-                t.copy_(torch.randint_like(t, 0, 256))
+                t.random_(0, 256)
         for name in ("k_norms", "v_norms", "k_residual_norms"):
             t = getattr(layer, name)
             if t is not None:
@@ -76,7 +88,7 @@ def time_steps(step, token, steps: int) -> float:
 def bench_turboquant(model, token, args, filled: int) -> dict:
     """Eager reference step, then the compiled (fused) step on the same cache state."""
     cache = TurboQuantCache(config=model.config, max_cache_len=args.context, k_bits=args.k_bits,
-                            v_bits=args.v_bits, device=token.device)
+                            v_bits=args.v_bits, max_batch_size=1, device=token.device)
     fill_turboquant(cache, filled)
     eager = model(token, past_key_values=cache).logits.float()
     for layer in cache.layers:
@@ -102,11 +114,27 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
+def use_attention(model, name: str) -> None:
+    """Switch the model to attention implementation `name` ("sdpa": transformers' default;
+    "sdpa_gqa": `sdpa_gqa` above, registered on first use)."""
+    if name == "sdpa_gqa":
+        AttentionInterface.register("sdpa_gqa", sdpa_gqa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_gqa", sdpa_mask)
+    model.set_attn_implementation(name)
+
+
+def static_cache(model, max_cache_len: int, batch: int, device) -> StaticCache:
+    """A StaticCache in the model dtype, allocated now for `batch` sequences on `device`."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    config = model.config
+    cache.early_initialization(batch_size=batch, num_heads=config.num_key_value_heads,
+                               head_dim=config.head_dim, dtype=model.dtype, device=device)
+    return cache
+
+
 def bench_static(model, token, args, filled: int, prefix: str = "static") -> dict:
     """The same step on a StaticCache in the model dtype, compiled with plain Inductor."""
-    cache = StaticCache(config=model.config, max_cache_len=args.context)
-    cache.early_initialization(batch_size=1, num_heads=8, head_dim=128, dtype=model.dtype,
-                               device=token.device)
+    cache = static_cache(model, args.context, 1, token.device)
     fill_static(cache, filled)
     start = time.perf_counter()
     step = torch.compile(lambda t: model(t, past_key_values=cache).logits,
@@ -146,9 +174,7 @@ def main():
         results.update(bench_static(model, token, args, filled))
         print("static:", results["static_ms"], "ms", flush=True)
         torch._dynamo.reset()
-        AttentionInterface.register("sdpa_gqa", sdpa_gqa)
-        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_gqa", sdpa_mask)
-        model.set_attn_implementation("sdpa_gqa")
+        use_attention(model, "sdpa_gqa")
         results.update(bench_static(model, token, args, filled, prefix="static_gqa"))
     results["inductor_counters"] = dict(torch._dynamo.utils.counters["inductor"])
     with open(os.path.join(args.out, "decode_model.json"), "w") as f:

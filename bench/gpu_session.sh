@@ -1,12 +1,40 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs, in one device call (device time is scarce): the GPU tests
-# (compress kernel included, via its opt-in), then every benchmark. Logs go to $OUT/.
-#   run on the device:  bash bench/gpu_session.sh            (about 8-10 minutes on an H200)
+# One device call (at most 10 minutes): the decode/prefill tables against SDPA enable_gqa
+# (attention.py --quick), host time per eager call and kernels per compiled layer (host.py),
+# the GPU tests, then the 32-layer serving benchmark (serve.py) in whatever time is left.
+# Each step has its own timeout and the whole session ends by $BUDGET_S (default 530 s);
+# logs go to $OUT (default gpu-out/), one file per step, each headed by GPU, date and commit.
+#   run on the device:  TQ_COMMIT=<hash> bash bench/gpu_session.sh
+# (TQ_COMMIT names the commit where the copied tree has no .git.) Not run here: the full
+# attention tables (bench/attention.py), bench/compress.py and bench/decode_model.py.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu 2>&1 | tee "$out/gpu_tests.log"
-python3 bench/compress.py --ties 2>&1 | tee "$out/compress.md"
-python3 bench/attention.py 2>&1 | tee "$out/attention.md"
-python3 bench/decode_model.py --out "$out" 2>&1 | tee "$out/decode_model.md"
+if [ -z "${TQ_COMMIT:-}" ] && git rev-parse --short HEAD >/dev/null 2>&1; then
+    TQ_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)
+fi
+export TQ_COMMIT=${TQ_COMMIT:-unknown}
+end=$((SECONDS + ${BUDGET_S:-530}))
+
+# step LOG CAP COMMAND...: run COMMAND with a timeout of min(CAP, seconds left), log to $out/LOG
+step() {
+    local log=$1 cap=$2 left=$((end - SECONDS))
+    shift 2
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -le 10 ]; then echo "skipped (no time left): $*" | tee "$out/$log"; return; fi
+    echo "== $* (timeout ${cap}s)"
+    timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$out/$log"
+    echo "== exit ${PIPESTATUS[0]} after $((SECONDS))s of the session"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+step attention_quick.md 150 python3 bench/attention.py --quick --json "$out/attention_quick.json"
+step host.md 120 python3 bench/host.py
+step gpu_tests.log 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu
+left=$((end - SECONDS - 60))  # serve starts no row in its last 60 s, then prints
+if [ "$left" -ge 60 ]; then
+    step serve.md $((left + 60)) python3 bench/serve.py --budget-s "$left"
+else
+    echo "skipped (under 2 minutes left): bench/serve.py" | tee "$out/serve.md"
+fi
