@@ -20,7 +20,6 @@ import json
 import sys
 
 import torch
-from triton.testing import do_bench
 
 import harness
 from tq_ops import TurboQuantMSE, TurboQuantProd

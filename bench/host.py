@@ -121,7 +121,8 @@ def kind_of(kernel: str) -> str:
 
 def layer_kernels(name: str, context: int = 4096) -> None:
     """Print the kernels one compiled decode layer of configuration `name` launches."""
-    label, bits, attention = serve.CONFIGS[name]
+    _, bits, attention = serve.CONFIGS[name]
+    label = serve.config_label(name, "bfloat16")
     torch._dynamo.reset()
     model = dm.build(2, "cuda", torch.bfloat16)
     dm.use_attention(model, attention)

@@ -89,6 +89,11 @@ class SharedLayers:
             layer.__dict__.pop("forward", None)
 
 
+def config_label(name: str, dtype: str) -> str:
+    """The table label of configuration `name` for a model in `dtype` ("bfloat16", ...)."""
+    return CONFIGS[name][0].format(dtype={"bfloat16": "bf16", "float16": "fp16"}[dtype])
+
+
 def compiler_for(bits):
     """Plain Inductor for the StaticCache; the "turboquant" backend in cache mode otherwise."""
     return "inductor" if bits is None else backend(k_bits=bits[0], v_bits=bits[1], mode="cache")
@@ -194,6 +199,8 @@ def measure(model, shared, bits, context: int, batch: int, args, check: bool) ->
     if device.type == "cuda":
         try:
             run = capture(step)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller retries at a smaller batch
         except RuntimeError as exc:  # report the row without a graph rather than lose it
             result["note"] = f"not captured ({str(exc).splitlines()[0][:120]}): eager steps"
     set_written(cache, filled)
@@ -237,8 +244,8 @@ def plan(args) -> list[tuple[str, str, int, object]]:
 
 def run_config(name, tasks, model, args, free, rows, start) -> None:
     """Consecutive tasks of one configuration, one compiled layer shared by all of them."""
-    label, bits, attention = CONFIGS[name]
-    label = label.format(dtype={"bfloat16": "bf16", "float16": "fp16"}[args.dtype])
+    _, bits, attention = CONFIGS[name]
+    label = config_label(name, args.dtype)
     torch._dynamo.reset()
     dm.use_attention(model, attention)
     shared = SharedLayers(model, compiler_for(bits))
@@ -352,7 +359,9 @@ def main(argv=None) -> None:
             run_config(name, list(tasks), model, args, free, rows, start)
     print(f"\n## Serving summary ({args.layers} layers, {args.dtype}, one CUDA graph per step)\n")
     print(harness.table(COLUMNS, [table_row(r, rows) for r in rows]))
-    print("\n".join(f"{r['label']}, {r['kind']}: {r['note']}" for r in rows if r["note"]))
+    for r in rows:
+        if r["note"]:
+            print(f"{r['label']}, {r['kind']}: {r['note']}")
     print("\nfirst step (compile) s: " + ", ".join(
         f"{r['config']} {r['context']}/{r['batch']} {r['first_step_s']:.0f}" for r in rows))
 
