@@ -117,7 +117,7 @@ def variant_runs(kc_ptr, vc_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
 def nibble_halves(row_ptr, key_ok, cent_ptr, words, SEGLEN: tl.constexpr,
                   SEG_PAD: tl.constexpr, PTX: tl.constexpr):
     """4-bit codes of packed rows as two tiles [BLOCK_N, SEG_PAD]: coordinates k and
-    SEGLEN + k (low and high nibble of byte k). PTX: decode by `NIBBLE_PTX` with `words`,
+    SEGLEN + k (low and high nibble of byte k). PTX: decode by `ptx.nibble_values` with `words`,
     the `table_words` of cent_ptr + 8 (fp16; the table must be a `symmetric_table`), else
     gather the fp32 centroids at cent_ptr (any codebook; the interpreter). Padded columns and
     masked rows hold the value of code 0 (callers zero their partners)."""

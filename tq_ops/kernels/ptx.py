@@ -3,8 +3,8 @@
 GPU only: the Triton interpreter cannot run inline PTX, so callers take their gather paths
 there and tests/test_permute_asm.py executes these strings in an instruction emulator. Each
 decoder takes packed bytes (pack=4: 4 bytes per 32-bit register) and returns fp16 values in
-the same layout, so no decoded tile goes through shared memory on its own account. Centroid
-lookups are byte permutes (prmt) from `table_words` held in registers: no memory access.
+the layout of its input. Centroid lookups are byte permutes (prmt) from `table_words` held in
+registers: no memory access.
 """
 
 import triton
@@ -109,10 +109,10 @@ def _segment_codes(width: int, f: int) -> str:
     (2 bits) or v (3 bits). 2 bits ($8: the plane's bytes): field f of each byte to bits 0-1.
     3 bits ($16, $17: the 2-bit plane's byte runs of even and odd segments, $18: the 1-bit
     plane's): the 2-bit field f // 2 of $16 or $17 to bits 1-2, bit f of $18 to bit 0."""
+    if width == 2 and f == 0:
+        return "and.b32 x, $8, 0x03030303; "
     if width == 2:
-        field = "and.b32 x, $8, 0x03030303; " if f == 0 else (
-            f"shr.b32 x, $8, {2 * f}; and.b32 x, x, 0x03030303; ")
-        return field
+        return f"shr.b32 x, $8, {2 * f}; and.b32 x, x, 0x03030303; "
     pairs = "$16" if f % 2 == 0 else "$17"
     high = f"shl.b32 x, {pairs}, 1; " if f < 2 else f"shr.b32 x, {pairs}, {f // 2 * 2 - 1}; "
     low = "mov.b32 c, $18; " if f == 0 else f"shr.b32 c, $18, {f}; "
@@ -124,9 +124,11 @@ def _permute_decoder(width: int) -> str:
     `three_bit_values` (width 3: 11 per 4 codes): outputs $0 .. $(2 * segments - 1), two per
     finest segment; then the packed byte registers, then the `table_words` (pack=4 repeats
     each 4 times: low-byte words from $9 (2 bits) / $19 (3 bits), high-byte words after)."""
-    segments, table, regs = (4, ("$9, $9", "$13, $13"), "z, x, t, sel, lo, hi") if width == 2 \
-        else (8, ("$19, $23", "$27, $31"), "z, x, c, v, t, sel, lo, hi")
-    body = "".join(_segment_codes(width, f) + _lookup("x" if width == 2 else "v", *table, 2 * f)
+    if width == 2:
+        segments, code, table, regs = 4, "x", ("$9, $9", "$13, $13"), "z, x, t, sel, lo, hi"
+    else:
+        segments, code, table, regs = 8, "v", ("$19, $23", "$27, $31"), "z, x, c, v, t, sel, lo, hi"
+    body = "".join(_segment_codes(width, f) + _lookup(code, *table, 2 * f)
                    for f in range(segments))
     return "{ " + f".reg .b32 {regs}; " + "mov.b32 z, 0; " + body + "} "
 
