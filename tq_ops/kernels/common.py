@@ -1,8 +1,8 @@
 """What every kernel family shares: the shapes the kernels take, the interpreter flag, launch
 sizes, strides, and the fp16 hi/lo split of the tensor-core rotations.
 
-The families (compress, decompress, scores, attention) import this module, `codes` and `ptx`,
-never each other.
+Kernel families (compress, decompress, scores, attention) import this module, `codes`, `ptx`
+and (the readers) `queries`, never each other or `reference`.
 """
 
 import os
