@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tq_ops.kernels import attention, compress
-from tq_ops.kernels.codes import PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, plane_layout, prefixed
+from tq_ops.kernels.codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, plane_layout, prefixed,
+                                  sign_layout)
 from tq_ops.packing import plane_widths
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -101,7 +102,7 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
     constexprs = dict(G=4, DK=128, DV=128, DV_PAD=128, M=128 if prod else 1,
                       **prefixed("K_", plane_layout(128, k_bits)),
                       **prefixed("V_", plane_layout(128, v_bits)),
-                      **prefixed("S_", plane_layout(128 if prod else 16, 1)),
+                      **sign_layout(128 if prod else 16),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
                       MASK_KEYS=False, HAS_LENS=True, SPLIT=True,
                       K_MODE=mode.get(k_bits, TABLE).value, V_MODE=mode.get(v_bits, TABLE).value,

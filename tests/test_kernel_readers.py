@@ -3,7 +3,11 @@
 The kernels run on CPU tensors through the Triton interpreter on tiny shapes and are
 compared with `tq_ops.reference` on fresh random data. tests/conftest.py switches the
 interpreter on before triton is imported; on a machine with a GPU tests/gpu covers the kernels.
+`tq::attention`'s CUDA route (`ops.py`: fused kernel or prefill by decompression) is forced
+onto CPU tensors here by `cuda_route`.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -12,10 +16,11 @@ from hypothesis import strategies as st
 from conftest import ULP, float64_reconstruction, within_an_ulp
 from triton.runtime.interpreter import InterpretedFunction
 
-from tq_ops import reference
+from tq_ops import ops, reference
 from tq_ops.codebook import lloyd_max
 from tq_ops.kernels import attention as attention_kernels
 from tq_ops.kernels import decompress as decompress_kernels
+from tq_ops.kernels import prefill
 from tq_ops.kernels import scores as scores_kernels
 from tq_ops.rotation import haar_rotation, qjl_matrix
 
@@ -30,6 +35,27 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def cuda_route():
+    """Within: `tq::attention` on CPU tensors takes the route it takes on CUDA (ops.py), the
+    kernels running in the interpreter. Yields the list of routes taken, "prefill" (by
+    decompression) or "fused", one per call."""
+    taken = []
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            taken.append(name)
+            return fn(*args, **kwargs)
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "_use_triton", lambda *args, **kwargs: True)
+        patch.setattr(prefill, "flash_prefill", recorded("prefill", prefill.flash_prefill))
+        patch.setattr(attention_kernels, "fused_attention",
+                      recorded("fused", attention_kernels.fused_attention))
+        yield taken
 
 
 def packed(gen, batch, heads, length, dim, bits, prod, seed=0):
@@ -113,6 +139,21 @@ def test_attention_decode_ragged(group, k_bits, k_prod, v_bits):
     assert rel_err(out, ref) < 2e-3
 
 
+def test_attention_op_runs_decode_fused():
+    """`tq::attention`'s CUDA route sends decode (4 query rows per KV head) to the fused
+    kernel, with the op's arguments in place."""
+    gen = torch.Generator().manual_seed(23)
+    keys, k_rot, k_cent, k_qjl = packed(gen, 1, 2, 40, 32, 3, True, 1)
+    values, v_rot, v_cent, _ = packed(gen, 1, 2, 40, 32, 2, False, 2)
+    query = torch.randn(1, 8, 1, 32, generator=gen).half()
+    args = (query, *keys, k_rot, k_cent, k_qjl, 3, values[0], values[1], v_rot, v_cent, 2,
+            0.2, False, None, torch.tensor([33]))
+    with cuda_route() as taken:
+        out = torch.ops.tq.attention(*args)
+    assert taken == ["fused"]
+    assert rel_err(out, reference.attention(query.float(), *args[1:])) < 2e-3
+
+
 def test_attention_many_splits_merge_in_blocks():
     """70 key splits of 16 keys (the merge takes 32 per step) with one sequence ending early,
     so whole splits hold no keys: the merge must weigh them by zero, not NaN."""
@@ -131,9 +172,9 @@ def test_attention_many_splits_merge_in_blocks():
                                                  (32, 32768, 2), (64, 8192, 1), (100, 8192, 1)])
 def test_decode_splits_fill_one_wave(monkeypatch, batch, length, splits):
     """GPU decode (132 SMs, 4 programs each, 8 KV heads): as many key splits as fit in one
-    wave of programs, never a partial second wave (8 x 8 x 9 = 576 > 528 programs was 1.3x
-    slower than 8 splits); 128-key chunks may round the count down."""
-    monkeypatch.setattr(attention_kernels, "_num_sms", lambda device: 132)
+    wave of programs, never a partial second wave (9 splits at batch 8 would launch
+    8 x 8 x 9 = 576 > 528 programs); 128-key chunks may round the count down."""
+    monkeypatch.setattr(attention_kernels, "num_sms", lambda device: 132)
     cfg = attention_kernels.config(batch, 8, 4, length, torch.device("cuda"))
     assert cfg["splits"] == splits
     assert cfg["chunk"] % 128 == 0 and cfg["chunk"] * splits >= length
@@ -180,7 +221,7 @@ def test_attention_prefill_bf16_dim80():
        st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(0, 99))
 def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bits, dtype,
                        seed):
-    """Prefill by decompression + SDPA (what `attention` picks for such calls) matches the
+    """`tq::attention` takes prefill by decompression + SDPA for such calls and matches the
     reference on random shapes, code widths and query dtypes."""
     gen = torch.Generator().manual_seed(seed)
     kv_len = q_len if is_causal else int(torch.randint(1, 60, (), generator=gen))
@@ -189,9 +230,10 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bi
     query = (torch.randn(batch, 2 * group, q_len, dim, generator=gen) * 2).to(dtype)
     args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
             v_bits, dim ** -0.5, is_causal, None, None)
-    assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
-                                                   None, None)
-    out = attention_kernels.flash_prefill(*args)
+    assert prefill.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot, None, None)
+    with cuda_route() as taken:
+        out = torch.ops.tq.attention(*args)
+    assert taken == ["prefill"]
     ref = reference.attention(query.float(), *args[1:])
     slack = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 0.0}[dtype]
     assert out.dtype == dtype and out.shape == ref.shape
@@ -207,8 +249,7 @@ def test_flash_prefill_serves_prefills_with_bool_or_no_mask():
     rot = torch.eye(64)
 
     def applies(q=query, k_norms=norms, mask=None, kv_lens=None):
-        return attention_kernels.flash_prefill_applies(q, idx, k_norms, norms, rot, mask,
-                                                       kv_lens)
+        return prefill.flash_prefill_applies(q, idx, k_norms, norms, rot, mask, kv_lens)
     assert applies() and applies(mask=torch.ones(32, 32, dtype=torch.bool))
     assert applies(q=query[:, :, :17], kv_lens=torch.tensor([32]))  # 32 < 2 x 17 slots
     assert not applies(q=query[:, :, :16], kv_lens=torch.tensor([32]))
@@ -240,9 +281,11 @@ def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys,
     kv_lens = torch.randint(0, kv_len + 1, (batch,), generator=gen) if ragged else None
     args = (query, keys[0], keys[1], None, None, k_rot, k_cent, None, 3, values[0], values[1],
             v_rot, v_cent, 2, 32 ** -0.5, is_causal, mask, kv_lens)
-    assert attention_kernels.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot,
-                                                   mask, kv_lens)
-    out = attention_kernels.flash_prefill(*args)
+    assert prefill.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot, mask,
+                                         kv_lens)
+    with cuda_route() as taken:
+        out = torch.ops.tq.attention(*args)
+    assert taken == ["prefill"]
     ref = reference.attention(query.float(), *args[1:])
     assert out.dtype == dtype and out.shape == ref.shape
     empty = (ref == 0).all(-1)

@@ -1,12 +1,10 @@
-"""The PTX that decodes codes on the GPU (`NIBBLE_PTX`, and the PAIRS, PLANES3 and SIGN_BITS
-modes in tq_ops/kernels/codes.py), executed by a small emulator of its instructions (prmt,
+"""The PTX that decodes codes on the GPU (tq_ops/kernels/ptx.py: `NIBBLE_PTX`, `PAIRS_PTX`,
+`PLANES3_PTX`, `SIGN_SEGMENT_PTX`), executed by a small emulator of its instructions (prmt,
 lop3, shifts) against plain table lookups and the storage format; and the in-kernel table
 words it reads (`table_words`, `symmetric_table`), run by the Triton interpreter. CI has no
 GPU and the interpreter cannot run inline PTX, so this is where a wrong selector, shift or
 truth table fails."""
 
-import ast
-import inspect
 import re
 
 import numpy as np
@@ -18,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tq_ops.codebook import lloyd_max
-from tq_ops.kernels import codes
+from tq_ops.kernels import codes, ptx
 from tq_ops.packing import pack
 
 MASK = 0xFFFFFFFF
@@ -30,15 +28,6 @@ def permute_table(centroids: torch.Tensor) -> list[int]:
     half = fp16_bits(centroids)
     lanes = [h & 0xFF for h in half] + [h >> 8 for h in half]
     return [sum(lanes[4 * w + j] << 8 * j for j in range(4)) for w in range(len(lanes) // 4)]
-
-
-def asm_of(helper) -> str:
-    """The PTX string literal a jit helper passes to tl.inline_asm_elementwise."""
-    tree = ast.parse(inspect.getsource(helper.fn))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and getattr(n.func, "attr", "") == "inline_asm_elementwise"]
-    assert len(calls) == 1
-    return ast.literal_eval(calls[0].args[0])
 
 
 def prmt(a: int, b: int, sel: int) -> int:
@@ -90,8 +79,8 @@ def execute(asm: str, operands: dict[int, int]) -> dict[int, int]:
     return operands
 
 
-def run(helper, outputs: int, inputs: list[list[int]], centroids=None) -> list[int]:
-    """Execute a helper's PTX for one pack of 4 elements: operands $0 .. $outputs-1 are the
+def run(asm: str, outputs: int, inputs: list[list[int]], centroids=None) -> list[int]:
+    """Execute a decoder's PTX for one pack of 4 elements: operands $0 .. $outputs-1 are the
     outputs, then one register per input (its 4 bytes), then each `permute_table` word 4
     times (pack=4 repeats scalars). Returns the outputs' 16-bit lanes in element order."""
     operands = {outputs + i: sum(x << 8 * j for j, x in enumerate(packed))
@@ -100,7 +89,7 @@ def run(helper, outputs: int, inputs: list[list[int]], centroids=None) -> list[i
         base = outputs + len(inputs)
         for i, word in enumerate(permute_table(centroids)):
             operands.update({base + 4 * i + j: word for j in range(4)})
-    out = execute(asm_of(helper), operands)
+    out = execute(asm, operands)
     return [out[r] >> shift & 0xFFFF for r in range(outputs) for shift in (0, 16)]
 
 
@@ -111,7 +100,7 @@ def lookup(centroids: torch.Tensor, packed: list[int]) -> tuple[list[int], list[
     operands = {4: sum(x << 8 * j for j, x in enumerate(packed))}
     for i, word in enumerate(words):  # pack=4 repeats each scalar 4 times
         operands.update({5 + 4 * i + j: word for j in range(4)})
-    out = execute(codes.NIBBLE_PTX.value, operands)
+    out = execute(ptx.NIBBLE_PTX.value, operands)
     lanes = [out[r] >> shift & 0xFFFF for r in range(4) for shift in (0, 16)]
     return lanes[:4], lanes[4:]
 
@@ -156,11 +145,11 @@ def test_nibble_ptx_is_a_plain_lookup_for_any_symmetric_table(upper, packed):
 
 @triton.jit
 def _table_probe(cent_ptr, words_ptr, sym_ptr, N: tl.constexpr):
-    words = codes.table_words(cent_ptr, N)
+    words = ptx.table_words(cent_ptr, N)
     for i in tl.static_range(N // 2):
         tl.store(words_ptr + i, words[i])
     if N == 16:
-        tl.store(sym_ptr, codes.symmetric_table(cent_ptr).to(tl.int32))
+        tl.store(sym_ptr, ptx.symmetric_table(cent_ptr).to(tl.int32))
 
 
 def table_probe(centroids: torch.Tensor) -> tuple[list[int], bool]:
@@ -206,7 +195,7 @@ def test_permute_table_layout():
 
 def three_bit_lookup(centroids: torch.Tensor, a: list[int], b: list[int], c: list[int]):
     """Segment f -> the 4 fp16 bit patterns the PTX returns for 4 packed columns."""
-    lanes = run(codes._three_bit_values, 16, [a, b, c], centroids)
+    lanes = run(ptx.PLANES3_PTX.value, 16, [a, b, c], centroids)
     return [lanes[4 * f:4 * f + 4] for f in range(8)]
 
 
@@ -246,7 +235,7 @@ def test_two_bit_asm_is_a_plain_lookup(values, packed):
     """Segment f, column j: code = bits 2f, 2f + 1 of byte j."""
     centroids = torch.tensor(values, dtype=torch.float32)
     half = fp16_bits(centroids)
-    lanes = run(codes._two_bit_values, 8, [packed], centroids)
+    lanes = run(ptx.PAIRS_PTX.value, 8, [packed], centroids)
     for f in range(4):
         assert lanes[4 * f:4 * f + 4] == [half[x >> 2 * f & 3] for x in packed]
 
@@ -260,9 +249,24 @@ def test_two_bit_asm_decodes_the_packed_layout():
     packed = pack(code, 2).tolist()
     for k0 in range(0, 32, 4):
         cols = range(k0, k0 + 4)
-        lanes = run(codes._two_bit_values, 8, [[packed[k] for k in cols]], centroids)
+        lanes = run(ptx.PAIRS_PTX.value, 8, [[packed[k] for k in cols]], centroids)
         for f in range(4):
             assert lanes[4 * f:4 * f + 4] == [half[int(code[32 * f + k])] for k in cols]
+
+
+@pytest.mark.parametrize("asm,constraints,outputs,operands", [
+    (ptx.PAIRS_PTX, ptx.PAIRS_CONSTRAINTS, 8, 1 + 2 * 4),  # a byte, 2 table words x pack 4
+    (ptx.PLANES3_PTX, ptx.PLANES3_CONSTRAINTS, 16, 3 + 4 * 4)])  # 3 bytes, 4 words x pack 4
+def test_permute_decoder_constraints_match_their_operands(asm, constraints, outputs,
+                                                          operands):
+    """The asm writes each output register ($0 ..) once and reads only input registers, and
+    its constraint string lists as many outputs ("=r") and inputs ("r") as the call passes (a
+    mismatch only the GPU build would catch otherwise)."""
+    written = re.findall(r"prmt\.b32 \$(\d+),", asm.value)
+    read = {int(n) for n in re.findall(r"\$(\d+)", asm.value)} - {int(n) for n in written}
+    assert sorted(map(int, written)) == list(range(outputs))
+    assert read <= set(range(outputs, outputs + operands))
+    assert constraints.value.split(",") == ["=r"] * outputs + ["r"] * operands
 
 
 def test_sign_segment_ptx_matches_bits():
@@ -272,7 +276,7 @@ def test_sign_segment_ptx_matches_bits():
         packed = rng.integers(0, 256, 4).tolist()
         word = sum(x << 8 * j for j, x in enumerate(packed))
         for f in range(8):
-            out = execute(codes.SIGN_SEGMENT_PTX.value[f], {2: word})
+            out = execute(ptx.SIGN_SEGMENT_PTX.value[f], {2: word})
             lanes = [out[r] >> shift & 0xFFFF for r in (0, 1) for shift in (0, 16)]
             assert lanes == [0x3C00 if x >> f & 1 else 0xBC00 for x in packed]
 

@@ -11,24 +11,16 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from . import checks, reference
+from .kernels.common import supports
 from .packing import packed_bytes
 
 
-def _use_triton(t: Tensor, dim, qjl: Tensor | None = None) -> bool:
-    """CUDA tensors whose head_dim (and qjl_dim) the kernels support: multiples of 8 in
-    [16, 256] (wider rows would not fit the kernels' registers and shared memory).
-
-    Other shapes on CUDA run the reference (plain torch on the same device).
-    """
-    dims = (dim,) if qjl is None else (dim, qjl.shape[0])
-    return t.device.type == "cuda" and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
-
-
-def _use_triton_compress(x: Tensor, qjl: Tensor | None, bits: int) -> bool:
-    """As `_use_triton`, except QJL-only keys (bits = 0): the Triton 3.6 build of that case
-    wrote wrong sign bits for bf16 input on the H200 (tests/gpu/test_compress_cuda.py), so it
-    runs the reference on the GPU."""
-    return bits > 0 and _use_triton(x, x.shape[-1], qjl)
+def _use_triton(t: Tensor, dim: int, bits: int, qjl: Tensor | None = None,
+                compress: bool = False) -> bool:
+    """Whether the Triton kernels serve a call: CUDA tensors of shapes they take
+    (`kernels.common.supports`). Other shapes on CUDA run the reference on the GPU."""
+    qjl_dim = None if qjl is None else qjl.shape[0]
+    return t.device.type == "cuda" and supports(dim, bits, qjl_dim, compress=compress)
 
 
 def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
@@ -82,7 +74,7 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
-    if _use_triton_compress(x, qjl, bits):
+    if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
     return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -114,7 +106,7 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
-    if _use_triton_compress(x, qjl, bits):
+    if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
                               residual_norms)
@@ -145,7 +137,7 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_no
     _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
     if dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    if _use_triton(indices, rotation.shape[0], qjl):
+    if _use_triton(indices, rotation.shape[0], bits, qjl):
         from .kernels import decompress as kernels
         return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
                                   bits, dtype)
@@ -170,7 +162,7 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype for query (B, Hq, Lq, D)."""
     _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
     _check_query(query, indices, rotation.shape[0])
-    if _use_triton(query, rotation.shape[0], qjl):
+    if _use_triton(query, rotation.shape[0], bits, qjl):
         from .kernels import scores as kernels
         return kernels.scores(query, indices, norms, signs, residual_norms, rotation, centroids,
                               qjl, bits)
@@ -216,7 +208,17 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
             k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, float(scale),
             bool(is_causal), attn_mask, kv_lens)
-    if _use_triton(query, k_rotation.shape[0], k_qjl) and _use_triton(query, v_rotation.shape[0]):
-        from .kernels import attention as kernels
-        return kernels.attention(*args)
-    return torch.ops.tq.attention_reference(*args)
+    if not (_use_triton(query, k_rotation.shape[0], k_bits, k_qjl)
+            and _use_triton(query, v_rotation.shape[0], v_bits)):
+        return torch.ops.tq.attention_reference(*args)
+    from .kernels import attention as fused, decompress as unpack, prefill
+    # Prefills run faster as fp16 SDPA over decompressed K and V (prefill.py); the rest fused.
+    if prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
+                                     kv_lens):
+        keys = unpack.decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
+                                 k_centroids, k_qjl, k_bits, torch.float16)
+        values = unpack.decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None,
+                                   v_bits, torch.float16)
+        return prefill.flash_prefill(query, keys, values, float(scale), bool(is_causal),
+                                     attn_mask, kv_lens)
+    return fused.fused_attention(*args)

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from .masks import visible
 from .packing import pack, unpack
 
 CHUNK_ELEMENTS = 1 << 18  # decoded (batch x heads x tokens x dim) elements per chunk
@@ -99,19 +100,6 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
     """Unscaled attention logits (B, Hq, Lq, Lk) in the query dtype."""
     return _logits(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, bits,
                    query.dtype)
-
-
-def visible(batch: int, q_len: int, kv_len: int, is_causal: bool, kv_lens: Tensor | None,
-            device: torch.device) -> Tensor:
-    """Bool (B, 1, Lq, Lk): key j visible to query i (kv_lens and bottom-right causal)."""
-    key = torch.arange(kv_len, device=device)
-    lengths = (torch.full((batch,), kv_len, device=device) if kv_lens is None
-               else kv_lens.to(device=device, dtype=torch.long))
-    keep = key[None, None, :] < lengths[:, None, None]  # (B, 1, Lk)
-    if is_causal:
-        last = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # (B, Lq)
-        keep = keep & (key[None, None, :] <= last[:, :, None])
-    return keep.expand(batch, q_len, kv_len).unsqueeze(1)
 
 
 def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,

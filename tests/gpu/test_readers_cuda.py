@@ -111,8 +111,12 @@ def test_other_4bit_codebooks(custom, factor):
 def test_prefill_causal(dim):
     """The op (decompression + SDPA for such a prefill) and the fused kernel both match."""
     from tq_ops.kernels import attention as kernels
+    from tq_ops.kernels import prefill
     args = attention_args(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
                           k_bits=3, k_prod=False, v_bits=3, dtype=torch.float16, is_causal=True)
+    query, k_indices, k_norms, v_norms, v_rotation = (args[i] for i in (0, 1, 2, 10, 11))
+    assert prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, None,
+                                         None)  # the op's route for this call
     check_attention(args)
     ref = reference.attention(args[0].float(), *args[1:])
     assert rel_err(kernels.fused_attention(*cuda(args)), ref) < 3e-3

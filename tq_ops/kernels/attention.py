@@ -1,7 +1,8 @@
-"""Attention from the compressed K/V cache: a fused kernel, and prefill by decompression.
+"""Fused attention from the compressed K/V cache: the attention kernel, the split merge,
+their launch configuration (`config`) and launcher (`fused_attention`).
 
-The fused kernel serves decode and any masked, ragged or chunked call (plain prefills go to
-`flash_prefill`: decompression + fp16 SDPA). A program owns one KV head, a tile of BLOCK_M
+The fused kernel serves decode and any masked, ragged or chunked call (`ops.attention` picks
+it or prefill by decompression, `prefill.py`). A program owns one KV head, a tile of BLOCK_M
 query rows and one split of the key range. The rows of a KV head are its (query token, group
 head) pairs, token-major (row = i * G + g), so every head of a GQA group shares one read and
 one decode of each K/V tile. Per K/V tile the kernel unpacks the codes in registers, scores
@@ -13,19 +14,17 @@ never writes decompressed K or V to memory.
 """
 
 import math
-import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_logits,
-                    nibble_halves, plane_layout, prefixed, qjl_logits, segments, strided,
-                    table_words, tile_coords, variant_runs)
-from .decompress import decompress
+                    nibble_halves, plane_layout, prefixed, qjl_logits, segments, sign_layout,
+                    tile_coords, variant_runs)
+from .common import INTERPRET, num_sms, strided
+from .ptx import table_words
 from .queries import rotated_queries
-from ..reference import visible
 
 LOG2E = 1.4426950408889634
 
@@ -46,9 +45,7 @@ def _attention_kernel(
         V_W0: tl.constexpr, V_W1: tl.constexpr, V_W2: tl.constexpr, V_NSEG: tl.constexpr,
         V_SEGLEN: tl.constexpr, V_SEG_PAD: tl.constexpr, V_OFF1: tl.constexpr,
         V_OFF2: tl.constexpr,
-        S_W0: tl.constexpr, S_W1: tl.constexpr, S_W2: tl.constexpr, S_NSEG: tl.constexpr,
-        S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr, S_OFF1: tl.constexpr,
-        S_OFF2: tl.constexpr,
+        S_NSEG: tl.constexpr, S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr,
         HAS_QJL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_LENS: tl.constexpr,
         SPLIT: tl.constexpr,
@@ -64,9 +61,9 @@ def _attention_kernel(
     (B, Hq, Lq, DV), strides o_s*, gets the output. SPLIT=True: o (B, HKV, S, R, DV) float32
     gets the unnormalised rotated-back accumulator and ml (B, HKV, S, R, 2) the running max
     and sum, for `_merge_kernel`.
-    K_*, V_*, S_*: `plane_layout` of key codes, value codes and QJL signs; K_MODE, V_MODE:
-    `decode_tile` modes of keys and values; S_MODE: how the QJL signs are decoded (SIGNS, or
-    SIGN_BITS on a GPU). 4-bit keys or values are decoded as two column halves
+    K_*, V_*: `plane_layout` of key and value codes, S_*: `sign_layout` of the QJL signs;
+    K_MODE, V_MODE: `decode_tile` modes of keys and values; S_MODE: how the QJL signs are
+    decoded (SIGNS, or SIGN_BITS on a GPU). 4-bit keys or values are decoded as two column halves
     (`nibble_halves`, by PTX if K_PTX / V_PTX), each with its own dot.
     RUN_IF 1 / 2: run only if the PTX-decoded 4-bit tables are / are not all
     `symmetric_table`s (the launcher starts both variants; the other returns at once); 0:
@@ -286,21 +283,11 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, HKV, 
                  mask=cols < DV)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _use_ptx() -> bool:
-    """The byte-permute decode modes are inline PTX, which the Triton interpreter cannot run."""
-    return os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def _mode(bits: int) -> int:
     """The `decode_tile` mode of b-bit codes: byte permutes (PAIRS, PLANES3) for 2- and 3-bit
-    codes on a GPU, else centroid gathers (TABLE; 4-bit codes take `nibble_halves`)."""
-    if bits in (2, 3) and _use_ptx():
+    codes on a GPU (inline PTX, which the interpreter cannot run), else centroid gathers
+    (TABLE; 4-bit codes take `nibble_halves`)."""
+    if bits in (2, 3) and not INTERPRET:
         return {2: PAIRS, 3: PLANES3}[bits].value
     return TABLE.value
 
@@ -318,17 +305,15 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     """Tile sizes, warps, pipeline stages and the number of key splits for one launch
     (shape-only).
 
-    Decode on a GPU caps registers at 128, so 4 programs fit on a multiprocessor instead of 2
-    (measured 1.1-1.2x at batch 32 / 32k, BENCHMARKS.md), with 128-key tiles in one stage;
-    `deep_pipeline` (Prod keys, or values of other than 4 bits) takes 64-key tiles in three
-    stages instead (measured 1.14-1.18x for Prod keys, 1.01-1.05x for MSE keys with 3-bit
-    values, BENCHMARKS.md 2026-12-04) and `DEFER_SUM` (1.03-1.08x there; with 128-key tiles
-    it spills and was 1.06x slower).
+    Decode on a GPU caps registers at 128, so 4 programs fit on a multiprocessor instead of 2,
+    with 128-key tiles in one stage; `deep_pipeline` (Prod keys, or values of other than 4
+    bits) takes 64-key tiles in three stages instead, and `DEFER_SUM` (not with 128-key tiles:
+    their per-key sums would spill past the register cap).
     Splits fill at most one wave of `resident` programs per multiprocessor (4 for GPU decode:
     that many fit at 128 registers and <= 41 KB of shared memory each), never a partial
-    second wave, whose few programs would take a whole split's time (measured 1.2-1.3x at
-    batch 8 / 32k-128k, BENCHMARKS.md 2026-12-04). OUT_BLOCK: output columns per step of the
-    final rotation (registers). `tune` overrides any entry.
+    second wave, whose few programs would take a whole split's time. OUT_BLOCK: output
+    columns per step of the final rotation (registers). `tune` overrides any entry. The
+    measurements behind these choices are in BENCHMARKS.md.
     """
     decode = rows <= 16
     cfg = dict(BLOCK_M=16 if decode else 64, BLOCK_N=128 if decode else 64, OUT_BLOCK=32,
@@ -340,89 +325,22 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     cfg.update(tune or {})
     programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
     splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
-                        cfg.pop("resident") * _num_sms(device) // programs))
+                        cfg.pop("resident") * num_sms(device) // programs))
     chunk = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     return dict(cfg, splits=triton.cdiv(max(kv_len, 1), chunk), chunk=chunk)
-
-
-def attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-              k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
-              is_causal, attn_mask, kv_lens):
-    """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics).
-
-    query (B, Hq, Lq, DK) float16/bfloat16/float32; packed K/V fields (B, Hkv, Lk, .);
-    attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,) int or None.
-    Returns (B, Hq, Lq, DV) in the query dtype. Prefills with no mask or a bool one
-    (`flash_prefill_applies`) decompress K and V and run fp16 SDPA; everything else runs the
-    fused kernel (`fused_attention`).
-    """
-    args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-            k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
-            is_causal, attn_mask, kv_lens)
-    if flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
-                             kv_lens):
-        return flash_prefill(*args)
-    return fused_attention(*args)
-
-
-def flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
-                          kv_lens) -> bool:
-    """Whether `flash_prefill` serves this call: more than 16 query rows per KV head, no mask
-    or a bool one, equal K/V head dims, fp16 norms (decompressed values then fit in fp16), and
-    not a cache with kv_lens and at least twice as many slots as queries (a prefill into a
-    preallocated cache): the fused kernel reads only the kv_lens slots there, while `flash_prefill`
-    decompresses and scores all of them (H200, 2k tokens into 16k slots: 0.67 vs 2.24 ms)."""
-    _, q_heads, q_len, dk = query.shape
-    kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
-    return (q_len * (q_heads // kv_heads) > 16 and kv_len > 0
-            and (kv_lens is None or kv_len < 2 * q_len)
-            and (attn_mask is None or attn_mask.dtype == torch.bool)
-            and v_rotation.shape[0] == dk and k_norms.dtype == v_norms.dtype == torch.float16)
-
-
-def flash_prefill(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                  k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, scale,
-                  is_causal, attn_mask, kv_lens):
-    """Prefill as `decompress` of K and V to fp16 (B, Hkv, Lk, D) plus fp16 SDPA.
-
-    Prefill is compute-bound: tensor-core attention over fp16 tiles beats decoding every K/V
-    tile once per query tile (BENCHMARKS.md). Costs transient memory: the fp16 K and V, 4 * D
-    bytes per cached token per KV head (at D = 256 `decompress` also holds fp32 intermediates).
-    Same arguments as `attention` (attn_mask None or bool). A plain call is one flash SDPA
-    (GQA); a bool mask, ragged lengths or a causal chunk with fewer queries than keys become
-    one fp16 additive mask (0 where `reference.visible` & attn_mask, else -inf), built once
-    and shared by one SDPA per group head (masked GQA SDPA has no fused backend in torch
-    2.11; a bool mask would be converted once per call).
-    """
-    keys = decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                      k_qjl, k_bits, torch.float16)
-    values = decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits,
-                        torch.float16)
-    query16 = query.to(torch.float16)
-    q_heads, q_len, kv_len = query.shape[1], query.shape[2], keys.shape[2]
-    if attn_mask is None and kv_lens is None and (not is_causal or q_len == kv_len):
-        out = F.scaled_dot_product_attention(query16, keys, values, is_causal=is_causal,
-                                             scale=scale, enable_gqa=True)
-        return out.to(query.dtype)
-    keep = visible(query.shape[0], q_len, kv_len, is_causal, kv_lens, query.device)
-    if attn_mask is not None:
-        keep = keep & attn_mask
-    bias = torch.zeros(keep.shape, device=query.device, dtype=torch.float16)
-    bias.masked_fill_(~keep, -math.inf)
-    group = q_heads // keys.shape[1]
-    per_head = bias.shape[1] > 1
-    out = torch.stack([F.scaled_dot_product_attention(
-        query16[:, g::group], keys, values, scale=scale,
-        attn_mask=bias[:, g::group] if per_head else bias) for g in range(group)], 2)
-    out = out.flatten(1, 2).masked_fill(~keep.any(-1, keepdim=True), 0.0)
-    return out.to(query.dtype)
 
 
 def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
                     k_centroids, k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids,
                     v_bits, scale, is_causal, attn_mask, kv_lens, tune: dict | None = None):
-    """`attention` by the fused kernel (split-KV for decode), any shape and mask; `tune`
-    overrides `config` (benchmarks)."""
+    """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics) by
+    the fused kernel (split-KV for decode), any shape and mask.
+
+    query (B, Hq, Lq, DK) float16/bfloat16/float32; packed K/V fields (B, Hkv, Lk, .);
+    attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,) int or None (the
+    arguments of `tq::attention`). Returns (B, Hq, Lq, DV) in the query dtype. `tune`
+    overrides `config` (benchmarks).
+    """
     batch, q_heads, q_len, dk = query.shape
     kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
     dv = v_rotation.shape[0]
@@ -466,7 +384,7 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
     else:
         part_o, part_ml = out, out
     grid = (batch * kv_heads, triton.cdiv(rows, cfg["BLOCK_M"]), splits)
-    k_ptx, v_ptx = k_bits == 4 and _use_ptx(), v_bits == 4 and _use_ptx()
+    k_ptx, v_ptx = k_bits == 4 and not INTERPRET, v_bits == 4 and not INTERPRET
     variants = [(1, k_ptx, v_ptx), (2, False, False)] if k_ptx or v_ptx else [(0, False, False)]
     for run_if, k_asm, v_asm in variants:  # (RUN_IF, K_PTX, V_PTX)
         torch.library.wrap_triton(_attention_kernel)[grid](
@@ -476,12 +394,12 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
             G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
             M=m, **prefixed("K_", plane_layout(dk, k_bits)),
             **prefixed("V_", plane_layout(dv, v_bits)),
-            **prefixed("S_", plane_layout(m if has_qjl else 16, 1)),
+            **sign_layout(m if has_qjl else 16),
             HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
             MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
             MASK_KEYS=mask_keys,
             HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_bits),
-            V_MODE=_mode(v_bits), S_MODE=(SIGN_BITS if _use_ptx() else SIGNS).value,
+            V_MODE=_mode(v_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
             K_PTX=k_asm, V_PTX=v_asm, RUN_IF=run_if, **cfg)
     if split:
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](

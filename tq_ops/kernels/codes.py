@@ -12,58 +12,17 @@ loads, constant shifts, no repeated loads) and the segments are interleaved with
 nothing is ever shuffled back into coordinate order except the final output.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from ..packing import plane_widths
+from .ptx import nibble_values, sign_segment, symmetric_table, three_bit_values, two_bit_values
 
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroids (fp32 gathers)
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
 SIGN_BITS = tl.constexpr(4)  # qjl_logits MODE: QJL sign bits -> fp16 +-1.0, one PTX per segment
 PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp16 by byte permutes
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
-
-
-@triton.jit
-def _half_bits(cent_ptr, i: tl.constexpr):
-    """fp16 bit pattern (int32, 0..0xFFFF) of fp32 centroid i."""
-    return tl.load(cent_ptr + i).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-
-@triton.jit
-def table_words(cent_ptr, N: tl.constexpr):
-    """The N (4, 8 or 16) fp32 centroids at cent_ptr as byte-permute table words, int32
-    scalars: the low bytes, then the high bytes, of their fp16 values, entry i in byte i % 4
-    of word i // 4 (N // 2 words). Read once per program, before the key loop."""
-    lo = ()
-    hi = ()
-    for w in tl.static_range(N // 4):
-        h0 = _half_bits(cent_ptr, 4 * w)
-        h1 = _half_bits(cent_ptr, 4 * w + 1)
-        h2 = _half_bits(cent_ptr, 4 * w + 2)
-        h3 = _half_bits(cent_ptr, 4 * w + 3)
-        lo = lo + ((h0 & 0xFF) | (h1 & 0xFF) << 8 | (h2 & 0xFF) << 16 | (h3 & 0xFF) << 24,)
-        hi = hi + ((h0 >> 8) | (h1 >> 8) << 8 | (h2 >> 8) << 16 | (h3 >> 8) << 24,)
-    return lo + hi
-
-
-@triton.jit
-def symmetric_table(cent_ptr):
-    """Whether the 16 fp32 centroids at cent_ptr are, in fp16, symmetric (c[15 - k] == -c[k])
-    with a positive upper half: what `NIBBLE_PTX` decodes (every tq_ops codebook)."""
-    ok = _half_bits(cent_ptr, 15) < 0x8000
-    for k in tl.static_range(8):
-        ok = ok & (_half_bits(cent_ptr, 15 - k) == (_half_bits(cent_ptr, k) ^ 0x8000))
-        ok = ok & (_half_bits(cent_ptr, 8 + k) < 0x8000)
-    return ok
-
-
-def strided(t: torch.Tensor) -> tuple:
-    """(tensor with unit last stride, stride_b, stride_h, stride_s) of a (B, H, S, .) tensor."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0), t.stride(1), t.stride(2)
 
 
 def plane_layout(dim: int, bits: int) -> dict:
@@ -91,6 +50,13 @@ def plane_layout(dim: int, bits: int) -> dict:
 def prefixed(prefix: str, layout: dict) -> dict:
     """The same layout with every key prefixed (e.g. K_W0), for kernels reading K and V."""
     return {prefix + key: value for key, value in layout.items()}
+
+
+def sign_layout(qjl_dim: int) -> dict:
+    """S_NSEG, S_SEGLEN, S_SEG_PAD of a plane of `qjl_dim` QJL signs (`plane_layout` of 1-bit
+    codes): all a kernel reads of it, since one plane has no widths or offsets to choose."""
+    layout = plane_layout(qjl_dim, 1)
+    return {f"S_{key}": layout[key] for key in ("NSEG", "SEGLEN", "SEG_PAD")}
 
 
 @triton.jit
@@ -147,157 +113,22 @@ def variant_runs(kc_ptr, vc_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
     return (RUN_IF == 0) | (ok == (RUN_IF == 1))
 
 
-# `nibble_halves` PTX: 4 packed bytes ($4) -> fp16 centroids of their low nibbles ($0: bytes 0
-# and 1, $1: bytes 2 and 3) and of their high nibbles ($2, $3), for a `symmetric_table`;
-# $5, $9, $13, $17: the `table_words` of its upper half M = c[8:] (pack=4 repeats each).
-# Code k reads M[k & 7] when bit 3 is set, else M[7 - k] with the sign bit set. One prmt
-# selector takes the 4 codes of 2 bytes as they lie (no packing): bit 3 of each nibble
-# becomes 7 in the positive nibbles (t - t >> 3) and an xnor makes the magnitude index; two
-# prmt's per 4 codes look up low and high bytes, a prmt in sign-replicate mode turns bit 3
-# into byte masks for the sign, two prmt's interleave: 18 instructions per 8 codes.
-NIBBLE_PTX = tl.constexpr(
-    "{ .reg .b32 t, u, idx, sb, w4, la, ha, lb, hb, sa, sg; "
-    "and.b32 t, $4, 0x88888888; shr.b32 u, t, 3; sub.u32 u, t, u; "
-    "lop3.b32 idx, $4, u, 0x77777777, 0x82; shr.b32 sb, idx, 16; "
-    "prmt.b32 la, $5, $9, idx; prmt.b32 ha, $13, $17, idx; "
-    "prmt.b32 lb, $5, $9, sb; prmt.b32 hb, $13, $17, sb; "
-    "shl.b32 w4, $4, 4; "
-    "prmt.b32 sa, w4, $4, 0xD9C8; lop3.b32 ha, ha, sa, 0x80808080, 0xF2; "
-    "prmt.b32 sg, w4, $4, 0xFBEA; lop3.b32 hb, hb, sg, 0x80808080, 0xF2; "
-    "prmt.b32 $0, la, ha, 0x6240; prmt.b32 $1, lb, hb, 0x6240; "
-    "prmt.b32 $2, la, ha, 0x7351; prmt.b32 $3, lb, hb, 0x7351; }")
-
-
 @triton.jit
 def nibble_halves(row_ptr, key_ok, cent_ptr, words, SEGLEN: tl.constexpr,
                   SEG_PAD: tl.constexpr, PTX: tl.constexpr):
     """4-bit codes of packed rows as two tiles [BLOCK_N, SEG_PAD]: coordinates k and
-    SEGLEN + k (low and high nibble of byte k). PTX: decode by `NIBBLE_PTX` with `words`,
+    SEGLEN + k (low and high nibble of byte k). PTX: decode by `ptx.nibble_values` with `words`,
     the `table_words` of cent_ptr + 8 (fp16; the table must be a `symmetric_table`), else
     gather the fp32 centroids at cent_ptr (any codebook; the interpreter). Padded columns and
     masked rows hold the value of code 0 (callers zero their partners)."""
     k = tl.arange(0, SEG_PAD)
     byte = tl.load(row_ptr + k[None, :], mask=key_ok[:, None] & (k < SEGLEN)[None, :], other=0)
     if PTX:
-        lo, hi = tl.inline_asm_elementwise(
-            NIBBLE_PTX, "=r,=r,=r,=r" + ",r" * 17, [byte, words[0], words[1], words[2], words[3]],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        lo, hi = nibble_values(byte, words)
     else:
         lo = tl.load(cent_ptr + (byte & 15).to(tl.int32))
         hi = tl.load(cent_ptr + (byte >> 4).to(tl.int32))
     return lo, hi
-
-
-# `sign_segment` PTX for bit F of 4 packed bytes ($2) -> 4 fp16 signs ($0, $1): two prmt's
-# move bytes 0, 1 / 2, 3 into the low byte of each 16-bit half; a shift by 15 - F puts bit F
-# at both halves' sign positions and one lop3 makes (~bit) << 15 | 1.0 (+1.0 where set).
-SIGN_SEGMENT_PTX = tl.constexpr(tuple(
-    "{ .reg .b32 lo, hi, t, m, one; mov.b32 m, 0x80008000; mov.b32 one, 0x3C003C00; "
-    "prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; "
-    f"shl.b32 t, lo, {15 - f}; lop3.b32 $0, t, m, one, 0xAE; "
-    f"shl.b32 t, hi, {15 - f}; lop3.b32 $1, t, m, one, 0xAE; }}" for f in range(8)))
-
-
-@triton.jit
-def sign_segment(byte, F: tl.constexpr):
-    """QJL signs +-1.0 (fp16) of bit F of each uint8 `byte` (any shape): one segment of a sign
-    plane, decoded in whatever layout `byte` has (the dot's operand layout, when it feeds a
-    dot), so no decoded tile goes through shared memory. 6 instructions per 4 signs."""
-    return tl.inline_asm_elementwise(SIGN_SEGMENT_PTX[F], "=r,=r,r", [byte], dtype=tl.float16,
-                                     is_pure=True, pack=4)
-
-
-@triton.jit
-def _two_bit_values(byte, words):
-    """fp16 centroids of the 4 segments of 2-bit codes in uint8 `byte` (PAIRS mode), four
-    tensors; words: the 2 `table_words` of the 4 centroids."""
-    # Per 4 packed bytes ($8): field F of each byte goes to bits 0-1, the four codes are
-    # packed into prmt selector nibbles, and two prmt's look up the low and high bytes of the
-    # 4 fp16 entries: 9 to 10 instructions per 4 codes, no memory access.
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 z, x, t, sel, lo, hi; "
-        "mov.b32 z, 0; "
-        "and.b32 x, $8, 0x03030303; "
-        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
-        "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
-        "shr.b32 x, $8, 2; and.b32 x, x, 0x03030303; "
-        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
-        "prmt.b32 $2, lo, hi, 0x5140; prmt.b32 $3, lo, hi, 0x7362; "
-        "shr.b32 x, $8, 4; and.b32 x, x, 0x03030303; "
-        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
-        "prmt.b32 $4, lo, hi, 0x5140; prmt.b32 $5, lo, hi, 0x7362; "
-        "shr.b32 x, $8, 6; and.b32 x, x, 0x03030303; "
-        "shr.b32 t, x, 4; or.b32 t, t, x; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $9, $9, sel; prmt.b32 hi, $13, $13, sel; "
-        "prmt.b32 $6, lo, hi, 0x5140; prmt.b32 $7, lo, hi, 0x7362; "
-        "} ",
-        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-        [byte, words[0], words[1]],
-        dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _three_bit_values(a, b, c, words):
-    """fp16 centroids of the 8 segments of 3-bit codes (PLANES3 mode), eight tensors: uint8
-    `a`, `b` are the 2-bit plane's two byte runs (segments 0, 2, 4, 6 and 1, 3, 5, 7), `c` the
-    1-bit plane's; words: the 4 `table_words` of the 8 centroids."""
-    # Per 4 packed columns ($16 a, $17 b, $18 c): for segment F, the 2-bit field of a (F even)
-    # or b at bits 2 * (F // 2) goes to bits 1-2 of each byte, bit F of c to bit 0; the four
-    # 3-bit codes are packed into prmt selector nibbles, and two prmt's look up the low and
-    # high bytes of the 8 fp16 entries: 11 instructions per 4 codes, no memory access.
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 z, x, c, v, t, sel, lo, hi; "
-        "mov.b32 z, 0; "
-        "shl.b32 x, $16, 1; mov.b32 c, $18; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; "
-        "shl.b32 x, $17, 1; shr.b32 c, $18, 1; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $2, lo, hi, 0x5140; prmt.b32 $3, lo, hi, 0x7362; "
-        "shr.b32 x, $16, 1; shr.b32 c, $18, 2; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $4, lo, hi, 0x5140; prmt.b32 $5, lo, hi, 0x7362; "
-        "shr.b32 x, $17, 1; shr.b32 c, $18, 3; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $6, lo, hi, 0x5140; prmt.b32 $7, lo, hi, 0x7362; "
-        "shr.b32 x, $16, 3; shr.b32 c, $18, 4; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $8, lo, hi, 0x5140; prmt.b32 $9, lo, hi, 0x7362; "
-        "shr.b32 x, $17, 3; shr.b32 c, $18, 5; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $10, lo, hi, 0x5140; prmt.b32 $11, lo, hi, 0x7362; "
-        "shr.b32 x, $16, 5; shr.b32 c, $18, 6; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $12, lo, hi, 0x5140; prmt.b32 $13, lo, hi, 0x7362; "
-        "shr.b32 x, $17, 5; shr.b32 c, $18, 7; "
-        "and.b32 x, x, 0x06060606; lop3.b32 v, c, 0x01010101, x, 0xEA; "
-        "shr.b32 t, v, 4; or.b32 t, t, v; prmt.b32 sel, t, z, 0x4420; "
-        "prmt.b32 lo, $19, $23, sel; prmt.b32 hi, $27, $31, sel; "
-        "prmt.b32 $14, lo, hi, 0x5140; prmt.b32 $15, lo, hi, 0x7362; "
-        "} ",
-        "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-        [a, b, c, words[0], words[1], words[2], words[3]],
-        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-               tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -330,11 +161,11 @@ def decode_tile(row_ptr, key_ok, cent_ptr, words, W0: tl.constexpr, W1: tl.const
     k = tl.arange(0, SEG_PAD)
     mask = key_ok[:, None] & (k < SEGLEN)[None, :]
     if MODE == PAIRS:  # 2 bits: NSEG == 4 and one byte holds all 4 segments
-        s0, s1, s2, s3 = _two_bit_values(tl.load(row_ptr + k[None, :], mask=mask, other=0),
+        s0, s1, s2, s3 = two_bit_values(tl.load(row_ptr + k[None, :], mask=mask, other=0),
                                          words)
         out = _interleave4(s0, s1, s2, s3)
     elif MODE == PLANES3:  # 3 bits: planes 2 + 1, NSEG == 8
-        s0, s1, s2, s3, s4, s5, s6, s7 = _three_bit_values(
+        s0, s1, s2, s3, s4, s5, s6, s7 = three_bit_values(
             tl.load(row_ptr + k[None, :], mask=mask, other=0),
             tl.load(row_ptr + SEGLEN + k[None, :], mask=mask, other=0),
             tl.load(row_ptr + OFF1 + k[None, :], mask=mask, other=0), words)

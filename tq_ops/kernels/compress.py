@@ -33,24 +33,13 @@ Prod reads c[codes] from a register copy of the codebook (tl.gather): a load the
 address computed from a dot, feeding another dot, stops the Triton 3.6 pipeliner.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..packing import packed_bytes, plane_widths
-
-ROT_SCALE = tl.constexpr(256.0)  # Pi^T, Pi S^T scaled by 2^8 before the split: no fp16 subnormals
-UNIT_SCALE = tl.constexpr(4096.0)  # u and r_rot are scaled by 2^12 before the hi/lo split
-
-
-@triton.jit
-def split_f16(v):
-    """fp32 v -> fp16 (hi, lo) with hi + lo == v to ~2^-22 relative."""
-    hi = v.to(tl.float16)
-    return hi, (v - hi.to(tl.float32)).to(tl.float16)
+from .common import INTERPRET, ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
 
 
 @triton.jit
@@ -432,18 +421,10 @@ def _next_pow2(n: int) -> int:
 
 
 def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
             for m, w, st in ((64, 4, 2), (64, 4, 3), (128, 8, 2))]
-
-
-def persistent_programs(device: torch.device) -> int:
-    """Programs a persistent tile loop launches at most: two per SM; two when the interpreter
-    runs on the CPU, so tests cover the tile loop (compress, decompress)."""
-    if device.type != "cuda":
-        return 2
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _compress_tuned = triton.autotune(

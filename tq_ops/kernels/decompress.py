@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, tile_coords
-from .compress import ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
+from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, sign_layout, tile_coords
+from .common import ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
 
 
 @triton.jit
@@ -110,8 +110,7 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     block = 32
     torch.library.wrap_triton(_unpack_kernel)[(triton.cdiv(count, block),)](
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0), centroids, y, sgn, count,
-        D=dim, M=max(m, 1), **prefixed("K_", k_layout), S_NSEG=s_layout["NSEG"],
-        S_SEGLEN=s_layout["SEGLEN"], S_SEG_PAD=s_layout["SEG_PAD"], HAS_QJL=qjl is not None,
+        D=dim, M=max(m, 1), **prefixed("K_", k_layout), **s_layout, HAS_QJL=qjl is not None,
         BLOCK_N=block, num_warps=4)
     norm = norms.reshape(count, 1).float()
     unit = y.mul_(norm) @ rotation  # the norm scales rows before the rotation
@@ -142,9 +141,9 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
     flat_signs = signs.reshape(count, signs.shape[3]) if has_qjl else flat_idx
     res = residual_norms if has_qjl else norms
     k_layout = plane_layout(dim, bits)
-    s_layout = plane_layout(m, 1)
+    s_layout = sign_layout(m)
     k_cols = k_layout["SEG_PAD"] * k_layout["NSEG"]
-    if max(k_cols, s_layout["SEG_PAD"] * s_layout["NSEG"]) > 128:
+    if max(k_cols, s_layout["S_SEG_PAD"] * s_layout["S_NSEG"]) > 128:
         return _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation,
                                   centroids, qjl, k_layout, s_layout, out)
     # 64-row tiles keep the dots on wgmma (its B operand stays in shared memory); output
@@ -158,7 +157,6 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0),
         norms.reshape(count), res.reshape(count), centroids.contiguous(),
         rotation.contiguous(), (qjl if has_qjl else rotation).contiguous(), out, count,
-        math.sqrt(math.pi / 2) / m, D=dim, **prefixed("K_", k_layout),
-        S_NSEG=s_layout["NSEG"], S_SEGLEN=s_layout["SEGLEN"], S_SEG_PAD=s_layout["SEG_PAD"],
+        math.sqrt(math.pi / 2) / m, D=dim, **prefixed("K_", k_layout), **s_layout,
         HAS_QJL=has_qjl, BLOCK_N=block_n, OUT_BLOCK=out_block, num_warps=4)
     return out

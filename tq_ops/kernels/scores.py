@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, strided, tile_coords
+from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, sign_layout, tile_coords
+from .common import strided
 from .queries import rotated_queries
 
 
@@ -24,10 +25,8 @@ def _scores_kernel(
         G: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
         K_W0: tl.constexpr, K_W1: tl.constexpr, K_W2: tl.constexpr, K_NSEG: tl.constexpr,
         K_SEGLEN: tl.constexpr, K_SEG_PAD: tl.constexpr, K_OFF1: tl.constexpr,
-        K_OFF2: tl.constexpr,
-        S_W0: tl.constexpr, S_W1: tl.constexpr, S_W2: tl.constexpr, S_NSEG: tl.constexpr,
-        S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr, S_OFF1: tl.constexpr,
-        S_OFF2: tl.constexpr, HAS_QJL: tl.constexpr,
+        K_OFF2: tl.constexpr, S_NSEG: tl.constexpr, S_SEGLEN: tl.constexpr,
+        S_SEG_PAD: tl.constexpr, HAS_QJL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[b, h*G+g, i, keys] for q (B, HKV, R, D) and sq (B, HKV, R, M) float32 rows."""
     pid_bh = tl.program_id(0)
@@ -87,6 +86,6 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
         *strided(indices), *strided(norms), *ks, *kr, centroids,
         kv_heads, kv_len, rows, G=q_heads // kv_heads, D=dim, M=m,
         **prefixed("K_", plane_layout(dim, bits)),
-        **prefixed("S_", plane_layout(m if has_qjl else 16, 1)), HAS_QJL=has_qjl,
+        **sign_layout(m if has_qjl else 16), HAS_QJL=has_qjl,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out
