@@ -9,9 +9,15 @@ from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 batch, kv_heads, q_heads, seq, head_dim = 1, 8, 32, 1024, 128
-keys = torch.randn(batch, kv_heads, seq, head_dim, device=device, dtype=torch.float16)
-values = torch.randn(batch, kv_heads, seq, head_dim, device=device, dtype=torch.float16)
-query = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=torch.float16)
+gen = torch.Generator().manual_seed(0)  # its own generator: same numbers every run
+
+
+def random(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=torch.float16)
+
+
+keys, values = random(batch, kv_heads, seq, head_dim), random(batch, kv_heads, seq, head_dim)
+query = random(batch, q_heads, 1, head_dim)
 
 key_comp = TurboQuantCompressorV2(head_dim=head_dim, bits=4)   # 3-bit MSE + 1-bit QJL
 val_comp = TurboQuantCompressorMSE(head_dim=head_dim, bits=4)

@@ -1,7 +1,9 @@
 """`tq-ops demo`: compress the K/V cache of a small in-code transformer and report the cost.
 
 A 2-layer decoder with random weights (no download) runs on a random prompt; each layer's
-post-projection q, k, v are captured and compressed. Errors are relative to float32.
+post-projection q, k, v are captured and compressed. Errors are relative to float32. Weights
+and prompt come from the demo's own `torch.Generator`s: the global RNG is neither read nor
+reseeded.
 """
 
 import math
@@ -35,8 +37,30 @@ class Block(nn.Module):
 
 
 def tiny_decoder(vocab=1000, width=512, heads=4, layers=2, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(vocab, width), *[Block(width, heads) for _ in range(layers)])
+    """Embedding + `layers` blocks, weights drawn from a generator seeded with `seed`."""
+    with torch.device("meta"):  # built without drawing from the global RNG
+        model = nn.Sequential(nn.Embedding(vocab, width),
+                              *[Block(width, heads) for _ in range(layers)])
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.normal_(generator=generator)
+            elif isinstance(module, nn.Linear):  # uniform(+-1/sqrt(fan_in)), as nn.Linear does
+                bound = module.in_features ** -0.5
+                module.weight.uniform_(-bound, bound, generator=generator)
+                module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+    return model
+
+
+def check_positive(name: str, value) -> int:
+    """`value` if it is a positive int, else a ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,8 +100,10 @@ CONFIGS = [(4, 4, "mse"), (4, 4, "prod"), (4, 3, "mse"), (3, 3, "mse"), (3, 3, "
 
 
 def run(seq_len: int = 256, layers: int = 2) -> str:
-    """Build the model, run a prompt, and return the markdown table."""
-    model = tiny_decoder(layers=layers)
+    """Build the model, run a prompt of `seq_len` tokens through `layers` blocks, and return
+    the markdown table."""
+    check_positive("seq_len", seq_len)
+    model = tiny_decoder(layers=check_positive("layers", layers))
     tokens = torch.randint(0, 1000, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(tokens)
