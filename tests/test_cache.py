@@ -323,8 +323,8 @@ def test_states_are_validated_before_either_is_written():
     cache = TurboQuantCache(config=config, max_cache_len=4, max_batch_size=1)
     keys, values = states(1, 2)
     saved = snapshot(cache)
-    for k, v, name in ((keys, values.double(), "value_states"), (keys, values.int(), "value_states"),
-                       (keys.double(), values, "key_states")):
+    for k, v, name in ((keys, values.double(), "value_states"),
+                       (keys, values.int(), "value_states"), (keys.double(), values, "key_states")):
         with pytest.raises(TypeError, match=f"{name} must have dtype"):
             cache.update(k, v, 0)
     assert_unchanged(cache, saved)

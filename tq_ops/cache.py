@@ -129,7 +129,7 @@ class TurboQuantLayer(CacheLayerMixin):
             reasons.append(f"the tokens did not fit max_cache_len={self.max_cache_len}")
         for bit, name in ((KEY_NORMS, "key_states"), (VALUE_NORMS, "value_states")):
             if code & bit:
-                hint = (f"; pass norm_dtype=torch.float32 to store larger norms"
+                hint = ("; pass norm_dtype=torch.float32 to store larger norms"
                         if self.norm_dtype != torch.float32 else "")
                 reasons.append(f"{name} had non-finite values or a vector norm beyond the "
                                f"{self.norm_dtype} range{hint}")
@@ -138,7 +138,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def check(self) -> None:
         """Raise if a compiled update was refused since the last `reset` (a host sync)."""
         if self.is_initialized and (code := int(self.errors)):
-            raise RuntimeError(f"a compiled TurboQuantCache update was refused and left the "
+            raise RuntimeError("a compiled TurboQuantCache update was refused and left the "
                                f"cache as it was ({self._refusal(code)}); its attention output "
                                "is not valid. reset() clears this")
 
@@ -185,7 +185,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 + (~finite[1]).long() * VALUE_NORMS)
         if eager:
             if refused := int(code):
-                raise ValueError(f"TurboQuantCache.update refused, the cache is unchanged: "
+                raise ValueError("TurboQuantCache.update refused, the cache is unchanged: "
                                  f"{self._refusal(refused)}")
         else:
             self.errors.bitwise_or_(code)
