@@ -42,8 +42,9 @@ def main():
     model = load(args.model, args.device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=args.device)
     max_len = prompt.shape[1] + args.tokens
+    # allocated at the first update, for the prompt's batch size and on its device
     cache = TurboQuantCache(config=model.config, max_cache_len=max_len, k_bits=args.k_bits,
-                            v_bits=args.v_bits, device=args.device)
+                            v_bits=args.v_bits)
 
     compiler = backend(k_bits=args.k_bits, v_bits=args.v_bits, mode="cache")
     model.forward = torch.compile(model.forward, backend=compiler, fullgraph=True)

@@ -9,6 +9,7 @@ from torch._inductor.utils import fresh_cache
 
 from tq_ops import reference
 from tq_ops.compile import TurboQuantPass, backend, rewrite_attention
+from tq_ops.rotation import haar_rotation, qjl_matrix
 
 transformers = pytest.importorskip("transformers")
 from tq_ops.cache import TurboQuantCache
@@ -73,7 +74,7 @@ def test_cache_is_at_most_a_4_5th_of_static_cache_at_3_bits():
                        for t in (layer.keys, layer.values))
     for key_quantizer, expected in (("mse", 100), ("prod", 102)):  # bytes/token/head, d = 128
         cache = TurboQuantCache(config=config, max_cache_len=64, k_bits=3, v_bits=3,
-                                key_quantizer=key_quantizer)
+                                key_quantizer=key_quantizer, max_batch_size=1)
         assert cache.nbytes() == expected * 64 * 2 * 2
         assert static_bytes / cache.nbytes() >= 4.5  # 5.12 (mse keys), 5.02 (prod keys)
 
@@ -101,7 +102,8 @@ def test_generation_eager_equals_compiled_and_decode_never_recompiles():
     error = ((approx - exact).norm() / exact.norm()).item()
     assert 1e-3 < error < 0.2, error  # K4/V3 prefill logits: close to, not equal to, exact
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # prefill, decode
-    assert [(s.source, s.kind) for s in compiler.sites] == [("cache", "sdpa+repeat_kv")] * 4
+    assert [s.source for s in compiler.sites] == ["cache"] * 4  # prefill and decode, 2 layers
+    assert all(s.kind.startswith("sdpa") for s in compiler.sites)
 
 
 @pytest.mark.parametrize("key_quantizer,attention", [("prod", "sdpa"), ("mse", "eager")])
@@ -167,10 +169,10 @@ def test_bad_cache_arguments_and_states_name_the_problem():
             TurboQuantCache(config=config, **{"max_cache_len": 4, **bad})
     with pytest.raises(ValueError, match="qjl_dim applies to key_quantizer='prod' only"):
         TurboQuantCache(config=config, max_cache_len=4, qjl_dim=8)  # was silently ignored
-    cache = TurboQuantCache(config=config, max_cache_len=4)
+    cache = TurboQuantCache(config=config, max_cache_len=4, max_batch_size=1)
     keys = torch.randn(1, 2, 2, 16)
     for values in (torch.randn(1, 2, 2, 8), torch.randn(1, 1, 2, 16), torch.randn(1, 2, 3, 16)):
-        with pytest.raises(ValueError, match="value states of shape"):
+        with pytest.raises(ValueError, match="value_states of shape"):
             cache.update(keys, values, 0)
     assert int(cache.get_seq_length(0)) == 0 and cache.layers[0].k_norms.abs().max() == 0
 
@@ -192,3 +194,194 @@ def test_update_refuses_norms_beyond_norm_dtype_instead_of_storing_inf():
     k_ref, _ = TurboQuantCache(config=config, max_cache_len=4,
                                norm_dtype=torch.float32).update(keys, values, 0)
     assert ((k_big[:, :, :2] - k_ref[:, :, :2] * 1e5).norm() / k_big.norm()).item() < 1e-3
+
+
+def states(batch, length, seed=0, heads=2, dim=16):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, heads, length, dim, generator=gen),
+            torch.randn(batch, heads, length, dim, generator=gen))
+
+
+def snapshot(cache):
+    return [[t.clone() for t in layer.tensors() + [layer.cumulative_length]]
+            for layer in cache.layers]
+
+
+def assert_unchanged(cache, saved):
+    for layer, before in zip(cache.layers, saved):
+        for tensor, old in zip(layer.tensors() + [layer.cumulative_length], before):
+            assert torch.equal(tensor, old)
+
+
+def test_lazy_allocation_takes_batch_and_device_from_the_first_update():
+    """Issue 18: without max_batch_size / device the cache held batch 1 on the CPU."""
+    config = transformers.LlamaConfig(**SMALL)
+    cache = TurboQuantCache(config=config, max_cache_len=6)
+    assert cache.nbytes() == 0 and cache.get_seq_length() == 0 and not cache.is_initialized
+    cache.update(*states(3, 2), 0)
+    layer = cache.layers[0]
+    assert layer.k_indices.shape == (3, 2, 6, 8) and layer.batch_size == 3
+    assert all(t._dynamo_static_input_type == "unguarded" for t in layer.tensors())
+    assert not cache.layers[1].is_initialized  # each layer allocates at its own first update
+    for bad, match in ((states(2, 1), "allocated for batch size 3"),
+                       ([s.to("meta") for s in states(3, 1)], "allocated on cpu")):
+        with pytest.raises(ValueError, match=match):
+            cache.update(*bad, 0)
+    assert int(cache.get_seq_length()) == 2
+    up_front = TurboQuantCache(config=config, max_cache_len=6, max_batch_size=3)
+    assert [layer.k_indices.shape for layer in up_front.layers] == [(3, 2, 6, 8)] * 2
+
+
+def test_layers_share_one_copy_of_the_constants_unless_seeded_per_layer():
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 3})
+    shared = TurboQuantCache(config=config, max_cache_len=4, key_quantizer="prod",
+                             max_batch_size=1)
+    per_layer = TurboQuantCache(config=config, max_cache_len=4, key_quantizer="prod",
+                                max_batch_size=1, per_layer_seeds=True)
+    first = shared.layers[0].constants()
+    for layer in shared.layers[1:]:
+        assert all(a is b for a, b in zip(layer.constants(), first))
+    assert all(a is b for a, b in zip(per_layer.layers[0].constants(), first))
+    assert not torch.equal(first[0], shared.layers[0].v_rotation)  # keys seed 0, values seed 1
+    for i, layer in enumerate(per_layer.layers):
+        assert torch.equal(layer.k_rotation, haar_rotation(16, 2 * i))
+        assert torch.equal(layer.v_rotation, haar_rotation(16, 2 * i + 1))
+        assert torch.equal(layer.k_qjl, qjl_matrix(16, 16, 2 * i))
+
+
+def test_lazy_cache_prefill_eager_then_compiled_decode_never_recompiles():
+    """Issue 18: no device or batch given, batch-3 prefill, 16 compiled decode steps: one
+    graph, the logits of an eager twin cache at every step."""
+    model = tiny_llama()
+    ids = prompt(batch=3)
+    caches = [TurboQuantCache(config=model.config, max_cache_len=24) for _ in range(2)]
+    compiled = torch.compile(model, backend=backend(mode="cache"), fullgraph=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for cache in caches:
+            token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for step in range(16):
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                got = compiled(token, past_key_values=caches[0]).logits
+            want = model(token, past_key_values=caches[1]).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            token = want[:, -1:].argmax(-1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert int(caches[0].get_seq_length()) == int(caches[1].get_seq_length()) == 24
+
+
+def test_eager_overflow_names_the_capacity_and_changes_nothing():
+    config = transformers.LlamaConfig(**SMALL)
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+    cache.update(*states(1, 3), 0)
+    saved = snapshot(cache)
+    for length, match in ((2, "3 of max_cache_len=4 slots are written, 2 more"),
+                          (5, "5 tokens do not fit max_cache_len=4")):
+        with pytest.raises(ValueError, match=match):  # was IndexError naming `positions`
+            cache.update(*states(1, length, seed=1), 0)
+    assert_unchanged(cache, saved)
+
+
+def test_compiled_refusals_change_nothing_and_raise_at_the_next_eager_access():
+    """Issue 22 rows 3-4: a compiled update that overflows max_cache_len raised IndexError after
+    the first layer's counter had advanced; one with norms beyond float16 stored inf."""
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(keys, values):
+        return cache.update(keys, values, 0)[0].sum()
+
+    cache.update(*states(1, 2), 0)
+    saved = snapshot(cache)
+    step(*states(1, 3, seed=1))  # 2 + 3 > 4: refused inside the graph, no sync
+    assert_unchanged(cache, saved)
+    for access in (cache.check, cache.get_seq_length, lambda: cache.update(*states(1, 1), 0),
+                   lambda: cache.crop(-1)):
+        with pytest.raises(RuntimeError, match="did not fit max_cache_len=4"):
+            access()
+    assert_unchanged(cache, saved)
+    cache.reset()
+    keys, values = states(1, 2, seed=2)
+    step(keys, values)
+    assert int(cache.get_seq_length()) == 2  # reset cleared the flag; compiled writes work
+    saved = snapshot(cache)
+    step(keys * 1e5, values)  # norms beyond float16
+    assert_unchanged(cache, saved)
+    with pytest.raises(RuntimeError, match="key_states had non-finite values.*norm_dtype=torch"):
+        cache.check()
+    cache.reset()
+    step(keys, values * float("nan"))
+    with pytest.raises(RuntimeError, match="value_states had non-finite"):
+        cache.check()
+
+
+def test_states_are_validated_before_either_is_written():
+    """Issue 22 rows 5 and 11: float64 or int values left the new key slots written, and the
+    error named `x`."""
+    config = transformers.LlamaConfig(**SMALL)
+    cache = TurboQuantCache(config=config, max_cache_len=4, max_batch_size=1)
+    keys, values = states(1, 2)
+    saved = snapshot(cache)
+    for k, v, name in ((keys, values.double(), "value_states"),
+                       (keys, values.int(), "value_states"), (keys.double(), values, "key_states")):
+        with pytest.raises(TypeError, match=f"{name} must have dtype"):
+            cache.update(k, v, 0)
+    assert_unchanged(cache, saved)
+
+
+def test_seq_length_is_a_copy_and_compiles_without_a_sync():
+    """Issue 22 row 9: get_seq_length returned the live counter."""
+    config = transformers.LlamaConfig(**SMALL)
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+    cache.update(*states(1, 1), 0)
+    before = cache.get_seq_length()
+    cache.update(*states(1, 2), 0)
+    assert int(before) == 1 and int(cache.get_seq_length()) == 3
+    length = torch.compile(lambda: cache.get_seq_length() * 2, backend="eager", fullgraph=True)
+    assert int(length()) == 6
+
+
+def test_reorder_cache_permutes_rows_and_refuses_a_beam_idx_of_another_length():
+    """Issue 22 row 10: a short beam_idx copied one row into all rows."""
+    config = transformers.LlamaConfig(**SMALL)
+    cache = TurboQuantCache(config=config, max_cache_len=4)
+    cache.update(*states(3, 2), 0)
+    saved = snapshot(cache)
+    for bad in (torch.tensor([1]), torch.tensor([0, 1, 2, 0])):
+        with pytest.raises(ValueError, match=r"beam_idx must have shape \(3,\)"):
+            cache.reorder_cache(bad)
+    assert_unchanged(cache, saved)
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    layer, before = cache.layers[0], saved[0]
+    for tensor, old in zip(layer.tensors(), before):
+        assert torch.equal(tensor, old[[2, 0, 0]])
+
+
+def test_crop_follows_static_cache_semantics():
+    """crop(-n) forgets the last n tokens, as transformers' StaticCache; positive n raises.
+    The next update overwrites the cropped slots: the same cache as writing only the kept
+    tokens."""
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    static = transformers.StaticCache(config=config, max_cache_len=8)
+    cache = TurboQuantCache(config=config, max_cache_len=8)
+    direct = TurboQuantCache(config=config, max_cache_len=8)
+    first, extra = states(1, 5), states(1, 2, seed=1)
+    for c in (static, cache):
+        c.update(*first, 0)
+        c.crop(-2)
+        assert int(c.get_seq_length()) == 3
+        c.crop(0)
+        with pytest.raises((ValueError, RuntimeError), match="negative"):
+            c.crop(2)
+    keys, _ = cache.update(*extra, 0)
+    static_keys, _ = static.update(*extra, 0)
+    kept = torch.cat([first[0][:, :, :3], extra[0]], 2)
+    assert torch.equal(static_keys[:, :, :5], kept)  # StaticCache: kept tokens, then the new
+    direct.update(first[0][:, :, :3], first[1][:, :, :3], 0)
+    want, _ = direct.update(*extra, 0)
+    assert torch.equal(keys, want) and int(cache.get_seq_length()) == 5
+    assert keys[:, :, 5:].abs().max() == 0  # cropped slots were cleared
+    with pytest.raises(ValueError, match="cannot remove 6 tokens: 5 are written"):
+        cache.crop(-6)
+    assert cache.is_croppable

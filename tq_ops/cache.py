@@ -1,20 +1,29 @@
 """`TurboQuantCache`: a static, packed Hugging Face transformers KV cache.
 
-Every layer preallocates its packed buffers at construction (batch B, Hkv kv heads, S_max
-slots) and marks them static for CUDA graphs:
+Every layer holds packed buffers for batch B, Hkv kv heads and S_max slots, allocated (and
+marked static for CUDA graphs) at construction when `max_batch_size` or `device` is given,
+else at the first `update`, which takes B and the device from the key states:
 
 * keys: `k_indices` uint8 (B, Hkv, S_max, packed_bytes(D, index_bits)), `k_norms`
   (B, Hkv, S_max, 1) in norm_dtype; Prod keys add `k_signs` uint8 (B, Hkv, S_max, qjl_dim/8)
   and `k_residual_norms` (B, Hkv, S_max, 1);
-* values (MSE): `v_indices`, `v_norms`.
+* values (MSE): `v_indices`, `v_norms`;
+* `cumulative_length` (0-d int64, tokens written) and `errors` (0-d int64, refused compiled
+  updates: `CAPACITY | KEY_NORMS | VALUE_NORMS` bits, cleared by `reset`).
 
 `update` writes new tokens with `tq::compress_into` and returns the whole cache decompressed
 (`tq::decompress`), so eager generation is correct but reads S_max decompressed tokens per
 step. Compiled with the "turboquant" backend, the pass fuses "decompress, then attend" into one
 `tq::attention` on the packed buffers, so decompressed K/V are never materialised.
+
+An update that would overflow S_max or store a non-finite norm is refused whole: no slot
+changes and the length stays. Eagerly it raises at once; a compiled step cannot raise without a
+host sync, so it records the refusal in `errors` and the next eager access (`update`,
+`get_seq_length`, `crop`, `reorder_cache`, `check`) raises.
 """
 
 import torch
+from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
@@ -23,88 +32,163 @@ from .packing import packed_bytes
 from .quantizer import TurboQuantMSE, TurboQuantProd
 
 _BUFFERS = ("k_indices", "k_norms", "k_signs", "k_residual_norms", "v_indices", "v_norms")
+CAPACITY, KEY_NORMS, VALUE_NORMS = 1, 2, 4  # bits of a layer's `errors`
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class TurboQuantLayer(CacheLayerMixin):
     """One layer's packed K/V buffers (shapes in the module docstring) and quantizer constants."""
 
     is_compileable = True
+    is_croppable = True
     is_sliding = False
 
-    def __init__(self, max_cache_len: int, batch_size: int, num_heads: int, head_dim: int,
-                 k_bits: int, v_bits: int, key_quantizer: str, seed: int,
-                 qjl_dim: int | None, norm_dtype: torch.dtype, device: torch.device):
+    def __init__(self, max_cache_len: int, num_heads: int, head_dim: int, k_bits: int,
+                 v_bits: int, key_quantizer: str, seed: int, qjl_dim: int | None,
+                 norm_dtype: torch.dtype):
         super().__init__()
         if key_quantizer == "prod":
-            keys = TurboQuantProd(head_dim, k_bits, seed, qjl_dim=qjl_dim, norm_dtype=norm_dtype)
+            self.k_quantizer = TurboQuantProd(head_dim, k_bits, seed, qjl_dim=qjl_dim,
+                                              norm_dtype=norm_dtype)
         else:
-            keys = TurboQuantMSE(head_dim, k_bits, seed, norm_dtype=norm_dtype)
-        values = TurboQuantMSE(head_dim, v_bits, seed + 1, norm_dtype=norm_dtype)
-        self.max_cache_len, self.batch_size, self.num_heads = max_cache_len, batch_size, num_heads
-        self.head_dim, self.device = head_dim, torch.device(device)
-        self.k_bits, self.v_bits = keys.index_bits, values.index_bits  # the ops' `bits`
-        self.k_rotation, self.k_centroids = keys.rotation.to(device), keys.centroids.to(device)
-        self.k_qjl = None if keys.qjl is None else keys.qjl.to(device)
-        self.v_rotation, self.v_centroids = values.rotation.to(device), values.centroids.to(device)
-        lead = (batch_size, num_heads, max_cache_len)
+            self.k_quantizer = TurboQuantMSE(head_dim, k_bits, seed, norm_dtype=norm_dtype)
+        self.v_quantizer = TurboQuantMSE(head_dim, v_bits, seed + 1, norm_dtype=norm_dtype)
+        self.max_cache_len, self.num_heads, self.head_dim = max_cache_len, num_heads, head_dim
+        self.norm_dtype = norm_dtype
+        self.k_bits, self.v_bits = self.k_quantizer.index_bits, v_bits  # the ops' `bits`
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
 
-        def zeros(last: int, dtype: torch.dtype) -> torch.Tensor:
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Allocate the buffers for the states' batch size on their device (on the shared
+        constants of that device)."""
+        self._check_states(key_states, value_states)
+        device, batch = key_states.device, key_states.shape[0]
+        self.k_rotation, self.k_centroids, self.k_qjl = self.k_quantizer.constants_on(device)
+        self.v_rotation, self.v_centroids, _ = self.v_quantizer.constants_on(device)
+        lead = (batch, self.num_heads, self.max_cache_len)
+
+        def zeros(last: int, dtype: torch.dtype) -> Tensor:
             return torch.zeros(lead + (last,), dtype=dtype, device=device)
 
-        self.k_indices = zeros(packed_bytes(head_dim, self.k_bits), torch.uint8)
-        self.k_norms = zeros(1, norm_dtype)
-        self.k_signs = None if self.k_qjl is None else zeros(packed_bytes(self.k_qjl.shape[0], 1),
-                                                               torch.uint8)
-        self.k_residual_norms = None if self.k_qjl is None else zeros(1, norm_dtype)
-        self.v_indices = zeros(packed_bytes(head_dim, self.v_bits), torch.uint8)
-        self.v_norms = zeros(1, norm_dtype)
-        self.cumulative_length = torch.zeros((), dtype=torch.long, device=device)
-        for tensor in self.tensors() + self.constants() + [self.cumulative_length]:
-            torch._dynamo.mark_static_address(tensor)
-        self.is_initialized = True
+        self.k_indices = zeros(packed_bytes(self.head_dim, self.k_bits), torch.uint8)
+        self.k_norms = zeros(1, self.norm_dtype)
+        prod = self.k_qjl is not None
+        self.k_signs = zeros(packed_bytes(self.k_qjl.shape[0], 1), torch.uint8) if prod else None
+        self.k_residual_norms = zeros(1, self.norm_dtype) if prod else None
+        self.v_indices = zeros(packed_bytes(self.head_dim, self.v_bits), torch.uint8)
+        self.v_norms = zeros(1, self.norm_dtype)
+        self.cumulative_length = self.cumulative_length.to(device)
+        self.errors = torch.zeros((), dtype=torch.long, device=device)
+        self.batch_size, self.device, self.is_initialized = batch, device, True
+        if not torch.compiler.is_compiling():  # a graph cannot mark; its outputs stay unmarked
+            for tensor in self.tensors() + self.constants() + [self.cumulative_length,
+                                                               self.errors]:
+                torch._dynamo.mark_static_address(tensor)
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The packed K/V state buffers (what the cache's memory is)."""
+    def tensors(self) -> list[Tensor]:
+        """The packed K/V state buffers (what the cache's memory is); [] before allocation."""
+        if not self.is_initialized:
+            return []
         return [t for t in (getattr(self, name) for name in _BUFFERS) if t is not None]
 
-    def constants(self) -> list[torch.Tensor]:
-        """Rotation, codebook and QJL tensors of keys and values."""
+    def constants(self) -> list[Tensor]:
+        """Rotation, codebook and QJL tensors of keys and values on the buffers' device."""
         return [t for t in (self.k_rotation, self.k_centroids, self.k_qjl, self.v_rotation,
                             self.v_centroids) if t is not None]
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Buffers exist from construction; only check that the states fit them."""
-        expected = (self.batch_size, self.num_heads, self.head_dim)
-        got = (key_states.shape[0], key_states.shape[1], key_states.shape[-1])
-        if key_states.dim() != 4 or got != expected:
-            raise ValueError(f"TurboQuantCache holds (batch, kv_heads, head_dim) = {expected}, "
-                             f"got key states of shape {tuple(key_states.shape)}")
+    def _check_states(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Metadata only (also at trace time): dtype, shape and device of both states."""
+        checks.tensor("key_states", key_states, ndim=4, dtypes=checks.FLOAT_DTYPES)
+        checks.tensor("value_states", value_states, ndim=4, dtypes=checks.FLOAT_DTYPES)
+        heads, dim = key_states.shape[1], key_states.shape[3]
+        if (heads, dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"TurboQuantCache holds (kv_heads, head_dim) = "
+                             f"{(self.num_heads, self.head_dim)}, got key_states of shape "
+                             f"{tuple(key_states.shape)}")
         if value_states.shape != key_states.shape:
-            raise ValueError(f"value states of shape {tuple(value_states.shape)} must have the "
-                             f"key states' shape {tuple(key_states.shape)}")
+            raise ValueError(f"value_states of shape {tuple(value_states.shape)} must have the "
+                             f"key_states' shape {tuple(key_states.shape)}")
+        checks.same_device(key_states, value_states=value_states)
+        if not self.is_initialized:
+            return
+        if key_states.device != self.device:
+            raise ValueError(f"TurboQuantCache was allocated on {self.device}, got key_states "
+                             f"on {key_states.device}; build a new cache for another device")
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(f"TurboQuantCache was allocated for batch size {self.batch_size}, "
+                             f"got key_states of batch {key_states.shape[0]}; reset() keeps "
+                             "the batch size, build a new cache for another")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refusal(self, code: int) -> str:
+        reasons = []
+        if code & CAPACITY:
+            reasons.append(f"the tokens did not fit max_cache_len={self.max_cache_len}")
+        for bit, name in ((KEY_NORMS, "key_states"), (VALUE_NORMS, "value_states")):
+            if code & bit:
+                hint = ("; pass norm_dtype=torch.float32 to store larger norms"
+                        if self.norm_dtype != torch.float32 else "")
+                reasons.append(f"{name} had non-finite values or a vector norm beyond the "
+                               f"{self.norm_dtype} range{hint}")
+        return "; ".join(reasons)
+
+    def check(self) -> None:
+        """Raise if a compiled update was refused since the last `reset` (a host sync)."""
+        if self.is_initialized and (code := int(self.errors)):
+            raise RuntimeError("a compiled TurboQuantCache update was refused and left the "
+                               f"cache as it was ({self._refusal(code)}); its attention output "
+                               "is not valid. reset() clears this")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+               ) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, L, D) states at the current length; return the whole cache
         decompressed, (B, Hkv, S_max, D) each, in the states' dtype."""
-        self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)  # validates the states too
+        else:
+            self._check_states(key_states, value_states)
         length = key_states.shape[-2]
+        if length > self.max_cache_len:
+            raise ValueError(f"{length} tokens do not fit max_cache_len={self.max_cache_len}")
+        eager = checks.can_sync(self.cumulative_length)
+        if eager:
+            self.check()
+            written = int(self.cumulative_length)
+            if written + length > self.max_cache_len:
+                raise ValueError(f"TurboQuantCache is full: {written} of max_cache_len="
+                                 f"{self.max_cache_len} slots are written, {length} more do "
+                                 "not fit (crop() or reset() it, or allocate a larger one)")
+        start = self.cumulative_length.clone()
+        fits = start + length <= self.max_cache_len
+        # An overflowing compiled step writes the last `length` slots and puts them back below.
+        self.cumulative_length.copy_(torch.where(fits, start, self.max_cache_len - length))
         positions = torch.arange(length, device=self.device) + self.cumulative_length
+        before = [t.index_select(2, positions) for t in self.tensors()]
         torch.ops.tq.compress_into(key_states, self.k_rotation, self.k_centroids, self.k_qjl,
                                    self.k_bits, positions, self.k_indices, self.k_norms,
                                    self.k_signs, self.k_residual_norms)
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_bits, positions, self.v_indices, self.v_norms, None,
                                    None)
-        if checks.can_sync(positions):  # eager: refuse inf/NaN norms, as the quantizers do
-            written = [t.index_select(2, positions) for t in (self.k_norms, self.v_norms)]
-            try:
-                checks.finite_norms(torch.cat(written, -1), self.k_norms.dtype)
-            except ValueError:
-                for tensor in self.tensors():
-                    tensor.index_fill_(2, positions, 0)  # unwritten slots stay zero
-                raise
-        self.cumulative_length.add_(length)  # after the writes: a full cache raises, unchanged
+        finite = [torch.isfinite(n.index_select(2, positions)).all()
+                  for n in (self.k_norms, self.v_norms)]
+        accepted = fits & finite[0] & finite[1]
+        for tensor, old in zip(self.tensors(), before):
+            tensor.index_copy_(2, positions,
+                               torch.where(accepted, tensor.index_select(2, positions), old))
+        self.cumulative_length.add_(length)
+        self.cumulative_length.copy_(torch.where(accepted, self.cumulative_length, start))
+        code = ((~fits).long() * CAPACITY + (~finite[0]).long() * KEY_NORMS
+                + (~finite[1]).long() * VALUE_NORMS)
+        if eager:
+            if refused := int(code):
+                raise ValueError("TurboQuantCache.update refused, the cache is unchanged: "
+                                 f"{self._refusal(refused)}")
+        else:
+            self.errors.bitwise_or_(code)
         keys = torch.ops.tq.decompress(self.k_indices, self.k_norms, self.k_signs,
                                        self.k_residual_norms, self.k_rotation, self.k_centroids,
                                        self.k_qjl, self.k_bits, key_states.dtype)
@@ -117,19 +201,45 @@ class TurboQuantLayer(CacheLayerMixin):
         """(kv_length, kv_offset) of the attention mask: every slot, from 0."""
         return self.max_cache_len, 0
 
-    def get_seq_length(self) -> torch.Tensor:
-        """Tokens written so far (0-d tensor, so compiled steps do not specialise on it)."""
-        return self.cumulative_length
+    def get_seq_length(self) -> Tensor | int:
+        """Tokens written so far: a new 0-d tensor (not the counter itself, and not a Python
+        int, so compiled steps neither sync nor specialise on it); 0 before allocation."""
+        return self.cumulative_length.clone() if self.is_initialized else 0
 
     def get_max_length(self) -> int:
         return self.max_cache_len
 
     def reset(self) -> None:
+        """Empty the cache and clear `errors`; the allocation (batch, device) stays."""
         for tensor in self.tensors():
             tensor.zero_()
         self.cumulative_length.zero_()
+        if self.is_initialized:
+            self.errors.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove tokens (a negative int, as transformers'
+        `StaticCache`; 0 does nothing); their slots are zeroed. Eager only (a host sync)."""
+        if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError("crop takes a negative int, the number of tokens to remove "
+                             f"(negated), got {tokens_to_remove!r}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        written = int(self.cumulative_length)
+        kept = written + tokens_to_remove
+        if kept < 0:
+            raise ValueError(f"cannot remove {-tokens_to_remove} tokens: {written} are written")
+        dropped = torch.arange(kept, written, device=self.device)
+        for tensor in self.tensors():
+            tensor.index_fill_(2, dropped, 0)
+        self.cumulative_length.fill_(kept)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Batch row b becomes row beam_idx[b] (beam search); beam_idx (B,) integer."""
+        if not self.is_initialized:
+            return
+        checks.tensor("beam_idx", beam_idx, ndim=1, dtypes=(torch.int32, torch.int64))
+        checks.shape("beam_idx", beam_idx, (self.batch_size,))
         for tensor in self.tensors():
             tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
@@ -141,35 +251,63 @@ class TurboQuantCache(Cache):
         model.generate(..., past_key_values=cache)
 
     k_bits / v_bits: user bits per coordinate; key_quantizer: "mse" or "prod" (MSE codes with
-    k_bits - 1 bits + 1-bit QJL); max_batch_size: the batch the buffers hold; device: where they
-    live (default: CPU); layer l uses seeds seed + 2l (keys) and seed + 2l + 1 (values).
+    k_bits - 1 bits + 1-bit QJL). Without max_batch_size and device the buffers are allocated at
+    the first `update`, for the batch size and on the device of its key states (later updates
+    must match); with either, at construction (batch 1 / CPU for the one not given). Every
+    layer uses seed (keys) and seed + 1 (values), so all layers share one copy of the
+    constants; per_layer_seeds=True gives layer l seeds seed + 2l and seed + 2l + 1.
     """
 
     def __init__(self, config, max_cache_len: int, k_bits: int = 4, v_bits: int = 3,
-                 key_quantizer: str = DEFAULT_KEY_QUANTIZER, max_batch_size: int = 1,
+                 key_quantizer: str = DEFAULT_KEY_QUANTIZER, max_batch_size: int | None = None,
                  device: torch.device | str | None = None, seed: int = 0,
-                 qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16):
+                 qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16,
+                 per_layer_seeds: bool = False):
         if key_quantizer not in KEY_QUANTIZERS:
             raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, "
                              f"got {key_quantizer!r}")
         if qjl_dim is not None and key_quantizer != "prod":
             raise ValueError(f"qjl_dim applies to key_quantizer='prod' only, got "
                              f"key_quantizer={key_quantizer!r}")
-        for name, value in (("max_cache_len", max_cache_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _positive_int("max_cache_len", max_cache_len)
+        if max_batch_size is not None:
+            _positive_int("max_batch_size", max_batch_size)
         text = config.get_text_config(decoder=True)
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        device = torch.device("cpu" if device is None else device)
-        layers = [TurboQuantLayer(max_cache_len, max_batch_size, kv_heads, head_dim, k_bits,
-                                  v_bits, key_quantizer, seed + 2 * layer, qjl_dim, norm_dtype,
-                                  device)
+        stride = 2 if per_layer_seeds else 0
+        layers = [TurboQuantLayer(max_cache_len, kv_heads, head_dim, k_bits, v_bits,
+                                  key_quantizer, seed + stride * layer, qjl_dim, norm_dtype)
                   for layer in range(text.num_hidden_layers)]
         super().__init__(layers=layers)
+        if max_batch_size is not None or device is not None:
+            empty = torch.empty(max_batch_size or 1, kv_heads, 0, head_dim,
+                                device=torch.device("cpu" if device is None else device))
+            for layer in self.layers:
+                layer.lazy_initialization(empty, empty)
+
+    def check(self) -> None:
+        """Raise if a compiled update of any layer was refused since the last `reset` (capacity
+        or non-finite norms; see the module docstring). One host sync per layer."""
+        for layer in self.layers:
+            layer.check()
+
+    def get_seq_length(self, layer_idx: int = 0) -> Tensor | int:
+        if checks.can_sync(self.layers[0].cumulative_length):
+            self.check()
+        return super().get_seq_length(layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.check()
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.check()
+        super().reorder_cache(beam_idx)
 
     def nbytes(self) -> int:
-        """Bytes of the packed K/V state of all layers (constants excluded)."""
+        """Bytes of the packed K/V state of all layers (constants excluded; 0 before
+        allocation)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in layer.tensors())

@@ -38,8 +38,10 @@ def finite_norms(norms: Tensor, norm_dtype: torch.dtype) -> None:
 
 def can_sync(value: Tensor) -> bool:
     """Whether a check of tensor values (a host sync) may run: a plain tensor in eager mode,
-    not while tracing or while a CUDA graph is being captured (a sync there is an error)."""
-    return (type(value) is Tensor and not torch.compiler.is_compiling()
+    not while tracing or while a CUDA graph is being captured (a sync there is an error), nor on
+    meta tensors (no values)."""
+    return (type(value) is Tensor and value.device.type != "meta"
+            and not torch.compiler.is_compiling()
             and not (value.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 

@@ -72,3 +72,70 @@ def test_simulate_mode_matches_reference_on_cuda():
     assert len(compiler.sites) == 1
     error = ((out.cpu() - want).norm() / want.norm()).item()
     assert error < 1e-2, error
+
+
+def snapshot(cache):
+    return [[t.clone() for t in layer.tensors() + [layer.cumulative_length]]
+            for layer in cache.layers]
+
+
+def assert_unchanged(cache, saved):
+    for layer, before in zip(cache.layers, saved):
+        for tensor, old in zip(layer.tensors() + [layer.cumulative_length], before):
+            assert torch.equal(tensor, old)
+
+
+def test_lazy_cache_allocates_on_the_states_device_and_generates_as_eager():
+    """Issue 18: TurboQuantCache(config=..., max_cache_len=...) failed on a GPU ("rotation is on
+    cpu but the input is on cuda:0")."""
+    model = tiny_llama()
+    ids = prompt().expand(2, -1)
+
+    def generate(cache):
+        return model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False)[:, 8:]
+
+    eager_cache = TurboQuantCache(config=model.config, max_cache_len=16)
+    eager = generate(eager_cache)
+    layers = eager_cache.layers
+    assert layers[0].k_indices.device.type == "cuda" and layers[0].batch_size == 2
+    assert all(a is b for a, b in zip(layers[0].constants(), layers[1].constants()))
+    model.forward = torch.compile(model.forward, backend=backend(mode="cache"), fullgraph=True)
+    compiled = generate(TurboQuantCache(config=model.config, max_cache_len=16))
+    del model.forward
+    assert torch.equal(eager, compiled), (eager, compiled)
+
+
+def test_compiled_overflow_under_cuda_graphs_changes_nothing_and_raises_next_eager_access():
+    """Issue 22 row 4: the CUDA compress kernel skips out-of-range slots, so an overflowing
+    compiled step could drop tokens with no error."""
+    model = tiny_llama()
+    cache = TurboQuantCache(config=model.config, max_cache_len=10)
+    step = torch.compile(model, backend=backend(mode="cache"), mode="reduce-overhead",
+                         fullgraph=True)
+    with torch.no_grad():
+        token = model(prompt(), past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(2):
+            token = step(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        saved = snapshot(cache)
+        step(token, past_key_values=cache)  # slot 10 of 10: refused in the graph
+    torch.cuda.synchronize()
+    assert_unchanged(cache, saved)
+    with pytest.raises(RuntimeError, match="did not fit max_cache_len=10"):
+        cache.get_seq_length()
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0
+
+
+def test_compiled_update_with_norms_beyond_float16_is_refused_and_flagged():
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    cache = TurboQuantCache(config=config, max_cache_len=8)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys, values = (torch.randn(1, 2, 3, 64, device="cuda", generator=gen) for _ in range(2))
+    step = torch.compile(lambda k, v: cache.update(k, v, 0)[0].sum(), fullgraph=True)
+    step(keys, values)
+    saved = snapshot(cache)
+    step(keys * 1e5, values)
+    assert_unchanged(cache, saved)
+    with pytest.raises(RuntimeError, match="key_states had non-finite values"):
+        cache.check()
