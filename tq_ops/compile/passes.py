@@ -333,12 +333,15 @@ def _clone_dynamo_module(gm: GraphModule) -> GraphModule:
     return clone
 
 
-def _lift_constants(gm: GraphModule) -> list[torch.Tensor]:
+def _lift_constants(gm: GraphModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Turn the pass's get_attr constants into trailing graph inputs (AOTAutograd accepts no new
-    module state); returns the tensors to append to every call."""
+    module state). Returns the tensors to append to every call and their static-shape fake
+    tensors, the example inputs to compile with: fakified afresh under `dynamic=True`, a
+    constant's sizes would be duck-sized onto the symbol of an equal data size (a first
+    sequence length of 16 = head_dim), specialising that size and recompiling at the next."""
     graph = gm.graph
     last = list(graph.find_nodes(op="placeholder"))[-1]
-    lifted = []
+    lifted, examples = [], []
     for node in list(graph.find_nodes(op="get_attr")):
         if not node.target.startswith(_CONSTANT_PREFIX):
             continue
@@ -350,10 +353,11 @@ def _lift_constants(gm: GraphModule) -> list[torch.Tensor]:
         node.replace_all_uses_with(placeholder)
         graph.erase_node(node)
         lifted.append(getattr(gm, node.target))
+        examples.append(value_of(placeholder))
         delattr(gm, node.target)
         last = placeholder
     gm.recompile()
-    return lifted
+    return lifted, examples
 
 
 class TurboQuantBackend:
@@ -380,8 +384,8 @@ class TurboQuantBackend:
         self.sites.extend(sites)
         if not sites:
             return compile_fx(gm, example_inputs, config_patches=patches)
-        lifted = _lift_constants(rewritten)
-        compiled = compile_fx(rewritten, list(example_inputs) + lifted, config_patches=patches)
+        lifted, examples = _lift_constants(rewritten)
+        compiled = compile_fx(rewritten, list(example_inputs) + examples, config_patches=patches)
         if not lifted:
             return compiled
 
