@@ -521,7 +521,21 @@ def _is_scores(node) -> bool:
         return _is_matmul(node)
 
 
+def match_unsupported(node: Node) -> str | None:
+    """A reason when `node` is an einsum or bmm of softmax output (the value product of an
+    attention written in a form the pass does not match), else None."""
+    if not (_is_function(node, torch.einsum, torch.bmm) or _is_method(node, "bmm")):
+        return None
+    if any(_softmax_dim(_skip_casts_and_identity(n, [])) is not None for n in node.all_input_nodes):
+        return ("einsum/bmm attention is not matched (write it with torch.matmul or "
+                "F.scaled_dot_product_attention)")
+    return None
+
+
 def match(node: Node) -> Attention | str | None:
     """Attention site ending at `node`, a reason it is not rewritable, or None (not attention)."""
-    found = match_sdpa(node)
-    return found if found is not None else match_matmul(node)
+    for matcher in (match_sdpa, match_matmul, match_unsupported):
+        found = matcher(node)
+        if found is not None:
+            return found
+    return None
