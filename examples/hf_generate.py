@@ -46,7 +46,7 @@ def main():
     cache = TurboQuantCache(config=model.config, max_cache_len=max_len, k_bits=args.k_bits,
                             v_bits=args.v_bits)
 
-    compiler = backend(k_bits=args.k_bits, v_bits=args.v_bits, mode="cache")
+    compiler = backend(mode="cache")  # the quantizers are the cache's
     model.forward = torch.compile(model.forward, backend=compiler, fullgraph=True)
     out = model.generate(prompt, past_key_values=cache, max_new_tokens=args.tokens,
                          do_sample=False)

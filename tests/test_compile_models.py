@@ -164,3 +164,35 @@ def test_model_without_attention_is_bitwise_identical():
         rewritten = torch.compile(model, backend=compiler)(x)
     assert compiler.sites == []
     assert torch.equal(plain, rewritten)
+
+
+class SelfAttention(nn.Module):
+    """One causal self-attention layer over (B, L, dim) with head_dim = dim // heads."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(dim, 3 * dim), heads
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).transpose(1, 3).unbind(2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("first_len", [8, 16])  # 8 value centroids; 16 key centroids = head_dim
+def test_dynamic_shapes_compile_once_when_a_length_equals_a_constant_size(first_len):
+    model = SelfAttention().eval()
+    compiler, graphs = backend(k_bits=4, v_bits=3), []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return compiler(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting, dynamic=True)
+    with torch.no_grad():
+        for length in (first_len, first_len + 5):
+            x = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(length))
+            out = compiled(x)
+            with EagerSimulation(TurboQuantConfig(k_bits=4, v_bits=3)):
+                assert_same_up_to_rare_code_flips(out, model(x))
+    assert len(graphs) == 1 and len(compiler.sites) == 1

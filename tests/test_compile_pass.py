@@ -324,10 +324,68 @@ def test_config_validation_and_pass_uuid():
         TurboQuantConfig(mode="fast")
     with pytest.raises(ValueError, match="v_bits"):
         TurboQuantConfig(v_bits=9)
-    a, b = TurboQuantPass(), TurboQuantPass(TurboQuantConfig(mode="cache", k_bits=3))
+    a, b = TurboQuantPass(), TurboQuantPass(TurboQuantConfig(k_bits=3))
     assert a.uuid() == TurboQuantPass().uuid() and a.uuid() != b.uuid()
     assert backend(k_bits=3, v_bits=2, key_quantizer="prod").config == TurboQuantConfig(
         3, 2, "prod")
+    assert backend(key_quantizer="prod", qjl_dim=24, seed=2 ** 63 - 1,
+                   norm_dtype=torch.bfloat16).config.qjl_dim == 24
+
+
+BAD_SETTINGS = [
+    ({"norm_dtype": torch.float64}, TypeError, "norm_dtype must be"),
+    ({"norm_dtype": "float16"}, TypeError, "norm_dtype must be"),
+    ({"key_quantizer": "prod", "qjl_dim": 0}, ValueError, "qjl_dim must be a positive int"),
+    ({"key_quantizer": "prod", "qjl_dim": 16.0}, ValueError, "qjl_dim must be a positive int"),
+    ({"key_quantizer": "prod", "qjl_dim": True}, ValueError, "qjl_dim must be a positive int"),
+    ({"qjl_dim": 16}, ValueError, "qjl_dim applies to key_quantizer='prod'"),
+    ({"seed": True}, TypeError, "seed must be an int"),
+    ({"seed": 1.0}, TypeError, "seed must be an int"),
+    ({"seed": 2 ** 64 - 1}, ValueError, r"seed must be in \[-2\*\*63, 2\*\*63\)"),
+    ({"seed": -2 ** 63 - 1}, ValueError, r"seed must be in"),
+    ({"mode": "cache", "k_bits": 3}, ValueError, "k_bits would be ignored"),
+    ({"mode": "cache", "v_bits": 2, "seed": 1}, ValueError, "v_bits, seed would be ignored"),
+    ({"mode": "cache", "key_quantizer": "prod"}, ValueError, "key_quantizer would be ignored"),
+    ({"mode": "cache", "norm_dtype": torch.float32}, ValueError, "norm_dtype would be ignored"),
+]
+
+
+@pytest.mark.parametrize("settings,error,message", BAD_SETTINGS)
+def test_backend_refuses_bad_settings_when_built(settings, error, message):
+    with pytest.raises(error, match=message):
+        backend(**settings)
+    with pytest.raises(error, match=message):
+        TurboQuantConfig(**settings)
+
+
+def test_largest_seed_builds_quantizers_for_many_sites():
+    config = TurboQuantConfig(key_quantizer="prod", seed=2 ** 63 - 1)
+    keys, values = site_quantizers(config, 1000, D, D)  # seeds 2**63 + 1999 and + 2000
+    assert keys.qjl.shape == (D, D) and values.rotation.shape == (D, D)
+
+
+def einsum_attention(q, k, v):
+    w = F.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, dim=-1)
+    return torch.einsum("bhqk,bhkd->bhqd", w, v)
+
+
+def bmm_attention(q, k, v):
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+    w = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * 0.25, dim=-1)
+    return torch.bmm(w, v) + w.float().bmm(v)
+
+
+@pytest.mark.parametrize("fn", [einsum_attention, bmm_attention])
+def test_einsum_and_bmm_attention_are_left_alone_and_logged(fn, caplog):
+    q, k, v = qkv(HQ)
+    with caplog.at_level(logging.WARNING, logger="tq_ops"):
+        out, sites, _ = rewrite_and_run(fn, q, k, v)
+    assert sites == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("einsum/bmm attention is not matched" in m for m in lines) == (
+        2 if fn is bmm_attention else 1), lines
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(out, exact if fn is einsum_attention else 2 * exact.flatten(0, 1))
 
 
 def test_backend_is_registered():

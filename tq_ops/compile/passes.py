@@ -11,7 +11,7 @@ pure nodes its own replacement made dead.
 
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from ..checks import NORM_DTYPES
 from ..codebook import MAX_DIM, MIN_DIM
 from ..quantizer import TurboQuantMSE, TurboQuantProd
 from . import patterns
@@ -30,6 +31,7 @@ KEY_QUANTIZERS = ("mse", "prod")
 DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
 MODES = ("simulate", "cache")
 _CONSTANT_PREFIX = "_tq_const_"
+SEED_RANGE = (-2 ** 63, 2 ** 63)  # leaves room for the site offsets below manual_seed's 2**64
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ class TurboQuantConfig:
 
     k_bits / v_bits: user bits per coordinate (Prod keys spend k_bits - 1 on MSE codes and one
     on QJL signs). key_quantizer: "mse" or "prod". mode: "simulate" compresses K and V of every
-    attention call; "cache" only fuses `TurboQuantCache` reads into `tq::attention`. seed: site
-    i of a graph uses seeds seed + 2i (keys) and seed + 2i + 1 (values). qjl_dim: QJL rows
-    (default head_dim). norm_dtype: dtype of the stored norms.
+    attention call; "cache" only fuses `TurboQuantCache` reads into `tq::attention` (the
+    quantizers are the cache's, so the other settings must keep their defaults). seed: an int
+    in SEED_RANGE; site i of a graph uses seeds seed + 2i (keys) and seed + 2i + 1 (values).
+    qjl_dim: QJL rows of "prod" keys (default head_dim). norm_dtype: dtype of the stored norms
+    (float16, bfloat16 or float32).
     """
 
     k_bits: int = 4
@@ -60,6 +64,27 @@ class TurboQuantConfig:
         for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
             if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
                 raise ValueError(f"{name} must be an int in [1, 8], got {bits!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**63) (site seeds seed + 2i + 1 must fit "
+                             f"torch.Generator.manual_seed), got {self.seed}")
+        if self.qjl_dim is not None:
+            if (not isinstance(self.qjl_dim, int) or isinstance(self.qjl_dim, bool)
+                    or self.qjl_dim < 1):
+                raise ValueError(f"qjl_dim must be a positive int or None, got {self.qjl_dim!r}")
+            if self.key_quantizer != "prod":
+                raise ValueError("qjl_dim applies to key_quantizer='prod' only (MSE keys have no "
+                                 "QJL rows)")
+        if self.norm_dtype not in NORM_DTYPES:
+            raise TypeError(f"norm_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                            f"got {self.norm_dtype!r}")
+        if self.mode == "cache":
+            ignored = [f.name for f in fields(self) if getattr(self, f.name) != f.default
+                       and f.name != "mode"]
+            if ignored:
+                raise ValueError(f"mode='cache' takes the quantizers of the TurboQuantCache, so "
+                                 f"{', '.join(ignored)} would be ignored: set them on the cache")
 
 
 @dataclass
@@ -333,12 +358,15 @@ def _clone_dynamo_module(gm: GraphModule) -> GraphModule:
     return clone
 
 
-def _lift_constants(gm: GraphModule) -> list[torch.Tensor]:
+def _lift_constants(gm: GraphModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Turn the pass's get_attr constants into trailing graph inputs (AOTAutograd accepts no new
-    module state); returns the tensors to append to every call."""
+    module state). Returns the tensors to append to every call and their static-shape fake
+    tensors, the example inputs to compile with: fakified afresh under `dynamic=True`, a
+    constant's sizes would be duck-sized onto the symbol of an equal data size (a first
+    sequence length of 16 = head_dim), specialising that size and recompiling at the next."""
     graph = gm.graph
     last = list(graph.find_nodes(op="placeholder"))[-1]
-    lifted = []
+    lifted, examples = [], []
     for node in list(graph.find_nodes(op="get_attr")):
         if not node.target.startswith(_CONSTANT_PREFIX):
             continue
@@ -350,10 +378,11 @@ def _lift_constants(gm: GraphModule) -> list[torch.Tensor]:
         node.replace_all_uses_with(placeholder)
         graph.erase_node(node)
         lifted.append(getattr(gm, node.target))
+        examples.append(value_of(placeholder))
         delattr(gm, node.target)
         last = placeholder
     gm.recompile()
-    return lifted
+    return lifted, examples
 
 
 class TurboQuantBackend:
@@ -380,8 +409,8 @@ class TurboQuantBackend:
         self.sites.extend(sites)
         if not sites:
             return compile_fx(gm, example_inputs, config_patches=patches)
-        lifted = _lift_constants(rewritten)
-        compiled = compile_fx(rewritten, list(example_inputs) + lifted, config_patches=patches)
+        lifted, examples = _lift_constants(rewritten)
+        compiled = compile_fx(rewritten, list(example_inputs) + examples, config_patches=patches)
         if not lifted:
             return compiled
 

@@ -7,6 +7,7 @@ edits the graph. Shapes and dtypes come from the Dynamo metadata (`node.meta["ex
 fake tensors).
 """
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -238,24 +239,46 @@ _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.
                        operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
                        operator.imatmul, operator.iand, operator.ior, operator.ixor,
                        operator.ilshift, operator.irshift}
+_IN_PLACE_DUNDERS = {f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS}
+
+
+def _schema_writes(schema: torch.FunctionSchema, node: Node) -> bool:
+    """True if `node`, a call of an op with `schema`, may write one of its arguments: the schema
+    marks an argument written (alias info `is_write`) that is positional or passed by keyword."""
+    return any(a.alias_info is not None and a.alias_info.is_write
+               and (not a.kwarg_only or a.name in node.kwargs) for a in schema.arguments)
+
+
+def _writes_by_flag(node: Node) -> bool:
+    """True if a Python-level call writes through `out=` or `inplace=True` (by keyword, or
+    positionally where the target has a Python signature, as `F.relu(x, True)`)."""
+    if node.kwargs.get("out") is not None:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature, or not bindable
+        return node.kwargs.get("inplace", False) is not False
+    return bound.arguments.get("inplace", False) is not False
 
 
 def _mutates(node: Node) -> bool:
-    """True if `node` may write into a tensor in place (x.add_(...), x[i] = y, x += y, ...)."""
+    """True if `node` may write into a tensor in place: x.add_(...), x[i] = y, x += y,
+    torch.mul(x, 4, out=x), F.relu(x, inplace=True), an op whose schema writes an argument."""
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
+        name = node.target
+        return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
     if node.op != "call_function":
         return False
     target = node.target
     if target in _IN_PLACE_OPERATORS:
         return True
-    schema = getattr(target, "_schema", None)
-    if schema is None:
-        schema = getattr(getattr(target, "default", None), "_schema", None)
-    if schema is not None:
-        return schema.is_mutable
+    if isinstance(target, torch._ops.OpOverload):
+        return _schema_writes(target._schema, node)
+    if isinstance(target, torch._ops.OpOverloadPacket):  # any overload the call may resolve to
+        return any(_schema_writes(getattr(target, name)._schema, node)
+                   for name in target.overloads())
     name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
+    return (name.endswith("_") and not name.endswith("__")) or _writes_by_flag(node)
 
 
 def _mutation_before(output: Node, nodes: list) -> Node | None:
@@ -498,7 +521,21 @@ def _is_scores(node) -> bool:
         return _is_matmul(node)
 
 
+def match_unsupported(node: Node) -> str | None:
+    """A reason when `node` is an einsum or bmm of softmax output (the value product of an
+    attention written in a form the pass does not match), else None."""
+    if not (_is_function(node, torch.einsum, torch.bmm) or _is_method(node, "bmm")):
+        return None
+    if any(_softmax_dim(_skip_casts_and_identity(n, [])) is not None for n in node.all_input_nodes):
+        return ("einsum/bmm attention is not matched (write it with torch.matmul or "
+                "F.scaled_dot_product_attention)")
+    return None
+
+
 def match(node: Node) -> Attention | str | None:
     """Attention site ending at `node`, a reason it is not rewritable, or None (not attention)."""
-    found = match_sdpa(node)
-    return found if found is not None else match_matmul(node)
+    for matcher in (match_sdpa, match_matmul, match_unsupported):
+        found = matcher(node)
+        if found is not None:
+            return found
+    return None
