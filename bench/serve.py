@@ -96,7 +96,7 @@ def config_label(name: str, dtype: str) -> str:
 
 def compiler_for(bits):
     """Plain Inductor for the StaticCache; the "turboquant" backend in cache mode otherwise."""
-    return "inductor" if bits is None else backend(k_bits=bits[0], v_bits=bits[1], mode="cache")
+    return "inductor" if bits is None else backend(mode="cache")
 
 
 def make_cache(model, bits, context: int, batch: int, device):
