@@ -76,11 +76,11 @@ def new_cache(model, max_cache_len: int, k_bits: int, v_bits: int) -> TurboQuant
 
 
 def generate(model, prompt_ids: torch.Tensor, tokens: int, k_bits: int, v_bits: int):
-    """Greedy generation of `tokens` new tokens after prompt_ids (B, L), compiled with the backend in
-    cache mode. Returns (token ids (B, L + tokens), logits (tokens, B, vocab) in float32, the
-    cache, the backend: its `sites` are this process's rewritten attentions)."""
+    """Greedy generation of `tokens` new tokens after prompt_ids (B, L), compiled with the
+    backend in cache mode. Returns (token ids (B, L + tokens), logits (tokens, B, vocab) in
+    float32, the cache, the backend: its `sites` are this process's rewritten attentions)."""
     cache = new_cache(model, prompt_ids.shape[1] + tokens, k_bits, v_bits)
-    compiler = backend(k_bits=k_bits, v_bits=v_bits, mode="cache")
+    compiler = backend(mode="cache")  # the quantizers are the cache's
     model.forward = torch.compile(model.forward, backend=compiler, fullgraph=True)
     out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=tokens,
                          min_new_tokens=tokens, do_sample=False, output_logits=True,
@@ -105,12 +105,19 @@ def main():
     parser.add_argument("--save", help="directory: each rank writes rank<r>.pt with its results")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.model:
+        run(args, args.model)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        save_tiny_llama(scratch)  # each rank its own copy: same seed, same weights
+        run(args, scratch)
+
+
+def run(args, model_dir: str) -> None:
+    """Load, generate, save this rank's results (--save) and print the ranks' report on rank 0."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.model is None:
-            save_tiny_llama(scratch)  # each rank its own copy: same seed, same weights
-        model = load(args.model or scratch, device, dtype)
+    model = load(model_dir, device, dtype)
     ids, logits, cache, compiler = generate(model, prompt(model.config.vocab_size, model.device),
                                             args.tokens, args.k_bits, args.v_bits)
     rank = dist.get_rank() if dist.is_initialized() else 0
