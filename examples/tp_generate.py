@@ -17,7 +17,6 @@ prints the tokens, every rank's rewritten attention sites and the cache bytes pe
 """
 
 import argparse
-import copy
 import os
 import tempfile
 
@@ -62,17 +61,10 @@ def prompt(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def new_cache(model, max_cache_len: int, k_bits: int, v_bits: int) -> TurboQuantCache:
-    cache = TurboQuantCache(config=model.config, max_cache_len=max_cache_len, k_bits=k_bits,
-                            v_bits=v_bits)
-    # TEMPORARY, delete once TurboQuantCache allocates at its first update from the key states:
-    # until then it allocates config.num_key_value_heads on the CPU at construction, so it is
-    # given this rank's share of the heads and the model's device here.
-    if cache.layers[0].is_initialized:
-        local = copy.deepcopy(model.config)
-        local.num_key_value_heads //= world_size()
-        cache = TurboQuantCache(config=local, max_cache_len=max_cache_len, k_bits=k_bits,
-                                v_bits=v_bits, device=model.device)
-    return cache
+    """A cache built as for one process: it takes this rank's KV heads, batch and device from
+    the first update's key states."""
+    return TurboQuantCache(config=model.config, max_cache_len=max_cache_len, k_bits=k_bits,
+                           v_bits=v_bits)
 
 
 def generate(model, prompt_ids: torch.Tensor, tokens: int, k_bits: int, v_bits: int):

@@ -64,7 +64,10 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Allocate the buffers for the states' batch size on their device (on the shared
-        constants of that device)."""
+        constants of that device). The KV head count is the states' too: under tensor
+        parallelism each rank holds its share of the config's heads."""
+        if key_states.dim() == 4:
+            self.num_heads = key_states.shape[1]
         self._check_states(key_states, value_states)
         device, batch = key_states.device, key_states.shape[0]
         self.k_rotation, self.k_centroids, self.k_qjl = self.k_quantizer.constants_on(device)
