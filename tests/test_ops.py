@@ -296,3 +296,59 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiling():
         for got, expected in zip(compiled(q, k, v), step(q, k, v)):
             assert torch.equal(got, expected)
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------------- norm range (exponent-safe)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: interpreter on CPU
+
+
+def kernel_compress(x, quant, norm_dtype):
+    """The Triton compress kernel (interpreted on CPU), called directly as
+    tests/test_kernel_compress.py does, on DEVICE."""
+    from tq_ops.kernels import compress as kernels
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out = kernels.compress(x.to(DEVICE), dev(quant.rotation), dev(quant.centroids),
+                           dev(quant.qjl), quant.index_bits, norm_dtype)
+    return [t.cpu() for t in out]
+
+
+def reference_compress(x, quant, norm_dtype):
+    return reference.compress(x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
+                              norm_dtype)
+
+
+@pytest.mark.parametrize("impl", [reference_compress, kernel_compress], ids=["reference", "kernel"])
+@pytest.mark.parametrize("dtype,norm_dtype,exponents", [
+    (torch.float32, torch.float32, (-110, -100, -70, -30, 0, 30, 70, 100, 123)),
+    (torch.bfloat16, torch.bfloat16, (-110, -70, 0, 70, 123)),
+    (torch.float32, torch.float16, (-12, -5, 0, 7, 13))])
+@pytest.mark.parametrize("kind", ["mse", "prod"])
+def test_norms_have_full_precision_across_the_storable_range(impl, dtype, norm_dtype,
+                                                              exponents, kind):
+    """x * 2^e over the whole range the norm dtype stores (norms of x about 4-7): the norm
+    is within one norm_dtype ulp of the float64 norm, and the codes and signs are those of x
+    (power-of-two scaling is exact). Squaring unscaled coordinates gave 0 (or subnormal
+    garbage) below 2^-64 and inf above 2^64."""
+    quant = quantizer(kind, 32, 3)
+    x = randn(1, 1, 3, 32, dtype=dtype)
+    base = impl(x, quant, norm_dtype)
+    for e in exponents:
+        scaled = x * 2.0 ** e
+        assert torch.equal(scaled.double(), x.double() * 2.0 ** e)  # no rounding in the input
+        out = impl(scaled, quant, norm_dtype)
+        truth = torch.linalg.vector_norm(scaled.double(), dim=-1, keepdim=True)
+        error = (out[1].double() - truth).abs() / truth
+        assert (error <= torch.finfo(norm_dtype).eps).all(), (e, error.max())
+        assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2]), e
+
+
+@pytest.mark.parametrize("impl", [reference_compress, kernel_compress], ids=["reference", "kernel"])
+def test_zero_vectors_stay_exact_beside_tiny_and_huge_ones(impl):
+    quant = quantizer("prod", 16, 2)
+    x = torch.zeros(1, 1, 3, 16)
+    x[0, 0, 0, 3], x[0, 0, 2, :] = 3e-38, 1e37
+    out = impl(x, quant, torch.float32)
+    assert out[1][0, 0, 1].item() == 0 and torch.equal(out[0][0, 0, 1], torch.zeros_like(out[0][0, 0, 1]))
+    truth = torch.linalg.vector_norm(x.double(), dim=-1)[0, 0]
+    assert torch.allclose(out[1][0, 0, :, 0].double()[[0, 2]], truth[[0, 2]], rtol=2 ** -22)
