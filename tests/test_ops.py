@@ -2,6 +2,7 @@
 
 import math
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -134,6 +135,7 @@ def attention_float64(q, k_hat, v_hat, scale, causal, mask, kv_lens):
                     allowed &= mask.expand(batch, heads, q_len, -1)[b, h, i]
                 elif mask is not None:
                     logits = logits + mask.expand(batch, heads, q_len, -1)[b, h, i].double()
+                allowed &= logits > -math.inf  # a float mask of -inf hides the key too
                 if allowed.any():
                     p = torch.softmax(logits.masked_fill(~allowed, -math.inf), 0)
                     out[b, h, i] = p @ v_hat[b, h // group]
@@ -192,6 +194,92 @@ def test_gqa_equals_repeated_key_heads(kind, bits, kv_heads, group, q_len, kv_le
     torch.testing.assert_close(torch.ops.tq.attention(*grouped), torch.ops.tq.attention(*repeated))
     torch.testing.assert_close(torch.ops.tq.scores(q, *grouped[1:9]),
                                torch.ops.tq.scores(q, *repeated[1:9]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), key_kind=st.sampled_from(["mse", "prod"]), batch=st.integers(1, 2),
+       kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3]), q_len=st.integers(1, 4),
+       kv_len=st.integers(0, 11), causal=st.booleans(),
+       mask_kind=st.sampled_from([None, "bool", "float"]),
+       chunk_elements=st.sampled_from([1, 40, 300, reference.CHUNK_ELEMENTS]))
+def test_chunked_attention_matches_dense_float64_attention(data, key_kind, batch, kv_heads, group,
+                                                           q_len, kv_len, causal, mask_kind,
+                                                           chunk_elements):
+    """The online softmax over key chunks (chunks of 1 key up to all keys) against the dense
+    float64 formula: masks of every broadcast shape (float ones with -inf), kv_lens, causal
+    (bottom-right), GQA, fully hidden rows (0)."""
+    kq, vq = quantizer(key_kind, 16, 3), quantizer("mse", 16, 2, seed=1)
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    q = randn(batch, kv_heads * group, q_len, 16, seed=seed)
+    k, v = randn(batch, kv_heads, kv_len, 16, seed=seed + 1), randn(batch, kv_heads, kv_len, 16)
+    mask = None
+    if mask_kind is not None:
+        shape = [data.draw(st.sampled_from([1, n]), label=f"mask dim {i}")
+                 for i, n in enumerate((batch, kv_heads * group, q_len, kv_len))]
+        mask = randn(*shape, seed=seed + 2)
+        mask = mask > -0.3 if mask_kind == "bool" else mask.masked_fill(mask < -1, -math.inf)
+    kv_lens = data.draw(st.none() | st.lists(st.integers(0, kv_len), min_size=batch,
+                                               max_size=batch), label="kv_lens")
+    kv_lens = None if kv_lens is None else torch.tensor(kv_lens)
+    args = attention_args(q, kq, vq, k, v, 0.4, causal, mask, kv_lens)
+    with mock.patch.object(reference, "CHUNK_ELEMENTS", chunk_elements):
+        got = torch.ops.tq.attention(*args)
+    k_hat = torch.ops.tq.decompress(*args[1:9], torch.float32).double()
+    v_hat = torch.ops.tq.decompress(args[9], args[10], None, None, args[11], args[12], None,
+                                    args[13], torch.float32).double()
+    expected = attention_float64(q, k_hat, v_hat, 0.4, causal, mask, kv_lens)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def written_cache(capacity: int, written: int, kq, vq):
+    """Packed K/V buffers (1, 2, capacity, .) with `written` real tokens in front; the unwritten
+    slots hold NaN norms, so reading any of them would turn the output into NaN."""
+    k, v = randn(1, 2, written, 16, seed=1), randn(1, 2, written, 16, seed=2)
+    fields = []
+    for quant, x in ((kq, k), (vq, v)):
+        for new in compress(quant, x)[:2 if quant.qjl is None else 4]:
+            buffer = new.new_zeros(1, 2, capacity, new.shape[-1])
+            buffer[:, :, :written] = new
+            if buffer.dtype == torch.float16:
+                buffer[:, :, written:] = math.nan
+            fields.append(buffer)
+    return k, v, fields
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_reads_only_up_to_kv_lens(causal):
+    """Decode into a 2^20-slot cache holding 5 tokens: no temporary grows with the capacity
+    (the whole call allocates less than one byte per slot; a float32 row of logits over the
+    slots would be 4 MiB) and no slot past kv_lens is read (those hold NaN norms)."""
+    kq, vq = quantizer("prod", 16, 3), quantizer("mse", 16, 2, seed=1)
+    capacity, written = 1 << 20, 5
+    k, v, (ki, kn, ks, kr, vi, vn) = written_cache(capacity, written, kq, vq)
+    q = randn(1, 4, 2, 16, seed=3)
+    args = (q, ki, kn, ks, kr, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, vi, vn,
+            vq.rotation, vq.centroids, vq.index_bits, 0.3, causal, None, torch.tensor([written]))
+    with PeakMemory() as tracker:
+        got = reference.attention(*args)
+    assert tracker.peak < capacity, tracker.peak
+    k_hat = reference.decompress(ki[:, :, :written], kn[:, :, :written], ks[:, :, :written],
+                                 kr[:, :, :written], kq.rotation, kq.centroids, kq.qjl,
+                                 kq.index_bits, torch.float64)
+    v_hat = reference.decompress(vi[:, :, :written], vn[:, :, :written], None, None,
+                                 vq.rotation, vq.centroids, None, vq.index_bits, torch.float64)
+    expected = attention_float64(q, k_hat, v_hat, 0.3, causal, None, None)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_memory_is_a_fraction_of_one_logits_matrix():
+    """A prefill-sized call (16 queries x 8 heads x 16384 keys): the float32 logits alone
+    would be 8 MiB; the chunked softmax holds at most a quarter of that at once."""
+    kq, vq = quantizer("mse", 32, 2), quantizer("mse", 32, 2, seed=1)
+    q, k, v = randn(1, 8, 16, 32), randn(1, 2, 16384, 32, seed=1), randn(1, 2, 16384, 32, seed=2)
+    args = attention_args(q, kq, vq, k, v, 0.2, True)
+    with PeakMemory() as tracker:
+        out = reference.attention(*args)
+    logits_bytes = 8 * 16 * 16384 * 4
+    assert tracker.peak <= logits_bytes / 4, tracker.peak / 2**20
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
 # --------------------------------------------------------------------- edge cases
