@@ -46,8 +46,8 @@ def storable_norms(name: str, norms: Tensor, norm_dtype: torch.dtype) -> None:
         raise ValueError(f"{name} has non-finite values (inf or NaN); they cannot be compressed")
     low, high = float(norms[bad].min()), float(norms[bad].max())
     wide = torch.finfo(torch.float32)
-    top = f"{high:.3g}" if high <= wide.max else "beyond the float32 max"
-    raise ValueError(f"{name} has vectors with norms in [{low:.3g}, {top}], outside the "
+    shown = [f"{v:.3g}" if v != float("inf") else f"> {wide.max:.3g}" for v in (low, high)]
+    raise ValueError(f"{name} has vectors with norms in [{shown[0]}, {shown[1]}], outside the "
                      f"range {norm_dtype} norms store with full precision ([{info.tiny:.3g}, "
                      f"{info.max:.3g}], or exactly 0); "
                      f"{_advice(norm_dtype, wide.tiny <= low and high <= wide.max)}")

@@ -25,13 +25,14 @@ def _chunks(rows: int, length: int):
 
 
 def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (..., D) -> (x / ||x|| float32 (..., D), 0 where x = 0; ||x|| float32 (..., 1)).
+    """x (..., D) -> (x / ||x|| (..., D), 0 where x = 0; ||x|| (..., 1)), float32 (float64
+    for float64 x).
 
     Exponent-safe: x is divided by max|x| before squaring, so neither tiny (subnormal) nor
-    huge (up to the float32 max) coordinates underflow or overflow; ||x|| is inf only when it
-    exceeds the float32 range, NaN when x holds inf or NaN.
+    huge coordinates underflow or overflow; ||x|| is inf only when it exceeds the range of
+    its dtype, NaN when x holds inf or NaN.
     """
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()
     peak = xf.abs().amax(-1, keepdim=True)
     scaled = xf / torch.where(peak > 0, peak, 1.0)  # coordinates in [-1, 1]
     length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # in [1, sqrt(D)] or 0
@@ -39,7 +40,8 @@ def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def vector_norms(x: Tensor) -> Tensor:
-    """||x|| of each vector of x (..., D): float32 (..., 1), exponent-safe (`_unit_and_norm`)."""
+    """||x|| of each vector of x (..., D): (..., 1), exponent-safe (`_unit_and_norm`), float32
+    (float64 for float64 input, whose range float32 does not cover)."""
     return _unit_and_norm(x)[1]
 
 
@@ -95,9 +97,11 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
 
 def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
              qjl: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """query (B, Hq, Lq, D) -> (Pi q, sqrt(pi/2)/m * S q or None), float32 (B, Hkv, G, Lq, .);
-    query head h is group head h % G of kv head h // G."""
-    grouped = query.float().unflatten(1, (kv_heads, query.shape[1] // kv_heads))
+    """query (B, Hq, Lq, D) -> (Pi q, sqrt(pi/2)/m * S q or None), float32 (B, Hkv, G * Lq, .):
+    query head h is group head h % G of kv head h // G; a group's rows share each key, so the
+    products with keys (B, Hkv, chunk, .) never copy a key per group head."""
+    batch, q_heads, q_len, dim = query.shape
+    grouped = query.float().reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim)
     sketch = None if qjl is None else grouped @ qjl.T * (math.sqrt(math.pi / 2) / qjl.shape[0])
     return grouped @ rotation.T, sketch
 
@@ -105,14 +109,14 @@ def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
 def _key_logits(q_rotated: Tensor, q_sketch: Tensor | None, part: slice, indices: Tensor,
                 norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
                 centroids: Tensor, bits: int) -> Tensor:
-    """Unscaled q.k estimates of the keys in `part`: float32 (B, Hkv, G, Lq, len(part))."""
+    """Unscaled q.k estimates of the keys in `part`: float32 (B, Hkv, G * Lq, len(part))."""
     keys = _codes_to_unit(indices[:, :, part], centroids, bits, q_rotated.shape[-1])
-    logits = q_rotated @ keys.unsqueeze(2).transpose(-1, -2)
+    logits = q_rotated @ keys.transpose(-1, -2)
     if q_sketch is not None:
-        sign = _signs(signs[:, :, part], q_sketch.shape[-1]).unsqueeze(2)
-        gamma = residual_norms[:, :, part].float().transpose(-1, -2).unsqueeze(2)
+        sign = _signs(signs[:, :, part], q_sketch.shape[-1])
+        gamma = residual_norms[:, :, part].float().transpose(-1, -2)
         logits += gamma * (q_sketch @ sign.transpose(-1, -2))
-    return logits * norms[:, :, part].float().transpose(-1, -2).unsqueeze(2)
+    return logits * norms[:, :, part].float().transpose(-1, -2)
 
 
 def _rows_per_key(query: Tensor, kv_heads: int, *dims: int) -> int:
@@ -131,8 +135,9 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
     out = query.new_empty(tuple(query.shape[:-1]) + (kv_len,))
     rows = _rows_per_key(query, kv_heads, rotation.shape[0], 0 if qjl is None else qjl.shape[0])
     for part in _chunks(rows, kv_len):
-        out[..., part] = _key_logits(q_rotated, q_sketch, part, indices, norms, signs,
-                                     residual_norms, centroids, bits).flatten(1, 2)
+        logits = _key_logits(q_rotated, q_sketch, part, indices, norms, signs, residual_norms,
+                             centroids, bits)
+        out[..., part] = logits.view(out.shape[:-1] + (-1,))
     return out
 
 
@@ -181,7 +186,8 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     q_rotated, q_sketch = _queries(query, kv_heads, k_rotation, k_qjl)
     mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, q_len, kv_len)
     v_dim = v_rotation.shape[0]
-    rows = tuple(q_rotated.shape[:-1]) + (1,)  # (B, Hkv, G, Lq, 1)
+    grid = (batch, kv_heads, q_heads // kv_heads, q_len)  # the rows (B, Hkv, G * Lq) unflattened
+    rows = grid + (1,)
     peak = q_rotated.new_full(rows, -math.inf)  # running max of the logits seen so far
     total = q_rotated.new_zeros(rows)  # running sum of exp(logit - peak)
     acc = q_rotated.new_zeros(rows[:-1] + (v_dim,))  # running sum of exp(logit - peak) * v
@@ -189,7 +195,7 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     for part in _chunks(_rows_per_key(query, kv_heads, k_rotation.shape[0], v_dim, qjl_rows),
                         stop):
         logits = _key_logits(q_rotated, q_sketch, part, k_indices, k_norms, k_signs,
-                             k_residual_norms, k_centroids, k_bits) * scale
+                             k_residual_norms, k_centroids, k_bits).view(grid + (-1,)) * scale
         keys = torch.arange(part.start, part.stop, device=query.device)
         keep = _visible(lengths, q_len, keys, is_causal)[:, None, None]  # (B, 1, 1, Lq, chunk)
         if mask is not None and mask.dtype == torch.bool:
@@ -204,7 +210,7 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
         values = _codes_to_unit(v_indices[:, :, part], v_centroids, v_bits, v_dim)
         values = values * v_norms[:, :, part].float()
         total = total * decay + probs.sum(-1, keepdim=True)
-        acc = acc * decay + probs @ values.unsqueeze(2)
+        acc = acc * decay + (probs.flatten(2, 3) @ values).view(acc.shape)
         peak = new_peak
     out = torch.where(total > 0, acc / torch.where(total > 0, total, 1.0), 0.0) @ v_rotation
     return out.flatten(1, 2).to(query.dtype).contiguous()
