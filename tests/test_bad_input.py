@@ -121,3 +121,99 @@ def test_attention_kv_lens_beyond_the_keys(kv_lens):
 def test_attention_with_zero_kv_heads_names_the_problem():
     with pytest.raises(ValueError, match="0 heads"):  # was ZeroDivisionError
         attention_call(None, kv_heads=0)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _one_vector(norm: float, dim: int = 16) -> torch.Tensor:
+    """(1, 2, 2, dim) float32: one vector of the given norm (in coordinate 0; the norm is
+    that float32 number), one of norm 1 and two zero vectors."""
+    x = torch.zeros(1, 2, 2, dim)
+    x[0, 0, 0, 0], x[0, 1, 1, 5] = norm, 1.0
+    return x
+
+
+def _buffers(quant, norm_dtype, device, byte):
+    """compress_into buffers (indices, norms, signs, residual_norms) of 5 slots for
+    (1, 2, ., 16) input, every byte set to `byte`."""
+    widths = (packed_bytes(16, quant.index_bits), 1, packed_bytes(quant.qjl_dim, 1), 1)
+    dtypes = (torch.uint8, norm_dtype, torch.uint8, norm_dtype)
+    return [torch.full((1, 2, 5, n * dtype.itemsize), byte, dtype=torch.uint8,
+                       device=device).view(dtype) for n, dtype in zip(widths, dtypes)]
+
+
+def _compress_into(x, quant, buffers, positions=(3, 1)):
+    torch.ops.tq.compress_into(x, quant.rotation.to(x.device), quant.centroids.to(x.device),
+                               quant.qjl.to(x.device), quant.index_bits,
+                               torch.tensor(positions, device=x.device), *buffers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_dtype,norm,advice", [
+    (FP16, 3e-8, "pass norm_dtype=torch.float32"),  # stored as 0 before
+    (FP16, 6.0e-5, "pass norm_dtype=torch.float32"),  # an fp16 subnormal: 2^-11 lost
+    (FP16, 65520.0, "pass norm_dtype=torch.float32"),  # rounds to inf
+    (BF16, 1e-38, "rescale the input"),  # below the smallest normal of float32 as well
+    (BF16, 3.395e38, "pass norm_dtype=torch.float32"),  # above bfloat16's max, not float32's
+    (FP32, 1e-38, "rescale the input"),
+    (FP32, 1e-45, "rescale the input")])
+def test_norms_outside_the_storable_range_are_refused(device, norm_dtype, norm, advice):
+    """compress and compress_into refuse, naming the range and the norm_dtype to use (never
+    'pass norm_dtype=torch.float32' to float32 norms); compress_into writes nothing."""
+    quant = TurboQuantProd(16, 3)
+    x = _one_vector(norm).to(device)
+    message = f"x has vectors with norms in .*{str(norm_dtype)}.*{advice}"
+    with pytest.raises(ValueError, match=message):
+        torch.ops.tq.compress(x, quant.rotation.to(device), quant.centroids.to(device),
+                              quant.qjl.to(device), quant.index_bits, norm_dtype)
+    buffers = _buffers(quant, norm_dtype, device, 0x5A)
+    before = [b.clone() for b in buffers]
+    with pytest.raises(ValueError, match=message):
+        _compress_into(x, quant, buffers)
+    assert all(torch.equal(b.view(torch.uint8), old.view(torch.uint8))
+               for b, old in zip(buffers, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_dtype", [FP16, BF16, FP32])
+def test_the_storable_range_edges_are_stored(device, norm_dtype):
+    """Exactly finfo.tiny and finfo.max (float32 numbers) are kept to full precision; zero
+    vectors stay exactly 0."""
+    quant = TurboQuantProd(16, 3)
+    info = torch.finfo(norm_dtype)
+    for norm in (info.tiny, float(torch.tensor(info.max, dtype=norm_dtype).float())):
+        x = _one_vector(norm).to(device)
+        out = torch.ops.tq.compress(x, quant.rotation.to(device), quant.centroids.to(device),
+                                    quant.qjl.to(device), quant.index_bits, norm_dtype)
+        stored = out[1].cpu().double().flatten()
+        assert stored[0] == norm and stored[3] == 1 and stored[1] == stored[2] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_refused_by_the_raw_ops(device, bad):
+    """The ops stored NaN / inf norms eagerly; now refused, and compress_into writes nothing."""
+    quant = TurboQuantProd(16, 3)
+    x = _one_vector(1.0).to(device)
+    x[0, 1, 0, 7] = bad
+    for norm_dtype in (FP16, FP32):
+        with pytest.raises(ValueError, match="x has non-finite values"):
+            torch.ops.tq.compress(x, quant.rotation.to(device), quant.centroids.to(device),
+                                  quant.qjl.to(device), quant.index_bits, norm_dtype)
+    buffers = _buffers(quant, FP16, device, 0)
+    with pytest.raises(ValueError, match="x has non-finite values"):
+        _compress_into(x, quant, buffers)
+    assert all(not b.any() for b in buffers)
+
+
+def test_float32_norm_overflow_message_does_not_suggest_float32():
+    """The quantizers' check on stored norms said 'pass norm_dtype=torch.float32' for
+    float32 norms too."""
+    from tq_ops import checks
+    with pytest.raises(ValueError, match="rescale the input") as info:
+        checks.finite_norms(torch.tensor([float("inf")]), FP32)
+    assert "norm_dtype=torch.float32" not in str(info.value)
+    with pytest.raises(ValueError, match="pass norm_dtype=torch.float32"):
+        checks.finite_norms(torch.tensor([float("inf")], dtype=FP16), FP16)

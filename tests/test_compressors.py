@@ -131,3 +131,18 @@ def test_a_compressor_refuses_data_of_another_seed_or_width():
     with pytest.raises(ValueError, match="compressed by a compressor with"):
         TurboQuantCompressorV2(64, bits=3, seed=2).asymmetric_attention_scores(
             keys, TurboQuantCompressorV2(64, bits=3, seed=1).compress(keys))
+
+
+@pytest.mark.parametrize("value", [1e-50, 1e-39, 1e50])
+def test_float64_input_beyond_the_float32_range_is_refused(value):
+    """float64 is compressed in float32: a vector of 1e-50s became a zero vector (stored as
+    norm 0, no error); norms float32 cannot hold are refused, naming the argument."""
+    comp = TurboQuantCompressorMSE(16, 3, norm_dtype=torch.float32)
+    x = torch.randn(1, 1, 3, 16, dtype=torch.float64)
+    x[0, 0, 1] = value
+    with pytest.raises(ValueError, match="values has vectors with norms in .*rescale the input"):
+        comp.compress(x)
+    x[0, 0, 1] = 1e-30  # within range: stored to float32 precision
+    norms = comp.compress(x).norms.double().flatten()
+    truth = torch.linalg.vector_norm(x, dim=-1).flatten()
+    assert torch.allclose(norms, truth, rtol=2 ** -21, atol=0)

@@ -2,6 +2,7 @@
 
 import math
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -134,6 +135,7 @@ def attention_float64(q, k_hat, v_hat, scale, causal, mask, kv_lens):
                     allowed &= mask.expand(batch, heads, q_len, -1)[b, h, i]
                 elif mask is not None:
                     logits = logits + mask.expand(batch, heads, q_len, -1)[b, h, i].double()
+                allowed &= logits > -math.inf  # a float mask of -inf hides the key too
                 if allowed.any():
                     p = torch.softmax(logits.masked_fill(~allowed, -math.inf), 0)
                     out[b, h, i] = p @ v_hat[b, h // group]
@@ -194,6 +196,95 @@ def test_gqa_equals_repeated_key_heads(kind, bits, kv_heads, group, q_len, kv_le
                                torch.ops.tq.scores(q, *repeated[1:9]))
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), key_kind=st.sampled_from(["mse", "prod"]), batch=st.integers(1, 2),
+       kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3]), q_len=st.integers(1, 4),
+       kv_len=st.integers(0, 11), causal=st.booleans(),
+       mask_kind=st.sampled_from([None, "bool", "float"]),
+       chunk_elements=st.sampled_from([1, 40, 300, reference.CHUNK_ELEMENTS]))
+def test_chunked_attention_matches_dense_float64_attention(data, key_kind, batch, kv_heads, group,
+                                                           q_len, kv_len, causal, mask_kind,
+                                                           chunk_elements):
+    """The online softmax over key chunks (chunks of 1 key up to all keys) against the dense
+    float64 formula: masks of every broadcast shape (float ones with -inf), kv_lens, causal
+    (bottom-right), GQA, fully hidden rows (0)."""
+    kq, vq = quantizer(key_kind, 16, 3), quantizer("mse", 16, 2, seed=1)
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    q = randn(batch, kv_heads * group, q_len, 16, seed=seed)
+    k, v = randn(batch, kv_heads, kv_len, 16, seed=seed + 1), randn(batch, kv_heads, kv_len, 16)
+    mask = None
+    if mask_kind is not None:
+        shape = [data.draw(st.sampled_from([1, n]), label=f"mask dim {i}")
+                 for i, n in enumerate((batch, kv_heads * group, q_len, kv_len))]
+        mask = randn(*shape, seed=seed + 2)
+        mask = mask > -0.3 if mask_kind == "bool" else mask.masked_fill(mask < -1, -math.inf)
+    kv_lens = data.draw(st.none() | st.lists(st.integers(0, kv_len), min_size=batch,
+                                               max_size=batch), label="kv_lens")
+    kv_lens = None if kv_lens is None else torch.tensor(kv_lens)
+    args = attention_args(q, kq, vq, k, v, 0.4, causal, mask, kv_lens)
+    with mock.patch.object(reference, "CHUNK_ELEMENTS", chunk_elements):
+        got = torch.ops.tq.attention(*args)
+    k_hat = torch.ops.tq.decompress(*args[1:9], torch.float32).double()
+    v_hat = torch.ops.tq.decompress(args[9], args[10], None, None, args[11], args[12], None,
+                                    args[13], torch.float32).double()
+    expected = attention_float64(q, k_hat, v_hat, 0.4, causal, mask, kv_lens)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def written_cache(capacity: int, written: int, kq, vq):
+    """Packed K/V buffers (1, 2, capacity, .) with `written` real tokens in front; the unwritten
+    slots hold NaN norms, so reading any of them would turn the output into NaN."""
+    k, v = randn(1, 2, written, 16, seed=1), randn(1, 2, written, 16, seed=2)
+    fields = []
+    for quant, x in ((kq, k), (vq, v)):
+        for new in compress(quant, x)[:2 if quant.qjl is None else 4]:
+            buffer = new.new_zeros(1, 2, capacity, new.shape[-1])
+            buffer[:, :, :written] = new
+            if buffer.dtype == torch.float16:
+                buffer[:, :, written:] = math.nan
+            fields.append(buffer)
+    return k, v, fields
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_reads_only_up_to_kv_lens(causal):
+    """Decode into a 2^20-slot cache holding 5 tokens: no temporary grows with the capacity
+    (the whole call allocates less than one byte per slot; a float32 row of logits over the
+    slots would be 4 MiB) and no slot past kv_lens is read (those hold NaN norms)."""
+    kq, vq = quantizer("prod", 16, 3), quantizer("mse", 16, 2, seed=1)
+    capacity, written = 1 << 20, 5
+    k, v, (ki, kn, ks, kr, vi, vn) = written_cache(capacity, written, kq, vq)
+    q = randn(1, 4, 2, 16, seed=3)
+    args = (q, ki, kn, ks, kr, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, vi, vn,
+            vq.rotation, vq.centroids, vq.index_bits, 0.3, causal, None, torch.tensor([written]))
+    with PeakMemory(args) as tracker:
+        got = reference.attention(*args)
+    assert tracker.peak < capacity, tracker.peak
+    k_hat = reference.decompress(ki[:, :, :written], kn[:, :, :written], ks[:, :, :written],
+                                 kr[:, :, :written], kq.rotation, kq.centroids, kq.qjl,
+                                 kq.index_bits, torch.float64)
+    v_hat = reference.decompress(vi[:, :, :written], vn[:, :, :written], None, None,
+                                 vq.rotation, vq.centroids, None, vq.index_bits, torch.float64)
+    expected = attention_float64(q, k_hat, v_hat, 0.3, causal, None, None)
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_memory_does_not_grow_with_the_keys():
+    """Prefill-sized calls (16 queries x 8 heads) over 4096 and 32768 keys hold the same peak
+    of temporaries, below half of one float32 logits matrix at 32768 keys (16 MiB)."""
+    kq, vq = quantizer("mse", 32, 2), quantizer("mse", 32, 2, seed=1)
+    q = randn(1, 8, 16, 32)
+    peaks = []
+    for kv_len in (4096, 32768):
+        k, v = randn(1, 2, kv_len, 32, seed=1), randn(1, 2, kv_len, 32, seed=2)
+        args = attention_args(q, kq, vq, k, v, 0.2, True)
+        with PeakMemory(args) as tracker:
+            out = reference.attention(*args)
+        peaks.append(tracker.peak)
+        assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert peaks[1] <= peaks[0] * 1.05 and peaks[1] <= 8 * 16 * 32768 * 4 / 2, peaks
+
+
 # --------------------------------------------------------------------- edge cases
 
 def test_zero_vectors_round_trip_to_zero():
@@ -241,12 +332,14 @@ def test_compress_into_writes_exactly_the_given_slots():
 # --------------------------------------------------------------------- memory
 
 class PeakMemory(TorchDispatchMode):
-    """Tracks bytes of tensors allocated by aten ops while active (views counted once)."""
+    """Tracks bytes of tensors allocated by aten ops while active (views counted once; views
+    of `inputs` not at all)."""
 
-    def __init__(self):
+    def __init__(self, *inputs):
         super().__init__()
         self.live = self.peak = 0
-        self.owners = {}
+        self.owners = {t.untyped_storage().data_ptr(): 0 for t in tree_leaves(inputs)
+                       if isinstance(t, torch.Tensor)}
 
     def _free(self, key):
         self.live -= self.owners.pop(key)
@@ -296,3 +389,72 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiling():
         for got, expected in zip(compiled(q, k, v), step(q, k, v)):
             assert torch.equal(got, expected)
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------------- norm range (exponent-safe)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: interpreter on CPU
+
+
+def kernel_compress(x, quant, norm_dtype):
+    """The Triton compress kernel (interpreted on CPU), called directly as
+    tests/test_kernel_compress.py does, on DEVICE."""
+    from tq_ops.kernels import compress as kernels
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out = kernels.compress(x.to(DEVICE), dev(quant.rotation), dev(quant.centroids),
+                           dev(quant.qjl), quant.index_bits, norm_dtype)
+    return [t.cpu() for t in out]
+
+
+def reference_compress(x, quant, norm_dtype):
+    return reference.compress(x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
+                              norm_dtype)
+
+
+@pytest.mark.parametrize("impl", [reference_compress, kernel_compress], ids=["reference", "kernel"])
+@pytest.mark.parametrize("dtype,norm_dtype,exponents", [
+    (torch.float32, torch.float32, (-110, -100, -70, -30, 0, 30, 70, 100, 123)),
+    (torch.bfloat16, torch.bfloat16, (-110, -70, 0, 70, 123)),
+    (torch.float32, torch.float16, (-12, -5, 0, 7, 13))])
+@pytest.mark.parametrize("kind", ["mse", "prod"])
+def test_norms_have_full_precision_across_the_storable_range(impl, dtype, norm_dtype,
+                                                              exponents, kind):
+    """x * 2^e over the whole range the norm dtype stores (norms of x about 4-7): the norm
+    is within one norm_dtype ulp of the float64 norm, and the codes and signs are those of x
+    (power-of-two scaling is exact). Squaring unscaled coordinates gave 0 (or subnormal
+    garbage) below 2^-64 and inf above 2^64."""
+    quant = quantizer(kind, 32, 3)
+    x = randn(1, 1, 3, 32, dtype=dtype)
+    base = impl(x, quant, norm_dtype)
+    for e in exponents:
+        scaled = x * 2.0 ** e
+        assert torch.equal(scaled.double(), x.double() * 2.0 ** e)  # no rounding in the input
+        out = impl(scaled, quant, norm_dtype)
+        truth = torch.linalg.vector_norm(scaled.double(), dim=-1, keepdim=True)
+        error = (out[1].double() - truth).abs() / truth
+        assert (error <= torch.finfo(norm_dtype).eps).all(), (e, error.max())
+        assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2]), e
+
+
+@pytest.mark.parametrize("impl", [reference_compress, kernel_compress], ids=["reference", "kernel"])
+def test_zero_vectors_stay_exact_beside_tiny_and_huge_ones(impl):
+    quant = quantizer("prod", 16, 2)
+    x = torch.zeros(1, 1, 3, 16)
+    x[0, 0, 0, 3], x[0, 0, 2, :] = 3e-38, 1e37
+    out = impl(x, quant, torch.float32)
+    assert out[1][0, 0, 1].item() == 0 and torch.equal(out[0][0, 0, 1], torch.zeros_like(out[0][0, 0, 1]))
+    truth = torch.linalg.vector_norm(x.double(), dim=-1)[0, 0]
+    assert torch.allclose(out[1][0, 0, :, 0].double()[[0, 2]], truth[[0, 2]], rtol=2 ** -22)
+
+
+def test_compiled_raw_ops_store_what_they_compute():
+    """Compiled graphs cannot raise on values (no host sync): compress stores the NaN norm of
+    a NaN vector and the inf of a norm beyond float16, as README says; eagerly both raise."""
+    quant = quantizer("mse", 16, 3)
+    x = randn(1, 1, 3, 16)
+    x[0, 0, 1, 2], x[0, 0, 2] = math.nan, 1e5
+    compiled = torch.compile(lambda x: compress(quant, x), backend="inductor", fullgraph=True)
+    norms = compiled(x)[1].flatten()
+    assert torch.isfinite(norms[0]) and norms[1].isnan() and norms[2] == math.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        compress(quant, x)

@@ -1,7 +1,8 @@
 """Argument validation shared by every `tq::` op.
 
 Only metadata (shapes, dtypes, devices) is inspected, so the same checks run in eager mode
-and at trace time (on fake tensors), raising TypeError / ValueError that name the argument.
+and at trace time (on fake tensors), raising TypeError / ValueError that name the argument;
+the value checks (`storable_norms`, `finite_norms`) run only where `can_sync` allows.
 """
 
 import torch
@@ -29,11 +30,42 @@ def head_dim(name: str, value) -> None:
         raise ValueError(f"{name} must be an int in [{MIN_DIM}, {MAX_DIM}], got {value!r}")
 
 
+def storable_norms(name: str, norms: Tensor, norm_dtype: torch.dtype) -> None:
+    """Refuse vectors whose norm norm_dtype cannot store with full relative precision.
+
+    norms: float32 vector norms of input `name` (any shape; `reference.vector_norms`). Stored
+    exactly: 0. Stored to full relative precision: [finfo(norm_dtype).tiny, finfo.max] (below,
+    subnormals lose bits or round to 0; above, inf). NaN (inf or NaN in the input) is refused
+    too. Reads values: callers run it only where `can_sync` allows.
+    """
+    info = torch.finfo(norm_dtype)
+    bad = ~((norms == 0) | ((norms >= info.tiny) & (norms <= info.max)))
+    if not bool(bad.any()):
+        return
+    if bool(norms.isnan().any()):
+        raise ValueError(f"{name} has non-finite values (inf or NaN); they cannot be compressed")
+    low, high = float(norms[bad].min()), float(norms[bad].max())
+    wide = torch.finfo(torch.float32)
+    shown = [f"{v:.3g}" if v != float("inf") else f"> {wide.max:.3g}" for v in (low, high)]
+    raise ValueError(f"{name} has vectors with norms in [{shown[0]}, {shown[1]}], outside the "
+                     f"range {norm_dtype} norms store with full precision ([{info.tiny:.3g}, "
+                     f"{info.max:.3g}], or exactly 0); "
+                     f"{_advice(norm_dtype, wide.tiny <= low and high <= wide.max)}")
+
+
+def _advice(norm_dtype: torch.dtype, float32_holds: bool) -> str:
+    if float32_holds and norm_dtype != torch.float32:
+        return "pass norm_dtype=torch.float32"
+    wide = torch.finfo(torch.float32)
+    return (f"no norm dtype holds them (float32: [{wide.tiny:.3g}, {wide.max:.3g}]); rescale "
+            "the input")
+
+
 def finite_norms(norms: Tensor, norm_dtype: torch.dtype) -> None:
-    """Eager-only guard: a norm that overflowed norm_dtype (or a NaN input) is lost data."""
+    """Eager-only guard on stored norms: inf (a norm beyond norm_dtype) or NaN is lost data."""
     if can_sync(norms) and not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"input has non-finite values or a vector norm beyond the {norm_dtype} "
-                         "range; pass norm_dtype=torch.float32 to store larger norms")
+        raise ValueError(f"input has non-finite values or vector norms beyond the {norm_dtype} "
+                         f"range; {_advice(norm_dtype, True)}")
 
 
 def can_sync(value: Tensor) -> bool:

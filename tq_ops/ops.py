@@ -74,6 +74,8 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
+    if checks.can_sync(x):  # eager: refuse inf/NaN input and norms norm_dtype cannot hold
+        checks.storable_norms("x", reference.vector_norms(x), norm_dtype)
     if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -106,6 +108,8 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
+    if checks.can_sync(x):  # eager, before any write (as in compress)
+        checks.storable_norms("x", reference.vector_norms(x), norms.dtype)
     if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,

@@ -1,7 +1,9 @@
 """Plain-torch reference of every `tq::` op: the CPU implementation and the test oracle.
 
 Signatures and semantics are those of ARCHITECTURE.md. Keys and values are processed in
-chunks along the sequence so that no temporary grows like q_len x kv_len x head_dim.
+chunks along the sequence, so temporaries stay within CHUNK_ELEMENTS per tensor (or one key's
+worth of rows): `scores` holds nothing of q_len x kv_len beyond its output, and `attention`
+nothing of it at all (an online softmax over key chunks, stopping at max(kv_lens)).
 """
 
 import math
@@ -9,15 +11,38 @@ import math
 import torch
 from torch import Tensor
 
-from .masks import visible
+from . import checks, masks
 from .packing import pack, unpack
 
 CHUNK_ELEMENTS = 1 << 18  # decoded (batch x heads x tokens x dim) elements per chunk
 
 
-def _chunks(batch: int, heads: int, dim: int, length: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * dim))
-    return (slice(start, start + step) for start in range(0, length, step))
+def _chunks(rows: int, length: int):
+    """Slices of [0, length) of at most CHUNK_ELEMENTS // rows keys (at least one); rows is the
+    number of elements a temporary holds per key."""
+    step = max(1, CHUNK_ELEMENTS // max(1, rows))
+    return (slice(start, min(start + step, length)) for start in range(0, length, step))
+
+
+def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., D) -> (x / ||x|| (..., D), 0 where x = 0; ||x|| (..., 1)), float32 (float64
+    for float64 x).
+
+    Exponent-safe: x is divided by max|x| before squaring, so neither tiny (subnormal) nor
+    huge coordinates underflow or overflow; ||x|| is inf only when it exceeds the range of
+    its dtype, NaN when x holds inf or NaN.
+    """
+    xf = x if x.dtype == torch.float64 else x.float()
+    peak = xf.abs().amax(-1, keepdim=True)
+    scaled = xf / torch.where(peak > 0, peak, 1.0)  # coordinates in [-1, 1]
+    length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # in [1, sqrt(D)] or 0
+    return torch.where(length > 0, scaled / length, 0.0), peak * length
+
+
+def vector_norms(x: Tensor) -> Tensor:
+    """||x|| of each vector of x (..., D): (..., 1), exponent-safe (`_unit_and_norm`), float32
+    (float64 for float64 input, whose range float32 does not cover)."""
+    return _unit_and_norm(x)[1]
 
 
 def _codes_to_unit(indices: Tensor, centroids: Tensor, bits: int, dim: int) -> Tensor:
@@ -33,9 +58,7 @@ def _signs(signs: Tensor, rows: int) -> Tensor:
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) -> indices, norms, signs, residual_norms (layout in ARCHITECTURE.md)."""
-    xf = x.float().contiguous()
-    norms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    unit = torch.where(norms > 0, xf / norms, 0.0)
+    unit, norms = _unit_and_norm(x.contiguous())
     rotated = unit @ rotation.T
     codes = torch.bucketize(rotated, (centroids[1:] + centroids[:-1]) / 2)
     indices = pack(codes, bits)
@@ -72,34 +95,50 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
     return (norms.float() * unit).to(dtype).contiguous()
 
 
-def _logits(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
-            residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-            qjl: Tensor | None, bits: int, out_dtype: torch.dtype) -> Tensor:
-    """Unscaled q.k estimates (B, Hq, Lq, Lk) in out_dtype, computed chunk by chunk."""
+def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
+             qjl: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """query (B, Hq, Lq, D) -> (Pi q, sqrt(pi/2)/m * S q or None), float32 (B, Hkv, G * Lq, .):
+    query head h is group head h % G of kv head h // G; a group's rows share each key, so the
+    products with keys (B, Hkv, chunk, .) never copy a key per group head."""
     batch, q_heads, q_len, dim = query.shape
-    kv_heads, kv_len = indices.shape[1], indices.shape[2]
-    grouped = query.float().unflatten(1, (kv_heads, q_heads // kv_heads))  # (B, Hkv, G, Lq, D)
-    q_rotated = grouped @ rotation.T
-    q_sketch = None if qjl is None else grouped @ qjl.T * (math.sqrt(math.pi / 2) / qjl.shape[0])
-    out = query.new_empty((batch, q_heads, q_len, kv_len), dtype=out_dtype)
-    for part in _chunks(batch, kv_heads, dim, kv_len):
-        keys = _codes_to_unit(indices[:, :, part], centroids, bits, dim).unsqueeze(2)
-        logits = q_rotated @ keys.transpose(-1, -2)  # (B, Hkv, G, Lq, chunk)
-        if q_sketch is not None:
-            sign = _signs(signs[:, :, part], qjl.shape[0]).unsqueeze(2)
-            gamma = residual_norms[:, :, part].float().transpose(-1, -2).unsqueeze(2)
-            logits += gamma * (q_sketch @ sign.transpose(-1, -2))
-        logits *= norms[:, :, part].float().transpose(-1, -2).unsqueeze(2)
-        out[..., part] = logits.flatten(1, 2)
-    return out
+    grouped = query.float().reshape(batch, kv_heads, q_heads // kv_heads * q_len, dim)
+    sketch = None if qjl is None else grouped @ qjl.T * (math.sqrt(math.pi / 2) / qjl.shape[0])
+    return grouped @ rotation.T, sketch
+
+
+def _key_logits(q_rotated: Tensor, q_sketch: Tensor | None, part: slice, indices: Tensor,
+                norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
+                centroids: Tensor, bits: int) -> Tensor:
+    """Unscaled q.k estimates of the keys in `part`: float32 (B, Hkv, G * Lq, len(part))."""
+    keys = _codes_to_unit(indices[:, :, part], centroids, bits, q_rotated.shape[-1])
+    logits = q_rotated @ keys.transpose(-1, -2)
+    if q_sketch is not None:
+        sign = _signs(signs[:, :, part], q_sketch.shape[-1])
+        gamma = residual_norms[:, :, part].float().transpose(-1, -2)
+        logits += gamma * (q_sketch @ sign.transpose(-1, -2))
+    return logits * norms[:, :, part].float().transpose(-1, -2)
+
+
+def _rows_per_key(query: Tensor, kv_heads: int, *dims: int) -> int:
+    """Elements per key of the largest chunk temporary: the logits (B * Hq * Lq) or a decoded
+    key / value / sign row (B * Hkv * dim)."""
+    return max(query.shape[0] * query.shape[1] * query.shape[2],
+               query.shape[0] * kv_heads * max(dims))
 
 
 def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
            residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
            qjl: Tensor | None, bits: int) -> Tensor:
     """Unscaled attention logits (B, Hq, Lq, Lk) in the query dtype."""
-    return _logits(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, bits,
-                   query.dtype)
+    kv_heads, kv_len = indices.shape[1], indices.shape[2]
+    q_rotated, q_sketch = _queries(query, kv_heads, rotation, qjl)
+    out = query.new_empty(tuple(query.shape[:-1]) + (kv_len,))
+    rows = _rows_per_key(query, kv_heads, rotation.shape[0], 0 if qjl is None else qjl.shape[0])
+    for part in _chunks(rows, kv_len):
+        logits = _key_logits(q_rotated, q_sketch, part, indices, norms, signs, residual_norms,
+                             centroids, bits)
+        out[..., part] = logits.view(out.shape[:-1] + (-1,))
+    return out
 
 
 def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
@@ -107,24 +146,47 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
               k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
               v_rotation: Tensor, v_centroids: Tensor, v_bits: int, scale: float,
               is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
-    """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype."""
+    """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype.
+
+    Online softmax over chunks of keys (running row max, sum and unnormalised output, float32,
+    values in the rotated domain), so no temporary holds more than one chunk of keys; keys
+    from max(kv_lens) on are never read (kv_lens is read on the host unless a CUDA graph is
+    being captured). Rows that see no key give 0.
+    """
     batch, q_heads, q_len, _ = query.shape
     kv_heads, kv_len = v_indices.shape[1], v_indices.shape[2]
-    logits = _logits(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
-                     k_centroids, k_qjl, k_bits, torch.float32) * scale
-    keep = visible(batch, q_len, kv_len, is_causal, kv_lens, query.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = keep & attn_mask
-    elif attn_mask is not None:
-        logits = logits + attn_mask.float()
-    logits = logits.masked_fill(~keep, -math.inf)
-    masked_row = (logits == -math.inf).all(-1, keepdim=True)  # also true for an empty cache
-    probs = torch.where(masked_row, 0.0, torch.softmax(logits, -1))
-    probs = probs.unflatten(1, (kv_heads, q_heads // kv_heads))  # (B, Hkv, G, Lq, Lk)
+    lengths = masks.lengths(batch, kv_len, kv_lens, query.device)
+    stop = kv_len
+    if kv_lens is not None and checks.can_sync(kv_lens):
+        stop = min(kv_len, int(lengths.max())) if batch else 0
+    q_rotated, q_sketch = _queries(query, kv_heads, k_rotation, k_qjl)
+    mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, q_len, kv_len)
     v_dim = v_rotation.shape[0]
-    out = probs.new_zeros(probs.shape[:-1] + (v_dim,))
-    for part in _chunks(batch, kv_heads, v_dim, kv_len):
+    grid = (batch, kv_heads, q_heads // kv_heads, q_len)  # the rows (B, Hkv, G * Lq) unflattened
+    rows = grid + (1,)
+    peak = q_rotated.new_full(rows, -math.inf)  # running max of the logits seen so far
+    total = q_rotated.new_zeros(rows)  # running sum of exp(logit - peak)
+    acc = q_rotated.new_zeros(rows[:-1] + (v_dim,))  # running sum of exp(logit - peak) * v
+    qjl_rows = 0 if k_qjl is None else k_qjl.shape[0]
+    for part in _chunks(_rows_per_key(query, kv_heads, k_rotation.shape[0], v_dim, qjl_rows),
+                        stop):
+        logits = _key_logits(q_rotated, q_sketch, part, k_indices, k_norms, k_signs,
+                             k_residual_norms, k_centroids, k_bits).view(grid + (-1,)) * scale
+        keys = torch.arange(part.start, part.stop, device=query.device)
+        keep = masks.visible_keys(lengths, q_len, keys, is_causal)[:, None, None]  # B,1,1,Lq,chunk
+        if mask is not None and mask.dtype == torch.bool:
+            keep = keep & mask[..., part].unflatten(1, (kv_heads, -1))
+        elif mask is not None:
+            logits = logits + mask[..., part].unflatten(1, (kv_heads, -1)).float()
+        logits = logits.masked_fill(~keep, -math.inf)
+        new_peak = torch.maximum(peak, logits.amax(-1, keepdim=True))
+        shift = torch.where(new_peak == -math.inf, 0.0, new_peak)  # rows with no key yet
+        probs = torch.exp(logits - shift)
+        decay = torch.exp(peak - shift)
         values = _codes_to_unit(v_indices[:, :, part], v_centroids, v_bits, v_dim)
         values = values * v_norms[:, :, part].float()
-        out += probs[..., part] @ values.unsqueeze(2)
-    return (out @ v_rotation).flatten(1, 2).to(query.dtype).contiguous()
+        total = total * decay + probs.sum(-1, keepdim=True)
+        acc = acc * decay + (probs.flatten(2, 3) @ values).view(acc.shape)
+        peak = new_peak
+    out = torch.where(total > 0, acc / torch.where(total > 0, total, 1.0), 0.0) @ v_rotation
+    return out.flatten(1, 2).to(query.dtype).contiguous()

@@ -352,18 +352,25 @@ def _compress_kernel(
             norm = scaled * (1.0 / ROT_SCALE)
             y = acc * tl.where(scaled > 0, 1.0 / tl.where(scaled > 0, scaled, 1.0), 0.0)[:, None]
         else:  # u = x / n split into fp16 hi + lo: u_hi @ hi + u_hi @ lo + u_lo @ hi
-            sumsq = tl.zeros((BLOCK_M,), tl.float32)
+            peak = tl.zeros((BLOCK_M,), tl.float32)  # max |x|: squares of x / peak cannot
+            sumsq = tl.zeros((BLOCK_M,), tl.float32)  # underflow or overflow
             for kx in range(0, D_P, KB):  # one iteration when KB == D_P
                 xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-                sumsq += tl.sum(xf.to(tl.float32) * xf.to(tl.float32), axis=1)
-            norm = tl.sqrt(sumsq)
-            scale = (tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0) * UNIT_SCALE)
+                new_peak = tl.maximum(peak, tl.max(tl.abs(xf.to(tl.float32)), axis=1))
+                div = tl.where(new_peak > 0, new_peak, 1.0)
+                xs = xf.to(tl.float32) / div[:, None]
+                sumsq = sumsq * (peak / div) * (peak / div) + tl.sum(xs * xs, axis=1)
+                peak = new_peak
+            length = tl.sqrt(sumsq)
+            norm = peak * length
+            div = tl.where(peak > 0, peak, 1.0)  # u = (x / peak) / length; 0 where x = 0
+            scale = UNIT_SCALE / tl.where(length > 0, length, 1.0)
             for kx in range(0, D_P, KB):  # one iteration when KB == D_P
                 if KB < D_P:
                     rot_hi = tl.load(rot + kx * NCOL)
                     rot_lo = tl.load(rot + (D_P + kx) * NCOL)
                 xf = _load_x(x_ptrs + kx * stride_xd, in_rows, offs_k, D - kx, D == D_P)
-                u_hi, u_lo = split_f16(xf.to(tl.float32) * scale[:, None])
+                u_hi, u_lo = split_f16(xf.to(tl.float32) / div[:, None] * scale[:, None])
                 acc = tl.dot(u_hi, rot_hi, acc)
                 acc = tl.dot(u_hi, rot_lo, acc)
                 acc = tl.dot(u_lo, rot_hi, acc)
