@@ -138,8 +138,11 @@ def test_bad_input_names_the_argument():
         ev.Scheme("tq", 0, 4)
     with pytest.raises(ValueError, match="method"):
         ev.Scheme("int4", 4, 4)
-    with pytest.raises(SystemExit):
-        ev.main(["--bits", "4-4"])
+    with pytest.raises(ValueError, match="float16 range"):  # scale 1e5 / 15 fits, zero doesn't
+        ev.fake_quantize(torch.tensor([[-1e5, 0.0]]), 4, -1)
+    for argv in (["--bits", "4-4"], ["--text", "prose.txt"], ["--key-quantizer", "int"]):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
 
 
 def test_windows_score_each_token_once():

@@ -36,7 +36,7 @@ from .compile import backend
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
-FP16_SCALE_MAX = torch.finfo(torch.float16).max
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,10 @@ def fake_quantize(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """
     xf = x.float()
     lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
-    if not (lo.abs().max() <= FP16_SCALE_MAX and (hi - lo).max() <= FP16_SCALE_MAX):
+    scale = (hi - lo) / (2 ** bits - 1)
+    if not (lo.abs().max() <= FP16_MAX and scale.max() <= FP16_MAX):
         raise ValueError("fake_quantize: a scale or zero exceeds the float16 range (or is NaN)")
-    zero = lo.half().float()
-    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
+    zero, scale = lo.half().float(), scale.half().float()
     codes = torch.round((xf - zero) / torch.where(scale > 0, scale, 1.0))
     return (codes.clamp(0, 2 ** bits - 1) * scale + zero).to(x.dtype)
 
@@ -465,6 +465,8 @@ def main(argv=None) -> int:
     key_quantizers = tuple(args.key_quantizer.split(","))
     if not set(key_quantizers) <= {"mse", "prod"}:
         parser.error(f"--key-quantizer takes mse, prod or mse,prod, got {args.key_quantizer!r}")
+    if args.model is None and args.text is not None:
+        parser.error("--text needs --model")
     if args.model is None:
         model, name = random_llama(), "random Llama (2 layers, head_dim 64)"
         ids = torch.randint(512, (args.tokens or 1024,), generator=torch.Generator().manual_seed(0))
