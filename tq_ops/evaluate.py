@@ -358,15 +358,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str, title: str) -> None:
-    """Mean KL and Δ perplexity against bytes per token, one marker series per method."""
+def _pyplot():
     try:
         import matplotlib
     except ImportError as error:
         raise ImportError("--plot needs matplotlib: pip install 'tq-ops[plot]'") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Mean KL and Δ perplexity against bytes per token, one marker series per method."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, marker in (("tq", "o"), ("rtn", "s"), ("kivi", "^")):
         rows = [r for r in results if r["method"] == method]
@@ -462,6 +466,8 @@ def main(argv=None) -> int:
         if len(k) != len(v):
             parser.error("--k-bits and --v-bits need the same number of entries")
         args.bits = list(zip(k, v))
+    if args.plot:
+        _pyplot()  # fail before the run, not after it
     key_quantizers = tuple(args.key_quantizer.split(","))
     if not set(key_quantizers) <= {"mse", "prod"}:
         parser.error(f"--key-quantizer takes mse, prod or mse,prod, got {args.key_quantizer!r}")
