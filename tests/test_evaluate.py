@@ -1,0 +1,153 @@
+"""`tq-ops eval` (tq_ops/evaluate.py): one run of the tool on the small random Llama, checked
+through its table and --json file, and its pieces against float64 references."""
+
+import contextlib
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tq_ops import evaluate as ev
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(stdout, parsed --json) of `tq-ops eval` on 240 random tokens, K/V 4/4 and 2/2."""
+    path = tmp_path_factory.mktemp("eval") / "out.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ev.main(["--tokens", "240", "--max-length", "120", "--stride", "60",
+                        "--bits", "4/4,2/2", "--json", str(path), "--no-progress"]) == 0
+    return out.getvalue(), json.loads(path.read_text())
+
+
+def rows_by_name(data):
+    return {r["scheme"]: r for r in data["results"]}
+
+
+def test_table_has_every_scheme_and_uncompressed_is_exact(run):
+    text, data = run
+    rows = rows_by_name(data)
+    names = ["uncompressed", "tq K4/V4 mse", "per-token RTN K4/V4", "KIVI-style K4/V4",
+             "tq K2/V2 mse", "per-token RTN K2/V2", "KIVI-style K2/V2"]
+    assert list(rows) == names
+    for name in names:
+        assert f"| {name} |" in text
+    base = rows["uncompressed"]
+    assert base["kl_mean"] == 0 and base["kl_p90"] == 0 and base["delta_ppl_pct"] == 0
+    assert base["top1_agreement"] == 1
+    assert all(r["tokens"] == 239 for r in rows.values())  # every token but the first, once
+    for r in rows.values():
+        assert math.isclose(r["delta_ppl_pct"],
+                            100 * (r["perplexity"] / base["perplexity"] - 1), rel_tol=1e-9)
+
+
+def test_kl_grows_as_bits_fall(run):
+    rows = rows_by_name(run[1])
+    for method in ("tq", "per-token RTN", "KIVI-style"):
+        suffix = " mse" if method == "tq" else ""
+        high, low = rows[f"{method} K4/V4{suffix}"], rows[f"{method} K2/V2{suffix}"]
+        assert 0 < high["kl_mean"] < low["kl_mean"], method
+        assert high["kl_p90"] < low["kl_p90"] and high["top1_agreement"] > low["top1_agreement"]
+
+
+def test_bits_and_bytes_follow_the_stored_fields(run):
+    d, group, layers, kv_heads = 64, 32, 2, 2  # ev.random_llama
+    expected = {"uncompressed": (16, 16), "tq K4/V4 mse": (4 + 16 / d, 4 + 16 / d),
+                "per-token RTN K2/V2": (2 + 32 / d, 2 + 32 / d),
+                "KIVI-style K4/V4": (4 + 32 / group, 4 + 32 / d)}
+    rows = rows_by_name(run[1])
+    for name, (k, v) in expected.items():
+        r = rows[name]
+        assert (r["k_bits_per_element"], r["v_bits_per_element"]) == pytest.approx((k, v))
+        assert r["bytes_per_token"] == pytest.approx(layers * kv_heads * d * (k + v) / 8)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 3), (2, 2), (3, 1)])
+def test_bits_per_element_formulas(d, k_bits, v_bits):
+    def bpe(method, kq="mse"):
+        return ev.bits_per_element(ev.Scheme(method, k_bits, v_bits, kq), d, group=16)
+
+    assert bpe("tq") == pytest.approx((k_bits + 16 / d, v_bits + 16 / d))
+    assert bpe("tq", "prod") == pytest.approx((k_bits + 32 / d, v_bits + 16 / d))
+    assert bpe("rtn") == pytest.approx((k_bits + 32 / d, v_bits + 32 / d))
+    assert bpe("kivi") == pytest.approx((k_bits + 2, v_bits + 32 / d))
+
+
+def reference_fake_quantize(rows, bits):
+    """Round-to-nearest of each row of a (n, m) float64 list, fp16 scale and zero."""
+    out = []
+    for row in rows:
+        zero = float(torch.tensor(min(row)).half())
+        scale = float(torch.tensor((max(row) - min(row)) / (2 ** bits - 1)).half())
+        codes = [min(max(round((x - zero) / scale), 0), 2 ** bits - 1) for x in row]
+        out.append([c * scale + zero for c in codes])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_token_quantizer_matches_float64(bits):
+    x = torch.randn(2, 3, 10, 16, generator=torch.Generator().manual_seed(bits)) * 3
+    got = ev.fake_quantize(x, bits, dim=-1)
+    want = reference_fake_quantize(x.double().reshape(-1, 16).tolist(), bits)
+    torch.testing.assert_close(got.double().reshape(-1, 16), want, rtol=0, atol=1e-5)
+    assert got.dtype == x.dtype and got.shape == x.shape
+
+
+def test_kivi_keys_per_channel_groups_match_float64():
+    group, bits = 4, 3
+    k = torch.randn(1, 2, 11, 8, generator=torch.Generator().manual_seed(0))
+    got = ev.kivi_keys(k, bits, group)
+    for h in range(2):
+        for start in (0, 4):  # full groups: tokens 0-3 and 4-7, quantized per channel
+            block = k[0, h, start:start + group].double().T.tolist()  # (channel, token)
+            want = reference_fake_quantize(block, bits).T
+            torch.testing.assert_close(got[0, h, start:start + group].double(), want,
+                                       rtol=0, atol=1e-5)
+        assert torch.equal(got[0, h, 8:], k[0, h, 8:])  # the tail group stays exact
+
+
+def test_kivi_attention_reads_exact_keys_of_the_open_group():
+    """Query i attends, causally, to quantized K/V of groups full at step i and exact K/V of
+    the rest; checked row by row in float64 against per-query key sets."""
+    group, bits, length, dim = 4, 2, 10, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, length, dim, generator=g) for _ in range(3))
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    out, _ = ev.kivi_attention((bits, bits), group)(module, q, k, v, None)
+    kq, vq = ev.kivi_keys(k, bits, group).double(), ev.fake_quantize(v, bits, -1).double()
+    for i in range(length):
+        full = (i + 1) // group * group  # keys before this index are in full groups
+        keys = torch.cat([kq[:, :, :full], k.double()[:, :, full:i + 1]], dim=2)
+        values = torch.cat([vq[:, :, :full], v.double()[:, :, full:i + 1]], dim=2)
+        p = torch.softmax(q.double()[:, :, i:i + 1] @ keys.mT / math.sqrt(dim), -1)
+        torch.testing.assert_close(out[:, i].double(), (p @ values)[:, :, 0], rtol=0,
+                                   atol=1e-5)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="stride"):
+        list(ev.windows(100, 10, 11))
+    with pytest.raises(ValueError, match="k_bits"):
+        ev.Scheme("tq", 0, 4)
+    with pytest.raises(ValueError, match="method"):
+        ev.Scheme("int4", 4, 4)
+    with pytest.raises(ValueError, match="float16 range"):  # scale 1e5 / 15 fits, zero doesn't
+        ev.fake_quantize(torch.tensor([[-1e5, 0.0]]), 4, -1)
+    for argv in (["--bits", "4-4"], ["--text", "prose.txt"], ["--key-quantizer", "int"]):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
+
+
+def test_windows_score_each_token_once():
+    scored = []
+    for begin, end, first in ev.windows(23, 8, 3):
+        assert begin < first <= end and end - begin <= 8
+        scored += range(first, end)
+    assert scored == list(range(1, 23))
