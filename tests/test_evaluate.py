@@ -151,3 +151,12 @@ def test_windows_score_each_token_once():
         assert begin < first <= end and end - begin <= 8
         scored += range(first, end)
     assert scored == list(range(1, 23))
+
+
+def test_cli_routes_eval_to_the_tool(capsys):
+    """`tq-ops eval` reaches evaluate.main (its own --help), `tq-ops demo` stays the demo's."""
+    from tq_ops import cli
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--help"])
+    assert info.value.code == 0
+    assert "--max-length" in capsys.readouterr().out

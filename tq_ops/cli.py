@@ -1,6 +1,7 @@
-"""Command line: `tq-ops demo` (also `python -m tq_ops demo`)."""
+"""Command line: `tq-ops demo`, `tq-ops eval` (also `python -m tq_ops ...`)."""
 
 import argparse
+import sys
 import time
 
 from . import demo
@@ -18,8 +19,14 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # its own options (tq_ops/evaluate.py); needs transformers
+        from . import evaluate
+        return evaluate.main(argv[1:])
     parser = argparse.ArgumentParser(prog="tq-ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("eval", help="perplexity / KL of a causal LM with a compressed KV cache "
+                   "(tq-ops eval --help)")
     d = sub.add_parser("demo", help="compress a small in-code transformer's KV cache")
     d.add_argument("--seq-len", type=_positive_int, default=256, help="prompt tokens (>= 1)")
     d.add_argument("--layers", type=_positive_int, default=2, help="decoder blocks (>= 1)")
