@@ -8,7 +8,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 from tq_ops import reference
-from tq_ops.compile import TurboQuantPass, backend, rewrite_attention
+from tq_ops.compile import TurboQuantConfig, TurboQuantPass, backend, rewrite_attention
 from tq_ops.rotation import haar_rotation, qjl_matrix
 
 transformers = pytest.importorskip("transformers")
@@ -282,9 +282,9 @@ def test_eager_overflow_names_the_capacity_and_changes_nothing():
     assert_unchanged(cache, saved)
 
 
-def test_compiled_refusals_change_nothing_and_raise_at_the_next_eager_access():
+def test_compiled_overflow_writes_nothing_and_failures_raise_at_the_next_eager_access():
     """Issue 22 rows 3-4: a compiled update that overflows max_cache_len raised IndexError after
-    the first layer's counter had advanced; one with norms beyond float16 stored inf."""
+    the first layer's counter had advanced; one with norms beyond float16 stored inf unseen."""
     config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
     cache = TurboQuantCache(config=config, max_cache_len=4)
 
@@ -294,20 +294,19 @@ def test_compiled_refusals_change_nothing_and_raise_at_the_next_eager_access():
 
     cache.update(*states(1, 2), 0)
     saved = snapshot(cache)
-    step(*states(1, 3, seed=1))  # 2 + 3 > 4: refused inside the graph, no sync
+    step(*states(1, 3, seed=1))  # 2 + 3 > 4: nothing written inside the graph, no sync
     assert_unchanged(cache, saved)
     for access in (cache.check, cache.get_seq_length, lambda: cache.update(*states(1, 1), 0),
                    lambda: cache.crop(-1)):
-        with pytest.raises(RuntimeError, match="did not fit max_cache_len=4"):
+        with pytest.raises(RuntimeError, match="did not fit max_cache_len=4 and were not"):
             access()
     assert_unchanged(cache, saved)
     cache.reset()
     keys, values = states(1, 2, seed=2)
     step(keys, values)
     assert int(cache.get_seq_length()) == 2  # reset cleared the flag; compiled writes work
-    saved = snapshot(cache)
-    step(keys * 1e5, values)  # norms beyond float16
-    assert_unchanged(cache, saved)
+    step(keys * 1e5, values)  # norms beyond float16: stored as inf, flagged
+    assert torch.isinf(cache.layers[0].k_norms[0, :, 2:4]).all()
     with pytest.raises(RuntimeError, match="key_states had non-finite values.*norm_dtype=torch"):
         cache.check()
     cache.reset()
@@ -385,3 +384,73 @@ def test_crop_follows_static_cache_semantics():
     with pytest.raises(ValueError, match="cannot remove 6 tokens: 5 are written"):
         cache.crop(-6)
     assert cache.is_croppable
+
+
+class _PackedLayer(torch.nn.Module):
+    """A cache layer written in one of two spellings, both ending in `tq::read_cache`:
+    "counter" (positions = arange(L) + counter, then counter += L, as TurboQuantCache does) and
+    "cache_position" (positions given by the caller, written = last position + 1, as
+    transformers' StaticCache spells it)."""
+
+    def __init__(self, spelling: str, slots: int = 16, dim: int = 16):
+        super().__init__()
+        from tq_ops.quantizer import TurboQuantMSE
+        self.spelling = spelling
+        self.keys, self.values = TurboQuantMSE(dim, 4, 0), TurboQuantMSE(dim, 3, 1)
+        lead = (1, 2, slots)
+        for prefix, bits in (("k", 4), ("v", 3)):
+            self.register_buffer(f"{prefix}_indices", torch.zeros(lead + (dim * bits // 8,),
+                                                                   dtype=torch.uint8))
+            self.register_buffer(f"{prefix}_norms", torch.zeros(lead + (1,), dtype=torch.float16))
+        self.register_buffer("counter", torch.zeros((), dtype=torch.long))
+
+    def forward(self, q, k, v, cache_position):
+        if self.spelling == "counter":
+            positions = torch.arange(k.shape[2]) + self.counter
+        else:
+            positions = cache_position
+        for x, quant, prefix in ((k, self.keys, "k"), (v, self.values, "v")):
+            torch.ops.tq.compress_into(x, quant.rotation, quant.centroids, None, quant.index_bits,
+                                       positions, getattr(self, f"{prefix}_indices"),
+                                       getattr(self, f"{prefix}_norms"), None, None)
+        if self.spelling == "counter":
+            self.counter.add_(k.shape[2])
+            written = self.counter
+        else:
+            written = cache_position[-1] + 1
+        keys, values = torch.ops.tq.read_cache(
+            self.k_indices, self.k_norms, None, None, self.keys.rotation, self.keys.centroids,
+            None, 4, self.v_indices, self.v_norms, self.values.rotation, self.values.centroids,
+            3, written, q.dtype)
+        visible = (torch.arange(keys.shape[2]) < written).view(1, 1, 1, -1)  # unwritten: hidden
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values,
+                                                                attn_mask=visible,
+                                                                enable_gqa=True)
+
+
+@pytest.mark.parametrize("spelling", ["counter", "cache_position"])
+def test_read_cache_states_the_written_length_for_any_update_spelling(spelling):
+    """Issue 19 item 2: the pass takes kv_lens from tq::read_cache's `written`, however the
+    update computed it, so decode reads only the written slots. Slots past them hold NaN
+    norms: reading any of them would make the output NaN."""
+    torch.manual_seed(0)
+    eager, compiled = _PackedLayer(spelling), _PackedLayer(spelling)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.k_norms[:, :, 6:] = float("nan")
+    compiled.v_norms[:, :, 6:] = float("nan")
+    sites = []
+
+    def rewrite(gm, example_inputs):
+        sites.extend(rewrite_attention(gm, TurboQuantConfig(mode="cache")))
+        assert not any("read_cache" in str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    step = torch.compile(compiled, backend=rewrite, fullgraph=True)
+    with torch.no_grad():
+        for start, length in ((0, 5), (5, 1)):  # a prefill, then one decode step
+            q, k, v = (torch.randn(1, h, length, 16) for h in (4, 2, 2))
+            position = torch.arange(start, start + length)
+            want, got = eager(q, k, v, position), step(q, k, v, position)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [s.source for s in sites] == ["cache"] * len(sites) and sites

@@ -67,6 +67,22 @@ def test_opcheck_attention(variant):
     torch.library.opcheck(torch.ops.tq.attention.default, args)
 
 
+@pytest.mark.parametrize("kind", ["mse", "prod"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_read_cache_is_two_decompressions(kind, dtype):
+    """tq::read_cache: opcheck, and its outputs equal tq::decompress of keys and of values."""
+    kq, vq = quantizer(kind, 16, 3), quantizer("mse", 16, 2, seed=1)
+    keys = key_fields(kq, compress(kq, randn(2, 2, 6, 16)))
+    values = key_fields(vq, compress(vq, randn(2, 2, 6, 16, seed=1)))
+    args = keys + (values[0], values[1], values[4], values[5], values[7], torch.tensor(4), dtype)
+    torch.library.opcheck(torch.ops.tq.read_cache.default, args)
+    got_k, got_v = torch.ops.tq.read_cache(*args)
+    assert torch.equal(got_k, torch.ops.tq.decompress(*keys, dtype))
+    assert torch.equal(got_v, torch.ops.tq.decompress(*values, dtype))
+    with pytest.raises(TypeError, match="written must have dtype"):
+        torch.ops.tq.read_cache(*args[:-2], torch.tensor(4.0), dtype)
+
+
 # ------------------------------------------------------- shape/dtype contracts (fuzzed)
 
 @settings(max_examples=40, deadline=None)

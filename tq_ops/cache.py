@@ -11,14 +11,16 @@ else at the first `update`, which takes B and the device from the key states:
 * `cumulative_length` (0-d int64, tokens written) and `errors` (0-d int64, refused compiled
   updates: `CAPACITY | KEY_NORMS | VALUE_NORMS` bits, cleared by `reset`).
 
-`update` writes new tokens with `tq::compress_into` and returns the whole cache decompressed
-(`tq::decompress`), so eager generation is correct but reads S_max decompressed tokens per
-step. Compiled with the "turboquant" backend, the pass fuses "decompress, then attend" into one
-`tq::attention` on the packed buffers, so decompressed K/V are never materialised.
+`update` writes new tokens with `tq::compress_into` and ends in `tq::read_cache`, which
+returns the whole cache decompressed (so eager generation is correct but reads S_max
+decompressed tokens per step) and states the written length. Compiled with the "turboquant"
+backend, the pass turns "read the cache, then attend" into one `tq::attention` on the packed
+buffers that stops at that length, so decompressed K/V are never materialised.
 
-An update that would overflow S_max or store a non-finite norm is refused whole: no slot
-changes and the length stays. Eagerly it raises at once; a compiled step cannot raise without a
-host sync, so it records the refusal in `errors` and the next eager access (`update`,
+Eagerly, an update that would overflow S_max or store a norm the norm dtype cannot hold (or
+inf/NaN states) raises before writing anything. A compiled step cannot raise without a host
+sync: one that would overflow writes nothing and keeps the length; one with non-finite norms
+stores them; either sets a bit of the layer's `errors`, and the next eager access (`update`,
 `get_seq_length`, `crop`, `reorder_cache`, `check`) raises.
 """
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
+from .norms import vector_norms
 from .compile.passes import DEFAULT_KEY_QUANTIZER, KEY_QUANTIZERS
 from .packing import packed_bytes
 from .quantizer import TurboQuantMSE, TurboQuantProd
@@ -129,21 +132,22 @@ class TurboQuantLayer(CacheLayerMixin):
     def _refusal(self, code: int) -> str:
         reasons = []
         if code & CAPACITY:
-            reasons.append(f"the tokens did not fit max_cache_len={self.max_cache_len}")
+            reasons.append(f"the tokens did not fit max_cache_len={self.max_cache_len} and "
+                           "were not written")
         for bit, name in ((KEY_NORMS, "key_states"), (VALUE_NORMS, "value_states")):
             if code & bit:
                 hint = ("; pass norm_dtype=torch.float32 to store larger norms"
                         if self.norm_dtype != torch.float32 else "")
                 reasons.append(f"{name} had non-finite values or a vector norm beyond the "
-                               f"{self.norm_dtype} range{hint}")
+                               f"{self.norm_dtype} range, stored as inf/NaN{hint}")
         return "; ".join(reasons)
 
     def check(self) -> None:
-        """Raise if a compiled update was refused since the last `reset` (a host sync)."""
+        """Raise if a compiled update failed since the last `reset` (a host sync)."""
         if self.is_initialized and (code := int(self.errors)):
-            raise RuntimeError("a compiled TurboQuantCache update was refused and left the "
-                               f"cache as it was ({self._refusal(code)}); its attention output "
-                               "is not valid. reset() clears this")
+            raise RuntimeError("a compiled TurboQuantCache update failed "
+                               f"({self._refusal(code)}); attention outputs since then are not "
+                               "valid. reset() clears this")
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
                ) -> tuple[Tensor, Tensor]:
@@ -156,49 +160,38 @@ class TurboQuantLayer(CacheLayerMixin):
         length = key_states.shape[-2]
         if length > self.max_cache_len:
             raise ValueError(f"{length} tokens do not fit max_cache_len={self.max_cache_len}")
-        eager = checks.can_sync(self.cumulative_length)
-        if eager:
+        if checks.can_sync(self.cumulative_length):  # eager: refuse before writing anything
             self.check()
             written = int(self.cumulative_length)
             if written + length > self.max_cache_len:
                 raise ValueError(f"TurboQuantCache is full: {written} of max_cache_len="
                                  f"{self.max_cache_len} slots are written, {length} more do "
                                  "not fit (crop() or reset() it, or allocate a larger one)")
-        start = self.cumulative_length.clone()
-        fits = start + length <= self.max_cache_len
-        # An overflowing compiled step writes the last `length` slots and puts them back below.
-        self.cumulative_length.copy_(torch.where(fits, start, self.max_cache_len - length))
-        positions = torch.arange(length, device=self.device) + self.cumulative_length
-        before = [t.index_select(2, positions) for t in self.tensors()]
+            for name, states in (("key_states", key_states), ("value_states", value_states)):
+                checks.storable_norms(name, vector_norms(states), self.norm_dtype)
+        fits = self.cumulative_length + length <= self.max_cache_len
+        # A compiled step that does not fit writes nothing: its positions lie past the buffers.
+        start = torch.where(fits, self.cumulative_length, self.max_cache_len)
+        positions = torch.arange(length, device=self.device) + start
         torch.ops.tq.compress_into(key_states, self.k_rotation, self.k_centroids, self.k_qjl,
                                    self.k_bits, positions, self.k_indices, self.k_norms,
                                    self.k_signs, self.k_residual_norms)
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_bits, positions, self.v_indices, self.v_norms, None,
                                    None)
-        finite = [torch.isfinite(n.index_select(2, positions)).all()
-                  for n in (self.k_norms, self.v_norms)]
-        accepted = fits & finite[0] & finite[1]
-        for tensor, old in zip(self.tensors(), before):
-            tensor.index_copy_(2, positions,
-                               torch.where(accepted, tensor.index_select(2, positions), old))
-        self.cumulative_length.add_(length)
-        self.cumulative_length.copy_(torch.where(accepted, self.cumulative_length, start))
-        code = ((~fits).long() * CAPACITY + (~finite[0]).long() * KEY_NORMS
-                + (~finite[1]).long() * VALUE_NORMS)
-        if eager:
-            if refused := int(code):
-                raise ValueError("TurboQuantCache.update refused, the cache is unchanged: "
-                                 f"{self._refusal(refused)}")
-        else:
-            self.errors.bitwise_or_(code)
-        keys = torch.ops.tq.decompress(self.k_indices, self.k_norms, self.k_signs,
+        self.cumulative_length.add_(torch.where(fits, length, 0))
+        if not checks.can_sync(self.cumulative_length):  # compiled: record what eager refuses
+            last = positions.clamp(max=self.max_cache_len - 1)
+            stored = [torch.isfinite(n.index_select(2, last)).all() for n in (self.k_norms,
+                                                                              self.v_norms)]
+            self.errors.bitwise_or_((~fits).long() * CAPACITY
+                                    + (fits & ~stored[0]).long() * KEY_NORMS
+                                    + (fits & ~stored[1]).long() * VALUE_NORMS)
+        return torch.ops.tq.read_cache(self.k_indices, self.k_norms, self.k_signs,
                                        self.k_residual_norms, self.k_rotation, self.k_centroids,
-                                       self.k_qjl, self.k_bits, key_states.dtype)
-        values = torch.ops.tq.decompress(self.v_indices, self.v_norms, None, None,
-                                         self.v_rotation, self.v_centroids, None, self.v_bits,
-                                         value_states.dtype)
-        return keys, values
+                                       self.k_qjl, self.k_bits, self.v_indices, self.v_norms,
+                                       self.v_rotation, self.v_centroids, self.v_bits,
+                                       self.cumulative_length, key_states.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the attention mask: every slot, from 0."""

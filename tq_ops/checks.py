@@ -2,7 +2,7 @@
 
 Only metadata (shapes, dtypes, devices) is inspected, so the same checks run in eager mode
 and at trace time (on fake tensors), raising TypeError / ValueError that name the argument;
-the value checks (`storable_norms`, `finite_norms`) run only where `can_sync` allows.
+the value check `storable_norms` runs only where `can_sync` allows.
 """
 
 import torch
@@ -33,7 +33,7 @@ def head_dim(name: str, value) -> None:
 def storable_norms(name: str, norms: Tensor, norm_dtype: torch.dtype) -> None:
     """Refuse vectors whose norm norm_dtype cannot store with full relative precision.
 
-    norms: float32 vector norms of input `name` (any shape; `reference.vector_norms`). Stored
+    norms: float32 vector norms of input `name` (any shape; `norms.vector_norms`). Stored
     exactly: 0. Stored to full relative precision: [finfo(norm_dtype).tiny, finfo.max] (below,
     subnormals lose bits or round to 0; above, inf). NaN (inf or NaN in the input) is refused
     too. Reads values: callers run it only where `can_sync` allows.
@@ -59,13 +59,6 @@ def _advice(norm_dtype: torch.dtype, float32_holds: bool) -> str:
     wide = torch.finfo(torch.float32)
     return (f"no norm dtype holds them (float32: [{wide.tiny:.3g}, {wide.max:.3g}]); rescale "
             "the input")
-
-
-def finite_norms(norms: Tensor, norm_dtype: torch.dtype) -> None:
-    """Eager-only guard on stored norms: inf (a norm beyond norm_dtype) or NaN is lost data."""
-    if can_sync(norms) and not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"input has non-finite values or vector norms beyond the {norm_dtype} "
-                         f"range; {_advice(norm_dtype, True)}")
 
 
 def can_sync(value: Tensor) -> bool:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import checks, reference
+from . import checks
+from .norms import vector_norms
 from .quantizer import TurboQuantMSE, TurboQuantProd
 
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
@@ -84,7 +85,7 @@ class _Compressor:
     def _compress(self, name: str, x):
         self._check(name, x)
         if x.dtype == torch.float64 and checks.can_sync(x):  # before float32 flushes tiny ones
-            checks.storable_norms(name, reference.vector_norms(x), self.quantizer.norm_dtype)
+            checks.storable_norms(name, vector_norms(x), self.quantizer.norm_dtype)
         fields = self.quantizer.quantize(x.to(_narrow(x.dtype)))
         return self.container(*fields, original_dtype=x.dtype, compressed_by=self.settings)
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from . import checks, reference
+from .norms import vector_norms
 from .kernels.common import supports
 from .packing import packed_bytes
 
@@ -75,7 +76,7 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
     if checks.can_sync(x):  # eager: refuse inf/NaN input and norms norm_dtype cannot hold
-        checks.storable_norms("x", reference.vector_norms(x), norm_dtype)
+        checks.storable_norms("x", vector_norms(x), norm_dtype)
     if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
@@ -100,7 +101,10 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
 def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
                   positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
                   residual_norms: Tensor | None) -> None:
-    """Compress x (B, H, S, D) into preallocated (B, H, S_max, .) buffers at slots positions (S,)."""
+    """Compress x (B, H, S, D) into preallocated (B, H, S_max, .) buffers at slots positions (S,).
+
+    Eager calls refuse positions outside [0, S_max); traced and CUDA-graph calls, which cannot
+    check values, skip the tokens whose position lies outside (nothing is written for them)."""
     _check_input("x", x)
     checks.quantizer("", rotation, centroids, qjl, bits, x.shape[-1])
     lead = (x.shape[0], x.shape[1], indices.shape[2] if indices.dim() == 4 else -1)
@@ -109,7 +113,7 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
     if checks.can_sync(x):  # eager, before any write (as in compress)
-        checks.storable_norms("x", reference.vector_norms(x), norms.dtype)
+        checks.storable_norms("x", vector_norms(x), norms.dtype)
     if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
@@ -141,12 +145,48 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_no
     _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
     if dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    return _decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, bits,
+                       dtype)
+
+
+def _decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
+                residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
+                qjl: Tensor | None, bits: int, dtype: torch.dtype) -> Tensor:
+    """Device dispatch of decompress (arguments already checked)."""
     if _use_triton(indices, rotation.shape[0], bits, qjl):
         from .kernels import decompress as kernels
         return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
                                   bits, dtype)
     return torch.ops.tq.decompress_reference(indices, norms, signs, residual_norms, rotation,
                                              centroids, qjl, bits, dtype)
+
+
+@triton_op("tq::read_cache", mutates_args=())
+def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
+               k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
+               k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
+               v_rotation: Tensor, v_centroids: Tensor, v_bits: int, written: Tensor,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One layer of a packed cache, read: keys and values (B, H, S_max, D) in `dtype`.
+
+    `written` (0-d int32/int64) is how many slots, from 0, the cache has filled; the slots past
+    it hold zeros. This op is the cache's contract with the compile pass: an attention over
+    its two outputs becomes one `tq::attention` on the packed fields that stops at `written`
+    (kv_lens) wherever a mask hides the unwritten slots.
+    """
+    _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                k_qjl, k_bits)
+    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits)
+    checks.shape("v_norms", v_norms, tuple(k_norms.shape))
+    checks.tensor("written", written, ndim=0, dtypes=(torch.int32, torch.int64))
+    checks.same_device(k_indices, v_indices=v_indices, written=written)
+    if dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    keys = _decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                       k_qjl, k_bits, dtype)
+    values = _decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits,
+                         dtype)
+    return keys, values
 
 
 def _check_query(query: Tensor, indices: Tensor, dim) -> None:

@@ -112,7 +112,6 @@ class TurboQuantMSE(_Quantizer):
         rotation, centroids, _ = self.constants_on(x.device)
         indices, norms, _, _ = torch.ops.tq.compress(x, rotation, centroids, None,
                                                      self.index_bits, self.norm_dtype)
-        checks.finite_norms(norms, self.norm_dtype)
         return indices, norms
 
     def dequantize(self, indices: Tensor, norms: Tensor,
@@ -154,7 +153,6 @@ class TurboQuantProd(_Quantizer):
         checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
         out = torch.ops.tq.compress(x, *self.constants_on(x.device), self.index_bits,
                                     self.norm_dtype)
-        checks.finite_norms(out[1], self.norm_dtype)
         return out
 
     def dequantize(self, indices: Tensor, norms: Tensor, signs: Tensor, residual_norms: Tensor,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import checks, masks
+from .norms import unit_and_norm
 from .packing import pack, unpack
 
 CHUNK_ELEMENTS = 1 << 18  # decoded (batch x heads x tokens x dim) elements per chunk
@@ -22,27 +23,6 @@ def _chunks(rows: int, length: int):
     number of elements a temporary holds per key."""
     step = max(1, CHUNK_ELEMENTS // max(1, rows))
     return (slice(start, min(start + step, length)) for start in range(0, length, step))
-
-
-def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (..., D) -> (x / ||x|| (..., D), 0 where x = 0; ||x|| (..., 1)), float32 (float64
-    for float64 x).
-
-    Exponent-safe: x is divided by max|x| before squaring, so neither tiny (subnormal) nor
-    huge coordinates underflow or overflow; ||x|| is inf only when it exceeds the range of
-    its dtype, NaN when x holds inf or NaN.
-    """
-    xf = x if x.dtype == torch.float64 else x.float()
-    peak = xf.abs().amax(-1, keepdim=True)
-    scaled = xf / torch.where(peak > 0, peak, 1.0)  # coordinates in [-1, 1]
-    length = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # in [1, sqrt(D)] or 0
-    return torch.where(length > 0, scaled / length, 0.0), peak * length
-
-
-def vector_norms(x: Tensor) -> Tensor:
-    """||x|| of each vector of x (..., D): (..., 1), exponent-safe (`_unit_and_norm`), float32
-    (float64 for float64 input, whose range float32 does not cover)."""
-    return _unit_and_norm(x)[1]
 
 
 def _codes_to_unit(indices: Tensor, centroids: Tensor, bits: int, dim: int) -> Tensor:
@@ -58,7 +38,7 @@ def _signs(signs: Tensor, rows: int) -> Tensor:
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) -> indices, norms, signs, residual_norms (layout in ARCHITECTURE.md)."""
-    unit, norms = _unit_and_norm(x.contiguous())
+    unit, norms = unit_and_norm(x.contiguous())
     rotated = unit @ rotation.T
     codes = torch.bucketize(rotated, (centroids[1:] + centroids[:-1]) / 2)
     indices = pack(codes, bits)
@@ -75,11 +55,13 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
 def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
                   positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
                   residual_norms: Tensor | None) -> None:
-    """Compress x (B, H, S, D) and write token s into slot positions[s] of each buffer."""
-    fresh = compress(x, rotation, centroids, qjl, bits, norms.dtype)
+    """Compress x (B, H, S, D) and write token s into slot positions[s] of each buffer; tokens
+    whose position lies outside [0, S_max) are skipped, as the CUDA kernel skips them."""
+    inside = (positions >= 0) & (positions < indices.shape[2])
+    fresh = compress(x[:, :, inside], rotation, centroids, qjl, bits, norms.dtype)
     for buffer, new in zip((indices, norms, signs, residual_norms), fresh):
         if buffer is not None:
-            buffer.index_copy_(2, positions, new.to(buffer.dtype))
+            buffer.index_copy_(2, positions[inside], new.to(buffer.dtype))
 
 
 def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,

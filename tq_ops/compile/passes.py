@@ -178,7 +178,8 @@ def _erase_if_dead(graph: torch.fx.Graph, node: Node, also: set) -> None:
         return
     pure = (node in also
             or (node.op == "call_function" and (node.target in _PURE_FUNCTIONS or node.target in (
-                torch.ops.tq.decompress.default, torch.ops.tq.decompress)))
+                torch.ops.tq.decompress.default, torch.ops.tq.decompress,
+                torch.ops.tq.read_cache.default, torch.ops.tq.read_cache)))
             or (node.op == "call_method" and node.target in _PURE_METHODS))
     if not pure:
         return
@@ -236,11 +237,10 @@ def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     v = {n: _field(build, vs, n) for n in ("indices", "norms", "rotation", "centroids")}
     kv_lens = None  # stop at the written slots (the mask hides the rest anyway): decode and
     # prefill then cost the cache's fill, not its capacity
-    if site.attn_mask is not None and ks.length is None:
-        counter = patterns.written_length(ks)
-        if counter is not None:
-            kv_lens = build.call(torch.ops.aten.repeat.default, counter,
-                                 [value_of(k["indices"]).shape[0]])
+    if (site.attn_mask is not None and ks.length is None and ks.written is not None
+            and ks.decompress is vs.decompress):
+        kv_lens = build.call(torch.ops.aten.repeat.default, ks.written,
+                             [value_of(k["indices"]).shape[0]])
     out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
                      k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
                      ks.fields["bits"], v["indices"], v["norms"], v["rotation"], v["centroids"],

@@ -28,12 +28,15 @@ _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torc
 
 @dataclass
 class Compressed:
-    """The packed fields a `tq::decompress` node reads, optionally cut to the first `length`
-    tokens (a `[:, :, :length]` slice of its output)."""
+    """The packed fields behind a decompressed K or V, optionally cut to the first `length`
+    tokens (a `[:, :, :length]` slice). `decompress` is the node that decoded them: a
+    `tq::decompress`, or the `tq::read_cache` of a TurboQuantCache, whose `written` (0-d count
+    of filled slots) is then set."""
 
     decompress: Node
-    fields: dict  # the decompress op's arguments by name
+    fields: dict  # decompress-style names: indices, norms, signs, residual_norms, rotation, ...
     length: int | None = None
+    written: Node | None = None
 
 
 @dataclass
@@ -181,9 +184,21 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int, list]:
     return base, n, [node, expand, inserted]
 
 
+_FIELDS = ("indices", "norms", "signs", "residual_norms", "rotation", "centroids", "qjl", "bits")
+
+
+def _read_cache_source(node: Node, which: int, length: int | None) -> Compressed:
+    """Output `which` (0 keys, 1 values) of a `tq::read_cache` node, as decompress fields."""
+    names = [a.name for a in torch.ops.tq.read_cache.default._schema.arguments]
+    args = dict(zip(names, node.args), **node.kwargs)
+    prefix = "k_" if which == 0 else "v_"
+    fields = {name: args.get(prefix + name) for name in _FIELDS}
+    return Compressed(node, fields, length, args["written"])
+
+
 def compressed_source(node: Node) -> Compressed | None:
-    """The `tq::decompress` whose output `node` is (possibly `.contiguous()` or cut to the first
-    L tokens with [:, :, :L]), else None."""
+    """The `tq::decompress` (or one output of a `tq::read_cache`) that `node` is, possibly
+    `.contiguous()` or cut to the first L tokens with [:, :, :L], else None."""
     length = None
     while _is_method(node, "contiguous"):
         node = node.args[0]
@@ -197,6 +212,10 @@ def compressed_source(node: Node) -> Compressed | None:
                 and isinstance(cut.stop, int)):
             return None
         length, node = cut.stop, node.args[0]
+    read_cache = torch.ops.tq.read_cache
+    if (_is_function(node, operator.getitem) and node.args[1] in (0, 1)
+            and _is_function(node.args[0], read_cache.default, read_cache)):
+        return _read_cache_source(node.args[0], node.args[1], length)
     decompress = torch.ops.tq.decompress
     if not _is_function(node, decompress.default, decompress):
         return None
@@ -204,35 +223,6 @@ def compressed_source(node: Node) -> Compressed | None:
     fields = dict(zip(names, node.args))
     fields.update(node.kwargs)
     return Compressed(node, fields, length)
-
-
-def written_length(source: Compressed) -> Node | None:
-    """The 0-d counter of the slots written so far, if `source` reads buffers that a
-    TurboQuantCache update wrote earlier in this graph: `tq::compress_into` into its indices at
-    positions `arange(L) + counter`, then `counter.add_(L)`, both before the decompress. Slots
-    at and past the counter are unwritten, so attention can stop there. Else None."""
-    indices = source.fields.get("indices")
-    if not isinstance(indices, Node):
-        return None
-    compress_into = torch.ops.tq.compress_into
-    names = [a.name for a in compress_into.default._schema.arguments]
-    for write in indices.users:
-        if not _is_function(write, compress_into.default, compress_into):
-            continue
-        args = dict(zip(names, write.args), **write.kwargs)
-        positions = args.get("positions")
-        if args.get("indices") is not indices or not _is_function(positions, operator.add):
-            continue
-        steps, counter = positions.args
-        if not (_is_function(steps, torch.arange) and len(steps.args) == 1
-                and isinstance(steps.args[0], int) and counter.op == "placeholder"):
-            continue
-        bumps = [u for u in counter.users if _is_method(u, "add_")]
-        if len(bumps) == 1 and bumps[0].args == (counter, steps.args[0]):
-            order = {n: i for i, n in enumerate(indices.graph.nodes)}
-            if order[write] < order[bumps[0]] < order[source.decompress]:
-                return counter
-    return None
 
 
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
