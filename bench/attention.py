@@ -65,10 +65,10 @@ def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int)
              k_signs=u8(packed_bytes(kq.qjl.shape[0], 1)) if prod else None,
              k_residual_norms=norms() if prod else None,
              k_rotation=kq.rotation.to(DEVICE), k_centroids=kq.centroids.to(DEVICE),
-             k_qjl=kq.qjl.to(DEVICE) if prod else None, k_bits=kq.index_bits)
+             k_qjl=kq.qjl.to(DEVICE) if prod else None, k_index_bits=kq.index_bits)
     v = dict(v_indices=u8(packed_bytes(DIM, vq.index_bits)), v_norms=norms(),
              v_rotation=vq.rotation.to(DEVICE), v_centroids=vq.centroids.to(DEVICE),
-             v_bits=vq.index_bits)
+             v_index_bits=vq.index_bits)
     nbytes = sum(t.numel() * t.element_size() for t in (*k.values(), *v.values())
                  if isinstance(t, torch.Tensor) and t.dim() == 4)
     return k, v, nbytes
@@ -77,8 +77,8 @@ def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int)
 def op_args(query, k, v, is_causal, kv_lens, mask=None) -> tuple:
     """The argument list of `torch.ops.tq.attention` (the one place that spells it)."""
     return (query, k["k_indices"], k["k_norms"], k["k_signs"], k["k_residual_norms"],
-            k["k_rotation"], k["k_centroids"], k["k_qjl"], k["k_bits"], v["v_indices"],
-            v["v_norms"], v["v_rotation"], v["v_centroids"], v["v_bits"], DIM ** -0.5,
+            k["k_rotation"], k["k_centroids"], k["k_qjl"], k["k_index_bits"], v["v_indices"],
+            v["v_norms"], v["v_rotation"], v["v_centroids"], v["v_index_bits"], DIM ** -0.5,
             is_causal, mask, kv_lens)
 
 
@@ -143,9 +143,9 @@ def decompress_call(k, v):
     def run():
         torch.ops.tq.decompress(k["k_indices"], k["k_norms"], k["k_signs"],
                                 k["k_residual_norms"], k["k_rotation"], k["k_centroids"],
-                                k["k_qjl"], k["k_bits"], torch.float16)
+                                k["k_qjl"], k["k_index_bits"], torch.float16)
         torch.ops.tq.decompress(v["v_indices"], v["v_norms"], None, None, v["v_rotation"],
-                                v["v_centroids"], None, v["v_bits"], torch.float16)
+                                v["v_centroids"], None, v["v_index_bits"], torch.float16)
     return run
 
 

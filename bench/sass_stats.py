@@ -80,15 +80,16 @@ def summary(kernel) -> str:
     return f"| {regs} | {stack} | {loop[0]} | {top} |"
 
 
-def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps: int = 4):
+def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool,
+                     num_warps: int = 4):
     """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs),
     with the GPU decode defaults of `attention.config` (at most 128 registers; 64-key tiles
     in three stages for Prod keys or values of other than 4 bits, else 128-key tiles in one).
     ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers."""
-    tiles = (attention.DEEP_DECODE if attention.wants_deep_decode(prod, v_bits)
+    tiles = (attention.DEEP_DECODE if attention.wants_deep_decode(prod, v_index_bits)
              else dict(BLOCK_N=128, num_stages=1))
     length = 32768
-    k_bytes, v_bytes = 16 * k_bits, 16 * v_bits
+    k_bytes, v_bytes = 16 * k_index_bits, 16 * v_index_bits
     ints = dict(o_sb=0, o_sh=0, o_ss=0,
                 ki_sb=8 * length * k_bytes, ki_sh=length * k_bytes, ki_ss=k_bytes,
                 kn_sb=8 * length, kn_sh=length, kn_ss=1,
@@ -100,14 +101,16 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
         ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
     mode = {2: PAIRS, 3: PLANES3} if ptx else {}
     constexprs = dict(G=4, DK=128, DV=128, DV_PAD=128, M=128 if prod else 1,
-                      **prefixed("K_", plane_layout(128, k_bits)),
-                      **prefixed("V_", plane_layout(128, v_bits)),
+                      **prefixed("K_", plane_layout(128, k_index_bits)),
+                      **prefixed("V_", plane_layout(128, v_index_bits)),
                       **sign_layout(128 if prod else 16),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
                       MASK_KEYS=False, HAS_LENS=True, SPLIT=True,
-                      K_MODE=mode.get(k_bits, TABLE).value, V_MODE=mode.get(v_bits, TABLE).value,
-                      S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_bits == 4,
-                      V_PTX=ptx and v_bits == 4, RUN_IF=1 if ptx and 4 in (k_bits, v_bits) else 0,
+                      K_MODE=mode.get(k_index_bits, TABLE).value,
+                      V_MODE=mode.get(v_index_bits, TABLE).value,
+                      S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_index_bits == 4,
+                      V_PTX=ptx and v_index_bits == 4,
+                      RUN_IF=1 if ptx and 4 in (k_index_bits, v_index_bits) else 0,
                       BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32,
                       DEFER_SUM=tiles.get("DEFER_SUM", False), SKIP_EMPTY=False)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
@@ -116,17 +119,17 @@ def attention_decode(k_bits: int, prod: bool, v_bits: int, ptx: bool, num_warps:
                  num_stages=tiles["num_stages"], maxnreg=128)
 
 
-def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4):
+def compress_fp16(qjl_dim: int, index_bits: int, block_m: int = 64, num_warps: int = 4):
     """Compress of fp16 (B, H, S, 128) rows, symmetric codebook; qjl_dim 0 = MSE only."""
     ints = dict(stride_xb=8 * 65536 * 128, stride_xh=65536 * 128, stride_xs=128, stride_xd=1,
                 stride_ib=8 * 65536 * 64, stride_ih=65536 * 64, stride_is=64, stride_ip=1,
                 stride_nb=8 * 65536, stride_nh=65536, stride_ns=1, stride_gb=8 * 65536 * 16,
                 stride_gh=65536 * 16, stride_gs=16, stride_gp=1, stride_rb=8 * 65536,
                 stride_rh=65536, stride_rs=1, BH=8, H=8, S=65536, S_out=65536)
-    widths = plane_widths(bits) + (0, 0, 0)
+    widths = plane_widths(index_bits) + (0, 0, 0)
     qseg_p = max(2, triton.next_power_of_2(qjl_dim // 8)) if qjl_dim else 2
     constexprs = dict(D=128, D_P=128, SEG=16, SEG_P=16, M_QJL=qjl_dim, QSEG=qjl_dim // 8,
-                      QSEG_P=qseg_p, BITS=bits, W0=widths[0], W1=widths[1], W2=widths[2],
+                      QSEG_P=qseg_p, BITS=index_bits, W0=widths[0], W1=widths[1], W2=widths[2],
                       HAS_QJL=qjl_dim > 0, HAS_POS=False, X_FP16=True, KB=128,
                       QBLOCK=8 * qseg_p, BLOCK_M=block_m, SYM=True)
     pointers = dict(bnd_ptr="*fp32", cent_ptr="*fp32", pos_ptr="*i64", idx_ptr="*u8",
@@ -135,7 +138,7 @@ def compress_fp16(qjl_dim: int, bits: int, block_m: int = 64, num_warps: int = 4
                  num_stages=2)
 
 
-DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, GPU decode modes)
+DECODE_VARIANTS = [  # (label, key index_bits, Prod keys, value index_bits, GPU decode modes)
     ("K4/V4 mse, PTX", 4, False, 4, True),
     ("K4/V4 mse, gathers", 4, False, 4, False),
     ("K3/V3 mse, PTX", 3, False, 3, True),
@@ -148,11 +151,11 @@ DECODE_VARIANTS = [  # (label, key bits, Prod keys, value bits, GPU decode modes
 def main() -> None:
     print("| kernel | registers | stack bytes | loop instructions | top opcodes in the loop |")
     print("|---|---|---|---|---|")
-    for label, k_bits, prod, v_bits, ptx in DECODE_VARIANTS:
-        kernel = attention_decode(k_bits, prod, v_bits, ptx)
+    for label, k_index_bits, prod, v_index_bits, ptx in DECODE_VARIANTS:
+        kernel = attention_decode(k_index_bits, prod, v_index_bits, ptx)
         print(f"| attention decode {label} " + summary(kernel), flush=True)
-    for label, qjl_dim, bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
-        print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, bits)), flush=True)
+    for label, qjl_dim, index_bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
+        print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, index_bits)), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ def _reset_dynamo():
     yield
 
 
-def float64_reconstruction(fields, rotation, centroids, qjl, bits):
+def float64_reconstruction(fields, rotation, centroids, qjl, index_bits):
     """norm * (c[idx] @ Pi + gamma sqrt(pi/2) / m * s @ S) in float64, straight from the bits
     of the packed (idx, norms, signs, residual_norms) fields (CPU tensors)."""
     idx, norms, signs, residual_norms = fields
-    unit = centroids.double()[unpack(idx, bits, rotation.shape[0])] @ rotation.double()
+    unit = centroids.double()[unpack(idx, index_bits, rotation.shape[0])] @ rotation.double()
     if qjl is not None:
         m = qjl.shape[0]
         sign = unpack(signs, 1, m).double() * 2 - 1

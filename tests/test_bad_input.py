@@ -13,9 +13,9 @@ FIELDS = key_fields(QUANT, compress(QUANT, X))
 Q = torch.randn(1, 2, 1, 16)
 
 
-def compress_call(x=X, bits=QUANT.index_bits, centroids=QUANT.centroids, qjl=QUANT.qjl,
+def compress_call(x=X, index_bits=QUANT.index_bits, centroids=QUANT.centroids, qjl=QUANT.qjl,
                   rotation=QUANT.rotation):
-    return torch.ops.tq.compress(x, rotation, centroids, qjl, bits, torch.float16)
+    return torch.ops.tq.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
 
 
 def scores_call(query=Q, indices=FIELDS[0]):
@@ -27,10 +27,13 @@ CASES = [
     ("int dtype", lambda: compress_call(X.to(torch.int32)), TypeError, "x must have dtype"),
     ("complex dtype", lambda: compress_call(X.to(torch.complex64)), TypeError, "x must have dtype"),
     ("head_dim", lambda: compress_call(torch.randn(1, 2, 4, 24)), ValueError, "rotation"),
-    ("bits range", lambda: compress_call(bits=9), ValueError, "bits must be an int in"),
-    ("bits vs codebook", lambda: compress_call(bits=3), ValueError, "centroids must have shape"),
-    ("bits 0 without qjl", lambda: compress_call(bits=0, qjl=None, centroids=torch.zeros(1)),
-     ValueError, "needs a QJL matrix"),
+    ("index_bits range", lambda: compress_call(index_bits=9), ValueError,
+     "index_bits must be an int in"),
+    ("index_bits vs codebook", lambda: compress_call(index_bits=3), ValueError,
+     "centroids must have shape"),
+    ("index_bits 0 without qjl",
+     lambda: compress_call(index_bits=0, qjl=None, centroids=torch.zeros(1)), ValueError,
+     "needs a QJL matrix"),
     ("query head_dim", lambda: scores_call(torch.randn(1, 2, 1, 8)), ValueError, "head_dim"),
     ("query heads", lambda: scores_call(torch.randn(1, 3, 1, 16)), ValueError, "multiple"),
     ("query int", lambda: scores_call(Q.long()), TypeError, "query must have dtype"),

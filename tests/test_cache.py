@@ -36,7 +36,8 @@ def test_update_writes_packed_tokens_and_returns_reference_decompression(key_qua
     cache = TurboQuantCache(config=config, max_cache_len=10, k_bits=3, v_bits=2,
                             key_quantizer=key_quantizer, max_batch_size=2)
     layer = cache.layers[1]
-    assert len(cache.layers) == 2 and layer.k_indices.shape == (2, 2, 10, 2 * layer.k_bits)
+    assert len(cache.layers) == 2
+    assert layer.k_indices.shape == (2, 2, 10, 2 * layer.k_index_bits)
     assert layer.v_indices.shape == (2, 2, 10, 4) and layer.k_norms.dtype == torch.float16
     assert (layer.k_signs is not None) == (key_quantizer == "prod")
     assert all(t._dynamo_static_input_type == "unguarded" for t in layer.tensors())
@@ -49,14 +50,14 @@ def test_update_writes_packed_tokens_and_returns_reference_decompression(key_qua
     k_all = torch.cat([c[0] for c in chunks], 2)
     v_all = torch.cat([c[1] for c in chunks], 2)
     kc = reference.compress(k_all, layer.k_rotation, layer.k_centroids, layer.k_qjl,
-                            layer.k_bits, torch.float16)
+                            layer.k_index_bits, torch.float16)
     k_fields = kc if layer.k_qjl is not None else (kc[0], kc[1], None, None)
     want_k = reference.decompress(*k_fields, layer.k_rotation, layer.k_centroids, layer.k_qjl,
-                                  layer.k_bits, torch.float32)
-    vc = reference.compress(v_all, layer.v_rotation, layer.v_centroids, None, layer.v_bits,
+                                  layer.k_index_bits, torch.float32)
+    vc = reference.compress(v_all, layer.v_rotation, layer.v_centroids, None, layer.v_index_bits,
                             torch.float16)
     want_v = reference.decompress(vc[0], vc[1], None, None, layer.v_rotation, layer.v_centroids,
-                                  None, layer.v_bits, torch.float32)
+                                  None, layer.v_index_bits, torch.float32)
     torch.testing.assert_close(keys[:, :, :6], want_k)
     torch.testing.assert_close(values[:, :, :6], want_v)
     assert keys[:, :, 6:].abs().max() == 0 and values.shape == (2, 2, 10, 16)

@@ -22,14 +22,14 @@ assert torch.cuda.is_available() or isinstance(kernels._compress_kernel, Interpr
 TIE = 1e-5
 
 
-def constants(dim: int, bits: int, qjl_dim: int | None, seed: int = 0):
-    """rotation (dim, dim), centroids (2**bits,), qjl (qjl_dim, dim) or None, all float32."""
-    centroids = lloyd_max(dim, bits).float() if bits else torch.zeros(1)
+def constants(dim: int, index_bits: int, qjl_dim: int | None, seed: int = 0):
+    """rotation (dim, dim), centroids (2**index_bits,), qjl (qjl_dim, dim) or None, all float32."""
+    centroids = lloyd_max(dim, index_bits).float() if index_bits else torch.zeros(1)
     qjl = None if qjl_dim is None else qjl_matrix(qjl_dim, dim, seed)
     return haar_rotation(dim, seed), centroids, qjl
 
 
-def check_against_reference(x, rotation, centroids, qjl, bits, out) -> dict:
+def check_against_reference(x, rotation, centroids, qjl, index_bits, out) -> dict:
     """Compare kernel outputs (indices, norms, signs, residual_norms) with the reference.
 
     Codes are compared with the reference's; a mismatch is a tie when the rotated value lies
@@ -40,7 +40,7 @@ def check_against_reference(x, rotation, centroids, qjl, bits, out) -> dict:
     difference or on norms that are not close.
     """
     ref = reference.compress(x.cpu(), rotation.cpu(), centroids.cpu(),
-                             None if qjl is None else qjl.cpu(), bits, out[1].dtype)
+                             None if qjl is None else qjl.cpu(), index_bits, out[1].dtype)
     out = [t.cpu() for t in out]
     rotation, centroids = rotation.cpu(), centroids.cpu()
     for got, want in zip(out, ref):
@@ -51,9 +51,9 @@ def check_against_reference(x, rotation, centroids, qjl, bits, out) -> dict:
     report = dict(codes=rotated.numel(), code_mismatch=0, code_ties=0, max_gap=0.0, signs=0,
                   sign_mismatch=0, sign_ties=0)
     codes = torch.zeros(rotated.shape, dtype=torch.long)
-    if bits:
-        codes = unpack(out[0], bits, x.shape[-1]).long()
-        bad = codes != unpack(ref[0], bits, x.shape[-1])
+    if index_bits:
+        codes = unpack(out[0], index_bits, x.shape[-1]).long()
+        bad = codes != unpack(ref[0], index_bits, x.shape[-1])
         bounds = (centroids[1:] + centroids[:-1]) / 2
         above = torch.bucketize(rotated, bounds).clamp(max=bounds.numel() - 1)
         gap = torch.minimum((rotated - bounds[above]).abs(),
@@ -62,7 +62,7 @@ def check_against_reference(x, rotation, centroids, qjl, bits, out) -> dict:
                       max_gap=float(gap[bad].max()) if bad.any() else 0.0)
     torch.testing.assert_close(out[1].float(), ref[1].float(), rtol=2e-3, atol=1e-6)
     if qjl is not None:
-        resid = rotated - (centroids[codes] if bits else 0.0)
+        resid = rotated - (centroids[codes] if index_bits else 0.0)
         projection = (resid @ rotation) @ qjl.cpu().T
         bad = unpack(out[2], 1, qjl.shape[0]).bool() != (projection >= 0)
         report.update(signs=projection.numel(), sign_mismatch=int(bad.sum()),
@@ -85,25 +85,25 @@ CASES = [  # (dim, index bits, qjl rows or None, input dtype)
 ]
 
 
-@pytest.mark.parametrize("dim,bits,qjl_dim,dtype", CASES)
-def test_compress_matches_reference(dim, bits, qjl_dim, dtype):
-    rotation, centroids, qjl = constants(dim, bits, qjl_dim, seed=dim + bits)
+@pytest.mark.parametrize("dim,index_bits,qjl_dim,dtype", CASES)
+def test_compress_matches_reference(dim, index_bits, qjl_dim, dtype):
+    rotation, centroids, qjl = constants(dim, index_bits, qjl_dim, seed=dim + index_bits)
     x = torch.randn(2, 3, 7, dim).to(dtype)
     x[0, 1, 2] = 0  # a zero vector: norm 0, unit vector 0
     x = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous input
-    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
-    report = check_against_reference(x, rotation, centroids, qjl, bits, out)
+    out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
+    report = check_against_reference(x, rotation, centroids, qjl, index_bits, out)
     assert report["code_mismatch"] == report["code_ties"], report
     assert report["sign_mismatch"] == report["sign_ties"], report
 
 
 @pytest.mark.parametrize("qjl_dim,norm_dtype", [(None, torch.float32), (48, torch.bfloat16)])
 def test_compress_into_writes_exactly_the_given_slots(qjl_dim, norm_dtype):
-    dim, bits, slots = 48, 3, 11
-    rotation, centroids, qjl = constants(dim, bits, qjl_dim)
+    dim, index_bits, slots = 48, 3, 11
+    rotation, centroids, qjl = constants(dim, index_bits, qjl_dim)
     x = torch.randn(2, 2, 5, dim, dtype=torch.float16)
     positions = torch.tensor([9, -1, 0, slots + 3, 4])  # two slots out of range: never written
-    fresh = kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
+    fresh = kernels.compress(x, rotation, centroids, qjl, index_bits, norm_dtype)
     lead = (2, 2, slots)
     buffers = [torch.full(lead + (fresh[0].shape[-1],), 0xAA, dtype=torch.uint8),
                torch.full(lead + (1,), float("nan"), dtype=norm_dtype), None, None]
@@ -111,7 +111,7 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim, norm_dtype):
         buffers[2] = torch.full(lead + (fresh[2].shape[-1],), 0xAA, dtype=torch.uint8)
         buffers[3] = torch.full(lead + (1,), float("nan"), dtype=norm_dtype)
     untouched = [None if b is None else b.clone() for b in buffers]
-    kernels.compress_into(x, rotation, centroids, qjl, bits, positions, *buffers)
+    kernels.compress_into(x, rotation, centroids, qjl, index_bits, positions, *buffers)
     written = torch.tensor([9, 0, 4])
     source = torch.tensor([0, 2, 4])
     keep = torch.tensor([s for s in range(slots) if s not in (9, 0, 4)])
@@ -122,14 +122,14 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim, norm_dtype):
         assert torch.equal(buf[:, :, keep].view(torch.uint8), before[:, :, keep].view(torch.uint8))
 
 
-@pytest.mark.parametrize("bits,qjl_dim", [(3, None), (2, 32)])
-def test_compress_asymmetric_codebook(bits, qjl_dim):
+@pytest.mark.parametrize("index_bits,qjl_dim", [(3, None), (2, 32)])
+def test_compress_asymmetric_codebook(index_bits, qjl_dim):
     """Codebooks that are not symmetric take the counting path, with the same results."""
-    rotation, centroids, qjl = constants(32, bits, qjl_dim)
+    rotation, centroids, qjl = constants(32, index_bits, qjl_dim)
     centroids = centroids + torch.linspace(0.0, 0.01, centroids.numel())
     x = torch.randn(1, 2, 9, 32, dtype=torch.float16)
-    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
-    report = check_against_reference(x, rotation, centroids, qjl, bits, out)
+    out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
+    report = check_against_reference(x, rotation, centroids, qjl, index_bits, out)
     assert report["code_mismatch"] == report["code_ties"], report
     assert report["sign_mismatch"] == report["sign_ties"], report
 
@@ -145,8 +145,8 @@ def test_bucketize_exact_at_boundaries():
         offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
         tl.store(out_ptr + offs, kernels._bucketize(tl.load(y_ptr + offs), bnd_ptr, BITS, True))
 
-    for bits in (1, 2, 4, 6):
-        centroids = lloyd_max(64, bits).float()
+    for index_bits in (1, 2, 4, 6):
+        centroids = lloyd_max(64, index_bits).float()
         bounds = (centroids[1:] + centroids[:-1]) / 2
         near = torch.cat([bounds, bounds.nextafter(torch.tensor(1.0)),
                           bounds.nextafter(torch.tensor(-1.0)),
@@ -154,5 +154,5 @@ def test_bucketize_exact_at_boundaries():
         y = torch.zeros(256)
         y[:near.numel()] = near
         out = torch.empty(256, dtype=torch.int32)
-        bucketize[(1,)](y, bounds, out, BITS=bits)
-        assert torch.equal(out, torch.bucketize(y, bounds).int()), bits
+        bucketize[(1,)](y, bounds, out, BITS=index_bits)
+        assert torch.equal(out, torch.bucketize(y, bounds).int()), index_bits

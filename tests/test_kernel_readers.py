@@ -58,30 +58,31 @@ def cuda_route():
         yield taken
 
 
-def packed(gen, batch, heads, length, dim, bits, prod, seed=0):
+def packed(gen, batch, heads, length, dim, index_bits, prod, seed=0):
     """Random vectors compressed by the reference: (fields, rotation, centroids, qjl).
 
-    `bits` is the index bit width; Prod keys add a QJL matrix with qjl_dim = dim.
+    `index_bits` is the bit width of the codes; Prod keys add a QJL matrix with qjl_dim = dim.
     """
     x = torch.randn(batch, heads, length, dim, generator=gen)
     x = x * (0.5 + torch.rand(batch, heads, length, 1, generator=gen) * 2)
     rotation = haar_rotation(dim, seed)
-    centroids = lloyd_max(dim, bits).float()
+    centroids = lloyd_max(dim, index_bits).float()
     qjl = qjl_matrix(dim, dim, seed) if prod else None
-    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, bits,
+    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, index_bits,
                                                    torch.float16)
     if not prod:
         signs = rnorms = None
     return (idx, norms, signs, rnorms), rotation, centroids, qjl
 
 
-@pytest.mark.parametrize("dim,bits,prod", [(64, 4, False), (64, 3, True), (80, 2, True),
+@pytest.mark.parametrize("dim,index_bits,prod", [(64, 4, False), (64, 3, True), (80, 2, True),
                                            (64, 1, False), (96, 8, False)])
-def test_decompress(dim, bits, prod):
-    gen = torch.Generator().manual_seed(dim * 10 + bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 5, dim, bits, prod)
-    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, bits, torch.float32)
-    ref = reference.decompress(*fields, rotation, centroids, qjl, bits, torch.float32)
+def test_decompress(dim, index_bits, prod):
+    gen = torch.Generator().manual_seed(dim * 10 + index_bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 5, dim, index_bits, prod)
+    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, index_bits,
+                                        torch.float32)
+    ref = reference.decompress(*fields, rotation, centroids, qjl, index_bits, torch.float32)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
 
@@ -89,53 +90,53 @@ def test_decompress(dim, bits, prod):
 @settings(max_examples=10, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(st.integers(1, 150), st.sampled_from([16, 64, 80, 96, 128, 256]), st.integers(1, 8),
        st.booleans(), st.sampled_from(list(ULP)), st.integers(0, 2**16))
-def test_decompress_fuzz_against_float64(length, dim, bits, prod, dtype, seed):
+def test_decompress_fuzz_against_float64(length, dim, index_bits, prod, dtype, seed):
     """Every element within one output ulp of the float64 reconstruction (`within_an_ulp`), for
     any length (several 64-row tiles per program from 129 rows on), head_dim, bit width and
     output dtype. (No shrinking: each interpreted example takes seconds.)"""
     gen = torch.Generator().manual_seed(seed)
-    fields, rotation, centroids, qjl = packed(gen, 1, 2, length, dim, bits, prod, seed)
-    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, bits, dtype)
-    truth = float64_reconstruction(fields, rotation, centroids, qjl, bits)
+    fields, rotation, centroids, qjl = packed(gen, 1, 2, length, dim, index_bits, prod, seed)
+    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, index_bits, dtype)
+    truth = float64_reconstruction(fields, rotation, centroids, qjl, index_bits)
     assert out.shape == truth.shape and out.dtype == dtype
     assert within_an_ulp(out, truth)
 
 
-@pytest.mark.parametrize("group,bits,prod,dtype", [(1, 4, False, torch.float32),
+@pytest.mark.parametrize("group,index_bits,prod,dtype", [(1, 4, False, torch.float32),
                                                    (4, 3, True, torch.float16),
                                                    (4, 2, True, torch.bfloat16)])
-def test_scores(group, bits, prod, dtype):
-    gen = torch.Generator().manual_seed(group * 100 + bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 70, 64, bits, prod)
+def test_scores(group, index_bits, prod, dtype):
+    gen = torch.Generator().manual_seed(group * 100 + index_bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 70, 64, index_bits, prod)
     query = torch.randn(2, 2 * group, 3, 64, generator=gen).to(dtype)
-    out = scores_kernels.scores(query, *fields, rotation, centroids, qjl, bits)
-    ref = reference.scores(query.float(), *fields, rotation, centroids, qjl, bits)
+    out = scores_kernels.scores(query, *fields, rotation, centroids, qjl, index_bits)
+    ref = reference.scores(query.float(), *fields, rotation, centroids, qjl, index_bits)
     assert out.shape == ref.shape and out.dtype == dtype
     tol = 1e-3 if dtype == torch.float32 else 4e-3  # output rounding of fp16 / bf16 logits
     assert rel_err(out, ref) < tol
 
 
 def attention_case(gen, *, batch=2, kv_heads=2, group=4, q_len=1, kv_len=150, dim=64,
-                   k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16, is_causal=False,
-                   mask=None, kv_lens=None, tune=None):
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_bits, False, 2)
+                   k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
+                   is_causal=False, mask=None, kv_lens=None, tune=None):
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_index_bits, False, 2)
     query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
-    args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
-            v_bits, dim ** -0.5, is_causal, mask, kv_lens)
+    args = (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
+            v_index_bits, dim ** -0.5, is_causal, mask, kv_lens)
     out = attention_kernels.fused_attention(*args, tune=tune)
     ref = reference.attention(query.float(), *args[1:])
     assert out.shape == ref.shape and out.dtype == dtype
     return out, ref
 
 
-@pytest.mark.parametrize("group,k_bits,k_prod,v_bits", [(1, 3, True, 4), (4, 4, False, 3),
-                                                        (4, 2, True, 2)])
-def test_attention_decode_ragged(group, k_bits, k_prod, v_bits):
-    gen = torch.Generator().manual_seed(7 * group + k_bits)
+@pytest.mark.parametrize("group,k_index_bits,k_prod,v_index_bits",
+                         [(1, 3, True, 4), (4, 4, False, 3), (4, 2, True, 2)])
+def test_attention_decode_ragged(group, k_index_bits, k_prod, v_index_bits):
+    gen = torch.Generator().manual_seed(7 * group + k_index_bits)
     kv_lens = torch.tensor([150, 61])
-    out, ref = attention_case(gen, group=group, k_bits=k_bits, k_prod=k_prod, v_bits=v_bits,
-                              kv_lens=kv_lens)
+    out, ref = attention_case(gen, group=group, k_index_bits=k_index_bits, k_prod=k_prod,
+                              v_index_bits=v_index_bits, kv_lens=kv_lens)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -161,7 +162,7 @@ def test_attention_many_splits_merge_in_blocks():
     cfg = attention_kernels.config(2, 2, 4, 1111, torch.device("cpu"),
                                    dict(BLOCK_N=16, resident=1000))
     assert cfg["splits"] == 70
-    out, ref = attention_case(gen, kv_len=1111, k_bits=4, k_prod=False,
+    out, ref = attention_case(gen, kv_len=1111, k_index_bits=4, k_prod=False,
                               kv_lens=torch.tensor([1111, 300]),
                               tune=dict(BLOCK_N=16, resident=1000))
     assert rel_err(out, ref) < 2e-3
@@ -184,7 +185,7 @@ def test_decode_splits_fill_one_wave(monkeypatch, batch, length, splits):
 def test_attention_1_bit_keys_and_8_bit_values():
     """Single-plane codes of 8 lanes (1-bit keys) and of 1 lane (8-bit values)."""
     gen = torch.Generator().manual_seed(3)
-    out, ref = attention_case(gen, k_bits=1, k_prod=False, v_bits=8,
+    out, ref = attention_case(gen, k_index_bits=1, k_prod=False, v_index_bits=8,
                               kv_lens=torch.tensor([150, 9]))
     assert rel_err(out, ref) < 2e-3
 
@@ -196,15 +197,15 @@ def test_attention_causal_chunk_with_offset():
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("k_prod,v_bits,q_len", [(True, 4, 1), (False, 3, 5)])
-def test_attention_deferred_softmax_sums(k_prod, v_bits, q_len):
+@pytest.mark.parametrize("k_prod,v_index_bits,q_len", [(True, 4, 1), (False, 3, 5)])
+def test_attention_deferred_softmax_sums(k_prod, v_index_bits, q_len):
     """DEFER_SUM (GPU decode with Prod keys or non-4-bit values) keeps per-key partial sums and
     reduces them after the loop: ragged lengths (whole splits empty) and a causal chunk whose
     rows see different key counts, over several 64-key tiles per program."""
     gen = torch.Generator().manual_seed(13 + q_len)
     tune = dict(BLOCK_N=64, DEFER_SUM=True, resident=1)  # one split: 3 tiles in a loop
     out, ref = attention_case(gen, q_len=q_len, is_causal=q_len > 1, k_prod=k_prod,
-                              v_bits=v_bits, kv_lens=torch.tensor([150, 40]), tune=tune)
+                              v_index_bits=v_index_bits, kv_lens=torch.tensor([150, 40]), tune=tune)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -219,17 +220,17 @@ def test_attention_prefill_bf16_dim80():
 @given(st.integers(1, 2), st.sampled_from([1, 2, 4]), st.integers(17, 40), st.booleans(),
        st.sampled_from([16, 48, 64]), st.integers(1, 4), st.booleans(), st.integers(1, 4),
        st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.integers(0, 99))
-def test_flash_prefill(batch, group, q_len, is_causal, dim, k_bits, k_prod, v_bits, dtype,
-                       seed):
+def test_flash_prefill(batch, group, q_len, is_causal, dim, k_index_bits, k_prod, v_index_bits,
+                       dtype, seed):
     """`tq::attention` takes prefill by decompression + SDPA for such calls and matches the
     reference on random shapes, code widths and query dtypes."""
     gen = torch.Generator().manual_seed(seed)
     kv_len = q_len if is_causal else int(torch.randint(1, 60, (), generator=gen))
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, 2, kv_len, dim, k_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, dim, v_bits, False, 2)
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, 2, kv_len, dim, k_index_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, dim, v_index_bits, False, 2)
     query = (torch.randn(batch, 2 * group, q_len, dim, generator=gen) * 2).to(dtype)
-    args = (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
-            v_bits, dim ** -0.5, is_causal, None, None)
+    args = (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
+            v_index_bits, dim ** -0.5, is_causal, None, None)
     assert prefill.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot, None, None)
     with cuda_route() as taken:
         out = torch.ops.tq.attention(*args)

@@ -62,7 +62,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.v_quantizer = TurboQuantMSE(head_dim, v_bits, seed + 1, norm_dtype=norm_dtype)
         self.max_cache_len, self.num_heads, self.head_dim = max_cache_len, num_heads, head_dim
         self.norm_dtype = norm_dtype
-        self.k_bits, self.v_bits = self.k_quantizer.index_bits, v_bits  # the ops' `bits`
+        self.k_index_bits = self.k_quantizer.index_bits  # the ops' (Prod keys: k_bits - 1)
+        self.v_index_bits = self.v_quantizer.index_bits
         self.cumulative_length = torch.zeros((), dtype=torch.long)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -80,12 +81,12 @@ class TurboQuantLayer(CacheLayerMixin):
         def zeros(last: int, dtype: torch.dtype) -> Tensor:
             return torch.zeros(lead + (last,), dtype=dtype, device=device)
 
-        self.k_indices = zeros(packed_bytes(self.head_dim, self.k_bits), torch.uint8)
+        self.k_indices = zeros(packed_bytes(self.head_dim, self.k_index_bits), torch.uint8)
         self.k_norms = zeros(1, self.norm_dtype)
         prod = self.k_qjl is not None
         self.k_signs = zeros(packed_bytes(self.k_qjl.shape[0], 1), torch.uint8) if prod else None
         self.k_residual_norms = zeros(1, self.norm_dtype) if prod else None
-        self.v_indices = zeros(packed_bytes(self.head_dim, self.v_bits), torch.uint8)
+        self.v_indices = zeros(packed_bytes(self.head_dim, self.v_index_bits), torch.uint8)
         self.v_norms = zeros(1, self.norm_dtype)
         self.cumulative_length = self.cumulative_length.to(device)
         self.errors = torch.zeros((), dtype=torch.long, device=device)
@@ -174,11 +175,11 @@ class TurboQuantLayer(CacheLayerMixin):
         start = torch.where(fits, self.cumulative_length, self.max_cache_len)
         positions = torch.arange(length, device=self.device) + start
         torch.ops.tq.compress_into(key_states, self.k_rotation, self.k_centroids, self.k_qjl,
-                                   self.k_bits, positions, self.k_indices, self.k_norms,
+                                   self.k_index_bits, positions, self.k_indices, self.k_norms,
                                    self.k_signs, self.k_residual_norms)
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
-                                   self.v_bits, positions, self.v_indices, self.v_norms, None,
-                                   None)
+                                   self.v_index_bits, positions, self.v_indices, self.v_norms,
+                                   None, None)
         self.cumulative_length.add_(torch.where(fits, length, 0))
         if not checks.can_sync(self.cumulative_length):  # compiled: record what eager refuses
             last = positions.clamp(max=self.max_cache_len - 1)
@@ -189,9 +190,10 @@ class TurboQuantLayer(CacheLayerMixin):
                                     + (fits & ~stored[1]).long() * VALUE_NORMS)
         return torch.ops.tq.read_cache(self.k_indices, self.k_norms, self.k_signs,
                                        self.k_residual_norms, self.k_rotation, self.k_centroids,
-                                       self.k_qjl, self.k_bits, self.v_indices, self.v_norms,
-                                       self.v_rotation, self.v_centroids, self.v_bits,
-                                       self.cumulative_length, key_states.dtype)
+                                       self.k_qjl, self.k_index_bits, self.v_indices,
+                                       self.v_norms, self.v_rotation, self.v_centroids,
+                                       self.v_index_bits, self.cumulative_length,
+                                       key_states.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the attention mask: every slot, from 0."""

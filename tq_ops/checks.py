@@ -83,27 +83,28 @@ def shape(name: str, value: Tensor, expected: tuple) -> None:
 
 
 def quantizer(prefix: str, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
-              bits: int, dim) -> None:
-    """Rotation (D, D), centroids (2**bits,), optional QJL matrix (M, D), all float32."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= 8:
-        raise ValueError(f"{prefix}bits must be an int in [0, 8], got {bits!r}")
-    if bits == 0 and qjl is None:
-        raise ValueError(f"{prefix}bits=0 needs a QJL matrix ({prefix}qjl): nothing would be stored")
+              index_bits: int, dim) -> None:
+    """Rotation (D, D), centroids (2**index_bits,), optional QJL matrix (M, D), all float32."""
+    if not isinstance(index_bits, int) or isinstance(index_bits, bool) or not 0 <= index_bits <= 8:
+        raise ValueError(f"{prefix}index_bits must be an int in [0, 8], got {index_bits!r}")
+    if index_bits == 0 and qjl is None:
+        raise ValueError(f"{prefix}index_bits=0 needs a QJL matrix ({prefix}qjl): nothing would "
+                         "be stored")
     tensor(f"{prefix}rotation", rotation, ndim=2, dtypes=(torch.float32,))
     shape(f"{prefix}rotation", rotation, (dim, dim))
     tensor(f"{prefix}centroids", centroids, ndim=1, dtypes=(torch.float32,))
-    shape(f"{prefix}centroids", centroids, (1 << bits,))
+    shape(f"{prefix}centroids", centroids, (1 << index_bits,))
     if qjl is not None:
         tensor(f"{prefix}qjl", qjl, ndim=2, dtypes=(torch.float32,))
         if qjl.shape[1] != dim:
             raise ValueError(f"{prefix}qjl must have shape (qjl_dim, {dim}), got {tuple(qjl.shape)}")
 
 
-def compressed(prefix: str, lead: tuple, dim, bits: int, qjl: Tensor | None, indices: Tensor,
+def compressed(prefix: str, lead: tuple, dim, index_bits: int, qjl: Tensor | None, indices: Tensor,
                norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None) -> None:
     """Packed fields of (B, H, S) vectors: indices uint8, norms float, optional QJL fields."""
     tensor(f"{prefix}indices", indices, ndim=4, dtypes=(torch.uint8,))
-    shape(f"{prefix}indices", indices, lead + (packed_bytes(dim, bits),))
+    shape(f"{prefix}indices", indices, lead + (packed_bytes(dim, index_bits),))
     tensor(f"{prefix}norms", norms, ndim=4, dtypes=NORM_DTYPES)
     shape(f"{prefix}norms", norms, lead + (1,))
     if (qjl is None) != (signs is None) or (signs is None) != (residual_norms is None):

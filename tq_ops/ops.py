@@ -16,18 +16,18 @@ from .kernels.common import supports
 from .packing import packed_bytes
 
 
-def _use_triton(t: Tensor, dim: int, bits: int, qjl: Tensor | None = None,
+def _use_triton(t: Tensor, dim: int, index_bits: int, qjl: Tensor | None = None,
                 compress: bool = False) -> bool:
     """Whether the Triton kernels serve a call: CUDA tensors of shapes they take
     (`kernels.common.supports`). Other shapes on CUDA run the reference on the GPU."""
     qjl_dim = None if qjl is None else qjl.shape[0]
-    return t.device.type == "cuda" and supports(dim, bits, qjl_dim, compress=compress)
+    return t.device.type == "cuda" and supports(dim, index_bits, qjl_dim, compress=compress)
 
 
-def _compress_outputs(x: Tensor, qjl: Tensor | None, bits: int, norm_dtype: torch.dtype):
+def _compress_outputs(x: Tensor, qjl: Tensor | None, index_bits: int, norm_dtype: torch.dtype):
     lead = tuple(x.shape[:-1])
     sign_bytes = 0 if qjl is None else packed_bytes(qjl.shape[0], 1)
-    return (x.new_empty(lead + (packed_bytes(x.shape[-1], bits),), dtype=torch.uint8),
+    return (x.new_empty(lead + (packed_bytes(x.shape[-1], index_bits),), dtype=torch.uint8),
             x.new_empty(lead + (1,), dtype=norm_dtype),
             x.new_empty(lead + (sign_bytes,), dtype=torch.uint8),
             x.new_empty(lead + (0 if qjl is None else 1,), dtype=norm_dtype))
@@ -42,12 +42,13 @@ def _reference_op(name: str, fn, fake=None, mutates_args=()):
 
 
 _reference_op("compress", reference.compress,
-              lambda x, rotation, centroids, qjl, bits, norm_dtype:
-              _compress_outputs(x, qjl, bits, norm_dtype))
+              lambda x, rotation, centroids, qjl, index_bits, norm_dtype:
+              _compress_outputs(x, qjl, index_bits, norm_dtype))
 _reference_op("compress_into", reference.compress_into,
               mutates_args=("indices", "norms", "signs", "residual_norms"))
 _reference_op("decompress", reference.decompress,
-              lambda indices, norms, signs, residual_norms, rotation, centroids, qjl, bits, dtype:
+              lambda indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits,
+              dtype:
               norms.new_empty(tuple(norms.shape[:-1]) + (rotation.shape[0],), dtype=dtype))
 _reference_op("scores", reference.scores,
               lambda query, indices, *_: query.new_empty(tuple(query.shape[:-1]) + (indices.shape[2],)))
@@ -66,21 +67,21 @@ def _check_input(name: str, x: Tensor) -> None:
 
 
 @triton_op("tq::compress", mutates_args=())
-def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) float -> (indices uint8 (B, H, S, P), norms (B, H, S, 1),
     signs uint8 (B, H, S, ceil(M/8)) or (B, H, S, 0), residual_norms (B, H, S, 1 or 0))."""
     _check_input("x", x)
-    checks.quantizer("", rotation, centroids, qjl, bits, x.shape[-1])
+    checks.quantizer("", rotation, centroids, qjl, index_bits, x.shape[-1])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
     if checks.can_sync(x):  # eager: refuse inf/NaN input and norms norm_dtype cannot hold
         checks.storable_norms("x", vector_norms(x), norm_dtype)
-    if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
+    if _use_triton(x, x.shape[-1], index_bits, qjl, compress=True):
         from .kernels import compress as kernels
-        return kernels.compress(x, rotation, centroids, qjl, bits, norm_dtype)
-    return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, bits, norm_dtype)
+        return kernels.compress(x, rotation, centroids, qjl, index_bits, norm_dtype)
+    return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, index_bits, norm_dtype)
 
 
 def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
@@ -98,39 +99,39 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
 
 
 @triton_op("tq::compress_into", mutates_args=("indices", "norms", "signs", "residual_norms"))
-def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
-                  positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
-                  residual_norms: Tensor | None) -> None:
+def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
+                  index_bits: int, positions: Tensor, indices: Tensor, norms: Tensor,
+                  signs: Tensor | None, residual_norms: Tensor | None) -> None:
     """Compress x (B, H, S, D) into preallocated (B, H, S_max, .) buffers at slots positions (S,).
 
     Eager calls refuse positions outside [0, S_max); traced and CUDA-graph calls, which cannot
     check values, skip the tokens whose position lies outside (nothing is written for them)."""
     _check_input("x", x)
-    checks.quantizer("", rotation, centroids, qjl, bits, x.shape[-1])
+    checks.quantizer("", rotation, centroids, qjl, index_bits, x.shape[-1])
     lead = (x.shape[0], x.shape[1], indices.shape[2] if indices.dim() == 4 else -1)
-    checks.compressed("", lead, x.shape[-1], bits, qjl, indices, norms, signs, residual_norms)
+    checks.compressed("", lead, x.shape[-1], index_bits, qjl, indices, norms, signs, residual_norms)
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
     if checks.can_sync(x):  # eager, before any write (as in compress)
         checks.storable_norms("x", vector_norms(x), norms.dtype)
-    if _use_triton(x, x.shape[-1], bits, qjl, compress=True):
+    if _use_triton(x, x.shape[-1], index_bits, qjl, compress=True):
         from .kernels import compress as kernels
-        kernels.compress_into(x, rotation, centroids, qjl, bits, positions, indices, norms, signs,
-                              residual_norms)
+        kernels.compress_into(x, rotation, centroids, qjl, index_bits, positions, indices, norms,
+                              signs, residual_norms)
         return
-    torch.ops.tq.compress_into_reference(x, rotation, centroids, qjl, bits, positions, indices,
-                                         norms, signs, residual_norms)
+    torch.ops.tq.compress_into_reference(x, rotation, centroids, qjl, index_bits, positions,
+                                         indices, norms, signs, residual_norms)
 
 
 def _check_keys(prefix: str, indices: Tensor, norms: Tensor, signs: Tensor | None,
                 residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-                qjl: Tensor | None, bits: int) -> None:
+                qjl: Tensor | None, index_bits: int) -> None:
     checks.tensor(f"{prefix}indices", indices, ndim=4)
     checks.tensor(f"{prefix}rotation", rotation, ndim=2)
     dim = rotation.shape[0]
-    checks.quantizer(prefix, rotation, centroids, qjl, bits, dim)
-    checks.compressed(prefix, tuple(indices.shape[:3]), dim, bits, qjl, indices, norms, signs,
+    checks.quantizer(prefix, rotation, centroids, qjl, index_bits, dim)
+    checks.compressed(prefix, tuple(indices.shape[:3]), dim, index_bits, qjl, indices, norms, signs,
                       residual_norms)
     checks.same_device(indices, **{f"{prefix}{k}": v for k, v in dict(
         norms=norms, signs=signs, residual_norms=residual_norms, rotation=rotation,
@@ -139,33 +140,33 @@ def _check_keys(prefix: str, indices: Tensor, norms: Tensor, signs: Tensor | Non
 
 @triton_op("tq::decompress", mutates_args=())
 def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
-               rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+               rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
                dtype: torch.dtype) -> Tensor:
     """Packed fields of (B, H, S) vectors -> reconstruction (B, H, S, D) in `dtype`."""
-    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
+    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
     if dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    return _decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, bits,
+    return _decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits,
                        dtype)
 
 
 def _decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
                 residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-                qjl: Tensor | None, bits: int, dtype: torch.dtype) -> Tensor:
+                qjl: Tensor | None, index_bits: int, dtype: torch.dtype) -> Tensor:
     """Device dispatch of decompress (arguments already checked)."""
-    if _use_triton(indices, rotation.shape[0], bits, qjl):
+    if _use_triton(indices, rotation.shape[0], index_bits, qjl):
         from .kernels import decompress as kernels
         return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
-                                  bits, dtype)
+                                  index_bits, dtype)
     return torch.ops.tq.decompress_reference(indices, norms, signs, residual_norms, rotation,
-                                             centroids, qjl, bits, dtype)
+                                             centroids, qjl, index_bits, dtype)
 
 
 @triton_op("tq::read_cache", mutates_args=())
 def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
                k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
-               k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
-               v_rotation: Tensor, v_centroids: Tensor, v_bits: int, written: Tensor,
+               k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
+               v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, written: Tensor,
                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """One layer of a packed cache, read: keys and values (B, H, S_max, D) in `dtype`.
 
@@ -175,17 +176,17 @@ def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
     (kv_lens) wherever a mask hides the unwritten slots.
     """
     _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                k_qjl, k_bits)
-    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits)
+                k_qjl, k_index_bits)
+    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_index_bits)
     checks.shape("v_norms", v_norms, tuple(k_norms.shape))
     checks.tensor("written", written, ndim=0, dtypes=(torch.int32, torch.int64))
     checks.same_device(k_indices, v_indices=v_indices, written=written)
     if dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     keys = _decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                       k_qjl, k_bits, dtype)
-    values = _decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits,
-                         dtype)
+                       k_qjl, k_index_bits, dtype)
+    values = _decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None,
+                         v_index_bits, dtype)
     return keys, values
 
 
@@ -202,16 +203,16 @@ def _check_query(query: Tensor, indices: Tensor, dim) -> None:
 @triton_op("tq::scores", mutates_args=())
 def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
            residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-           qjl: Tensor | None, bits: int) -> Tensor:
+           qjl: Tensor | None, index_bits: int) -> Tensor:
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype for query (B, Hq, Lq, D)."""
-    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, bits)
+    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
     _check_query(query, indices, rotation.shape[0])
-    if _use_triton(query, rotation.shape[0], bits, qjl):
+    if _use_triton(query, rotation.shape[0], index_bits, qjl):
         from .kernels import scores as kernels
         return kernels.scores(query, indices, norms, signs, residual_norms, rotation, centroids,
-                              qjl, bits)
+                              qjl, index_bits)
     return torch.ops.tq.scores_reference(query, indices, norms, signs, residual_norms, rotation,
-                                         centroids, qjl, bits)
+                                         centroids, qjl, index_bits)
 
 
 def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -> None:
@@ -237,32 +238,32 @@ def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -
 @triton_op("tq::attention", mutates_args=())
 def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
               k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
-              k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
-              v_rotation: Tensor, v_centroids: Tensor, v_bits: int, scale: float,
+              k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
+              v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, scale: float,
               is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
     """softmax(scale * q.k_hat + mask) @ v_hat -> (B, Hq, Lq, Dv) in the query dtype."""
     _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                k_qjl, k_bits)
-    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_bits)
+                k_qjl, k_index_bits)
+    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_index_bits)
     checks.shape("v_norms", v_norms, tuple(k_norms.shape))
     _check_query(query, k_indices, k_rotation.shape[0])
     checks.same_device(query, v_indices=v_indices, attn_mask=attn_mask, kv_lens=kv_lens)
     full = (query.shape[0], query.shape[1], query.shape[2], k_indices.shape[2])
     _check_mask(attn_mask, kv_lens, full)
     args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
-            k_bits, v_indices, v_norms, v_rotation, v_centroids, v_bits, float(scale),
+            k_index_bits, v_indices, v_norms, v_rotation, v_centroids, v_index_bits, float(scale),
             bool(is_causal), attn_mask, kv_lens)
-    if not (_use_triton(query, k_rotation.shape[0], k_bits, k_qjl)
-            and _use_triton(query, v_rotation.shape[0], v_bits)):
+    if not (_use_triton(query, k_rotation.shape[0], k_index_bits, k_qjl)
+            and _use_triton(query, v_rotation.shape[0], v_index_bits)):
         return torch.ops.tq.attention_reference(*args)
     from .kernels import attention as fused, decompress as unpack, prefill
     # Prefills run faster as fp16 SDPA over decompressed K and V (prefill.py); the rest fused.
     if prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
                                      kv_lens):
         keys = unpack.decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
-                                 k_centroids, k_qjl, k_bits, torch.float16)
+                                 k_centroids, k_qjl, k_index_bits, torch.float16)
         values = unpack.decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None,
-                                   v_bits, torch.float16)
+                                   v_index_bits, torch.float16)
         return prefill.flash_prefill(query, keys, values, float(scale), bool(is_causal),
                                      attn_mask, kv_lens)
     return fused.fused_attention(*args)

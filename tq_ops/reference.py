@@ -25,9 +25,9 @@ def _chunks(rows: int, length: int):
     return (slice(start, min(start + step, length)) for start in range(0, length, step))
 
 
-def _codes_to_unit(indices: Tensor, centroids: Tensor, bits: int, dim: int) -> Tensor:
+def _codes_to_unit(indices: Tensor, centroids: Tensor, index_bits: int, dim: int) -> Tensor:
     """Packed codes (..., P) -> centroid values in the rotated domain (..., dim) float32."""
-    return centroids[unpack(indices, bits, dim)]
+    return centroids[unpack(indices, index_bits, dim)]
 
 
 def _signs(signs: Tensor, rows: int) -> Tensor:
@@ -35,13 +35,13 @@ def _signs(signs: Tensor, rows: int) -> Tensor:
     return unpack(signs, 1, rows).float() * 2 - 1
 
 
-def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) -> indices, norms, signs, residual_norms (layout in ARCHITECTURE.md)."""
     unit, norms = unit_and_norm(x.contiguous())
     rotated = unit @ rotation.T
     codes = torch.bucketize(rotated, (centroids[1:] + centroids[:-1]) / 2)
-    indices = pack(codes, bits)
+    indices = pack(codes, index_bits)
     empty = x.new_empty(x.shape[:-1] + (0,))
     if qjl is None:
         return indices, norms.to(norm_dtype), empty.to(torch.uint8), empty.to(norm_dtype)
@@ -52,13 +52,13 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     return indices, norms.to(norm_dtype), signs, residual_norms.to(norm_dtype)
 
 
-def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
-                  positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
-                  residual_norms: Tensor | None) -> None:
+def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
+                  index_bits: int, positions: Tensor, indices: Tensor, norms: Tensor,
+                  signs: Tensor | None, residual_norms: Tensor | None) -> None:
     """Compress x (B, H, S, D) and write token s into slot positions[s] of each buffer; tokens
     whose position lies outside [0, S_max) are skipped, as the CUDA kernel skips them."""
     inside = (positions >= 0) & (positions < indices.shape[2])
-    fresh = compress(x[:, :, inside], rotation, centroids, qjl, bits, norms.dtype)
+    fresh = compress(x[:, :, inside], rotation, centroids, qjl, index_bits, norms.dtype)
     for buffer, new in zip((indices, norms, signs, residual_norms), fresh):
         if buffer is not None:
             buffer.index_copy_(2, positions[inside], new.to(buffer.dtype))
@@ -66,10 +66,10 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
 
 def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
                residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-               qjl: Tensor | None, bits: int, dtype: torch.dtype) -> Tensor:
+               qjl: Tensor | None, index_bits: int, dtype: torch.dtype) -> Tensor:
     """Reconstruct (B, H, S, D) in `dtype`: norm * (Pi^T c[idx] + QJL term)."""
     dim = rotation.shape[0]
-    unit = _codes_to_unit(indices, centroids, bits, dim) @ rotation
+    unit = _codes_to_unit(indices, centroids, index_bits, dim) @ rotation
     if qjl is not None:
         rows = qjl.shape[0]
         scale = residual_norms.float() * (math.sqrt(math.pi / 2) / rows)
@@ -90,9 +90,9 @@ def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
 
 def _key_logits(q_rotated: Tensor, q_sketch: Tensor | None, part: slice, indices: Tensor,
                 norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
-                centroids: Tensor, bits: int) -> Tensor:
+                centroids: Tensor, index_bits: int) -> Tensor:
     """Unscaled q.k estimates of the keys in `part`: float32 (B, Hkv, G * Lq, len(part))."""
-    keys = _codes_to_unit(indices[:, :, part], centroids, bits, q_rotated.shape[-1])
+    keys = _codes_to_unit(indices[:, :, part], centroids, index_bits, q_rotated.shape[-1])
     logits = q_rotated @ keys.transpose(-1, -2)
     if q_sketch is not None:
         sign = _signs(signs[:, :, part], q_sketch.shape[-1])
@@ -110,7 +110,7 @@ def _rows_per_key(query: Tensor, kv_heads: int, *dims: int) -> int:
 
 def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
            residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-           qjl: Tensor | None, bits: int) -> Tensor:
+           qjl: Tensor | None, index_bits: int) -> Tensor:
     """Unscaled attention logits (B, Hq, Lq, Lk) in the query dtype."""
     kv_heads, kv_len = indices.shape[1], indices.shape[2]
     q_rotated, q_sketch = _queries(query, kv_heads, rotation, qjl)
@@ -118,15 +118,15 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
     rows = _rows_per_key(query, kv_heads, rotation.shape[0], 0 if qjl is None else qjl.shape[0])
     for part in _chunks(rows, kv_len):
         logits = _key_logits(q_rotated, q_sketch, part, indices, norms, signs, residual_norms,
-                             centroids, bits)
+                             centroids, index_bits)
         out[..., part] = logits.view(out.shape[:-1] + (-1,))
     return out
 
 
 def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
               k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
-              k_qjl: Tensor | None, k_bits: int, v_indices: Tensor, v_norms: Tensor,
-              v_rotation: Tensor, v_centroids: Tensor, v_bits: int, scale: float,
+              k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
+              v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, scale: float,
               is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
     """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype.
 
@@ -153,7 +153,7 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     for part in _chunks(_rows_per_key(query, kv_heads, k_rotation.shape[0], v_dim, qjl_rows),
                         stop):
         logits = _key_logits(q_rotated, q_sketch, part, k_indices, k_norms, k_signs,
-                             k_residual_norms, k_centroids, k_bits).view(grid + (-1,)) * scale
+                             k_residual_norms, k_centroids, k_index_bits).view(grid + (-1,)) * scale
         keys = torch.arange(part.start, part.stop, device=query.device)
         keep = masks.visible_keys(lengths, q_len, keys, is_causal)[:, None, None]  # B,1,1,Lq,chunk
         if mask is not None and mask.dtype == torch.bool:
@@ -165,7 +165,7 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
         shift = torch.where(new_peak == -math.inf, 0.0, new_peak)  # rows with no key yet
         probs = torch.exp(logits - shift)
         decay = torch.exp(peak - shift)
-        values = _codes_to_unit(v_indices[:, :, part], v_centroids, v_bits, v_dim)
+        values = _codes_to_unit(v_indices[:, :, part], v_centroids, v_index_bits, v_dim)
         values = values * v_norms[:, :, part].float()
         total = total * decay + probs.sum(-1, keepdim=True)
         acc = acc * decay + (probs.flatten(2, 3) @ values).view(acc.shape)

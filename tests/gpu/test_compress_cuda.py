@@ -54,35 +54,38 @@ CASES = ([(128, b, None, torch.float16) for b in range(1, 9)]  # MSE, every bit 
             ((128, 4, None), (80, 2, 80), (256, 8, None), (64, 5, 64))]
          + [(96, 7, 40, torch.float16),
             pytest.param(64, 0, 200, torch.bfloat16, marks=pytest.mark.xfail(
-                strict=False, reason="wrong QJL sign bits from the Triton 3.6 build of bits=0 "
-                "with bf16 input; tq::compress routes bits=0 to the reference (ops.py)"))])
+                strict=False, reason="wrong QJL sign bits from the Triton 3.6 build of "
+                "index_bits=0 with bf16 input; tq::compress routes index_bits=0 to the reference "
+                "(ops.py)"))])
 
 
-@pytest.mark.parametrize("dim,bits,qjl_dim,dtype", CASES,
+@pytest.mark.parametrize("dim,index_bits,qjl_dim,dtype", CASES,
                          ids=lambda v: str(v).removeprefix("torch."))
-def test_compress_matches_cpu_reference(dim, bits, qjl_dim, dtype):
-    rotation, centroids, qjl = to_cuda(*constants(dim, bits, qjl_dim, seed=dim * 9 + bits))
+def test_compress_matches_cpu_reference(dim, index_bits, qjl_dim, dtype):
+    rotation, centroids, qjl = to_cuda(*constants(dim, index_bits, qjl_dim,
+                                                  seed=dim * 9 + index_bits))
     x = random_input((2, 3, 301, dim), dtype).transpose(1, 2).contiguous().transpose(1, 2)
     poison_allocator()
-    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
+    out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
     torch.cuda.synchronize()
-    report = check_against_reference(x, rotation, centroids, qjl, bits, out)
-    print(f"\nties d={dim} bits={bits} qjl={qjl_dim} {dtype}: {report}")
+    report = check_against_reference(x, rotation, centroids, qjl, index_bits, out)
+    print(f"\nties d={dim} index_bits={index_bits} qjl={qjl_dim} {dtype}: {report}")
     assert report["code_mismatch"] == report["code_ties"], report
     assert report["sign_mismatch"] == report["sign_ties"], report
 
 
-@pytest.mark.parametrize("bits,qjl_dim,dtype", [(4, None, torch.float16), (3, 128, torch.float16),
-                                                 (4, None, torch.bfloat16)],
+@pytest.mark.parametrize("index_bits,qjl_dim,dtype", [(4, None, torch.float16),
+                                                       (3, 128, torch.float16),
+                                                       (4, None, torch.bfloat16)],
                          ids=lambda v: str(v).removeprefix("torch."))
-def test_many_tiles_match_cpu_reference(bits, qjl_dim, dtype):
+def test_many_tiles_match_cpu_reference(index_bits, qjl_dim, dtype):
     """131k vectors (2048 tiles): a race between tiles or pipeline stages shows up here."""
-    rotation, centroids, qjl = to_cuda(*constants(128, bits, qjl_dim, seed=bits))
+    rotation, centroids, qjl = to_cuda(*constants(128, index_bits, qjl_dim, seed=index_bits))
     x = random_input((1, 8, 16384, 128), dtype)
     poison_allocator()
-    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
+    out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
     torch.cuda.synchronize()
-    report = check_against_reference(x, rotation, centroids, qjl, bits, out)
+    report = check_against_reference(x, rotation, centroids, qjl, index_bits, out)
     assert report["code_mismatch"] == report["code_ties"], report
     assert report["sign_mismatch"] == report["sign_ties"], report
     assert report["code_mismatch"] < 1e-5 * report["codes"], report
@@ -90,11 +93,11 @@ def test_many_tiles_match_cpu_reference(bits, qjl_dim, dtype):
 
 @pytest.mark.parametrize("qjl_dim", [None, 128])
 def test_compress_into_writes_exactly_the_given_slots(qjl_dim):
-    dim, bits, slots, tokens = 128, 3, 1000, 300
-    rotation, centroids, qjl = to_cuda(*constants(dim, bits, qjl_dim))
+    dim, index_bits, slots, tokens = 128, 3, 1000, 300
+    rotation, centroids, qjl = to_cuda(*constants(dim, index_bits, qjl_dim))
     x = random_input((2, 4, tokens, dim), torch.float16)
     positions = torch.randperm(slots, device=CUDA)[:tokens]
-    fresh = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
+    fresh = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
     lead = (2, 4, slots)
     buffers = [torch.full(lead + (fresh[0].shape[-1],), 0xAA, dtype=torch.uint8, device=CUDA),
                torch.full(lead + (1,), float("nan"), dtype=torch.float16, device=CUDA), None, None]
@@ -102,7 +105,7 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim):
         buffers[2] = torch.full(lead + (fresh[2].shape[-1],), 0xAA, dtype=torch.uint8,
                                 device=CUDA)
         buffers[3] = torch.full(lead + (1,), float("nan"), dtype=torch.float16, device=CUDA)
-    torch.ops.tq.compress_into(x, rotation, centroids, qjl, bits, positions, *buffers)
+    torch.ops.tq.compress_into(x, rotation, centroids, qjl, index_bits, positions, *buffers)
     keep = torch.ones(slots, dtype=torch.bool, device=CUDA)
     keep[positions] = False
     for buf, new in zip(buffers, fresh):
@@ -118,14 +121,14 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim):
 def test_compress_into_under_cuda_graph_capture():
     """The eager value checks (positions in range, distinct, finite norms) must not sync while
     a graph is being captured; replays write the slots the positions tensor holds then."""
-    dim, bits, slots, tokens = 128, 4, 64, 5
-    rotation, centroids, _ = to_cuda(*constants(dim, bits, None))
+    dim, index_bits, slots, tokens = 128, 4, 64, 5
+    rotation, centroids, _ = to_cuda(*constants(dim, index_bits, None))
     x = random_input((1, 2, tokens, dim), torch.float16)
     positions = torch.arange(tokens, device=CUDA)
-    fresh = kernels.compress(x, rotation, centroids, None, bits, torch.float16)
+    fresh = kernels.compress(x, rotation, centroids, None, index_bits, torch.float16)
     buffers = [torch.zeros((1, 2, slots) + t.shape[3:], dtype=t.dtype, device=CUDA)
                for t in fresh[:2]]
-    args = (x, rotation, centroids, None, bits, positions, *buffers, None, None)
+    args = (x, rotation, centroids, None, index_bits, positions, *buffers, None, None)
     graph, _ = cuda_graph(torch.ops.tq.compress_into, *args)
     for start in (10, 40):
         positions.copy_(torch.arange(start, start + tokens))
@@ -137,26 +140,26 @@ def test_compress_into_under_cuda_graph_capture():
 
 @pytest.mark.parametrize("qjl_dim", [None, 64])
 def test_opcheck(qjl_dim):
-    dim, bits = 64, 3
-    rotation, centroids, qjl = to_cuda(*constants(dim, bits, qjl_dim))
+    dim, index_bits = 64, 3
+    rotation, centroids, qjl = to_cuda(*constants(dim, index_bits, qjl_dim))
     x = torch.randn(1, 2, 33, dim, device=CUDA, dtype=torch.float16)
     torch.library.opcheck(torch.ops.tq.compress.default,
-                          (x, rotation, centroids, qjl, bits, torch.float16))
-    out = kernels.compress(x, rotation, centroids, qjl, bits, torch.float16)
+                          (x, rotation, centroids, qjl, index_bits, torch.float16))
+    out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
     buffers = [torch.zeros((1, 2, 40) + t.shape[3:], dtype=t.dtype, device=CUDA)
                if t.shape[-1] else None for t in out]
     positions = torch.arange(7, 40, device=CUDA)
     torch.library.opcheck(torch.ops.tq.compress_into.default,
-                          (x, rotation, centroids, qjl, bits, positions, *buffers))
+                          (x, rotation, centroids, qjl, index_bits, positions, *buffers))
 
 
 def test_compile_shows_the_kernel_in_inductor_code():
     from torch._inductor.utils import run_and_get_code
-    dim, bits = 128, 3
-    rotation, centroids, qjl = to_cuda(*constants(dim, bits, dim))
+    dim, index_bits = 128, 3
+    rotation, centroids, qjl = to_cuda(*constants(dim, index_bits, dim))
 
     def fn(x):
-        return torch.ops.tq.compress(x * 2, rotation, centroids, qjl, bits, torch.float16)
+        return torch.ops.tq.compress(x * 2, rotation, centroids, qjl, index_bits, torch.float16)
 
     x = torch.randn(2, 4, 64, dim, device=CUDA, dtype=torch.float16)
     compiled = torch.compile(fn, fullgraph=True)

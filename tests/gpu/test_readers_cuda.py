@@ -36,13 +36,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def packed(gen, batch, heads, length, dim, bits, prod, seed):
+def packed(gen, batch, heads, length, dim, index_bits, prod, seed):
     """Reference-compressed random vectors: ((idx, norms, signs, rnorms), rot, cent, qjl), CPU."""
     x = torch.randn(batch, heads, length, dim, generator=gen)
     x = x * (0.5 + 2 * torch.rand(batch, heads, length, 1, generator=gen))
-    rotation, centroids = haar_rotation(dim, seed), lloyd_max(dim, bits).float()
+    rotation, centroids = haar_rotation(dim, seed), lloyd_max(dim, index_bits).float()
     qjl = qjl_matrix(dim, dim, seed) if prod else None
-    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, bits,
+    idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, index_bits,
                                                    torch.float16)
     return ((idx, norms, signs if prod else None, rnorms if prod else None),
             rotation, centroids, qjl)
@@ -52,14 +52,14 @@ def cuda(args):
     return tuple(a.to(CUDA) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def attention_args(seed, *, batch, kv_heads, group, q_len, kv_len, dim, k_bits, k_prod, v_bits,
-                   dtype, is_causal, mask=None, kv_lens=None):
+def attention_args(seed, *, batch, kv_heads, group, q_len, kv_len, dim, k_index_bits, k_prod,
+                   v_index_bits, dtype, is_causal, mask=None, kv_lens=None):
     gen = torch.Generator().manual_seed(seed)
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_bits, False, 2)
+    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
+    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_index_bits, False, 2)
     query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
-    return (query, *keys, k_rot, k_cent, k_qjl, k_bits, values[0], values[1], v_rot, v_cent,
-            v_bits, dim ** -0.5, is_causal, mask, kv_lens)
+    return (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
+            v_index_bits, dim ** -0.5, is_causal, mask, kv_lens)
 
 
 def check_attention(args, tol=2e-3):
@@ -72,15 +72,16 @@ def check_attention(args, tol=2e-3):
     assert err < tol + slack, err
 
 
-@pytest.mark.parametrize("dim,group,k_bits,k_prod,v_bits", [
+@pytest.mark.parametrize("dim,group,k_index_bits,k_prod,v_index_bits", [
     (64, 1, 3, True, 4), (64, 8, 4, False, 3), (80, 4, 3, True, 4), (96, 4, 2, True, 3),
     (96, 1, 4, False, 3), (128, 4, 3, True, 4), (128, 8, 2, True, 3), (128, 1, 1, False, 8),
     (256, 4, 4, False, 3), (256, 8, 3, True, 4)])
-def test_decode_ragged(dim, group, k_bits, k_prod, v_bits):
+def test_decode_ragged(dim, group, k_index_bits, k_prod, v_index_bits):
     lens = torch.tensor([1500, 37, 0, 801])
-    args = attention_args(dim + group + k_bits, batch=4, kv_heads=2, group=group, q_len=1,
-                          kv_len=1500, dim=dim, k_bits=k_bits, k_prod=k_prod, v_bits=v_bits,
-                          dtype=torch.float16, is_causal=False, kv_lens=lens)
+    args = attention_args(dim + group + k_index_bits, batch=4, kv_heads=2, group=group, q_len=1,
+                          kv_len=1500, dim=dim, k_index_bits=k_index_bits, k_prod=k_prod,
+                          v_index_bits=v_index_bits, dtype=torch.float16, is_causal=False,
+                          kv_lens=lens)
     check_attention(args)
 
 
@@ -88,7 +89,7 @@ def test_decode_ragged(dim, group, k_bits, k_prod, v_bits):
 @pytest.mark.parametrize("q_len", [4, 200])
 def test_causal_chunk_with_offset(dtype, q_len):
     args = attention_args(q_len, batch=2, kv_heads=2, group=4, q_len=q_len, kv_len=700,
-                          dim=128, k_bits=3, k_prod=True, v_bits=4, dtype=dtype,
+                          dim=128, k_index_bits=3, k_prod=True, v_index_bits=4, dtype=dtype,
                           is_causal=True, kv_lens=torch.tensor([700, 333]))
     check_attention(args)
 
@@ -100,7 +101,7 @@ def test_other_4bit_codebooks(custom, factor):
     Lloyd-Max here); with asymmetric centroids its launch must step aside for the gather
     launch (a wrong decode would fail the comparison)."""
     args = list(attention_args(20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128,
-                               k_bits=4, k_prod=False, v_bits=4, dtype=torch.float16,
+                               k_index_bits=4, k_prod=False, v_index_bits=4, dtype=torch.float16,
                                is_causal=False, kv_lens=torch.tensor([900, 417])))
     slot = 6 if custom == "keys" else 12
     args[slot] = args[slot] * factor
@@ -113,7 +114,8 @@ def test_prefill_causal(dim):
     from tq_ops.kernels import attention as kernels
     from tq_ops.kernels import prefill
     args = attention_args(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
-                          k_bits=3, k_prod=False, v_bits=3, dtype=torch.float16, is_causal=True)
+                          k_index_bits=3, k_prod=False, v_index_bits=3, dtype=torch.float16,
+                          is_causal=True)
     query, k_indices, k_norms, v_norms, v_rotation = (args[i] for i in (0, 1, 2, 10, 11))
     assert prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, None,
                                          None)  # the op's route for this call
@@ -130,49 +132,49 @@ def test_explicit_masks(kind):
     mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
                                                    -math.inf)
     args = attention_args(6, batch=2, kv_heads=2, group=4, q_len=3, kv_len=300, dim=128,
-                          k_bits=3, k_prod=True, v_bits=4, dtype=torch.float32, is_causal=False,
-                          mask=mask)
+                          k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float32,
+                          is_causal=False, mask=mask)
     check_attention(args)
 
 
-@pytest.mark.parametrize("dim,bits,prod", [(128, 3, True), (64, 4, False), (96, 2, True),
+@pytest.mark.parametrize("dim,index_bits,prod", [(128, 3, True), (64, 4, False), (96, 2, True),
                                            (256, 3, False), (80, 1, True)])
 @pytest.mark.parametrize("group", [1, 4])
-def test_scores(dim, bits, prod, group):
-    gen = torch.Generator().manual_seed(dim + bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 333, dim, bits, prod, 3)
+def test_scores(dim, index_bits, prod, group):
+    gen = torch.Generator().manual_seed(dim + index_bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 2, 333, dim, index_bits, prod, 3)
     query = torch.randn(2, 2 * group, 5, dim, generator=gen)
-    args = (query, *fields, rotation, centroids, qjl, bits)
+    args = (query, *fields, rotation, centroids, qjl, index_bits)
     ref = reference.scores(*args)
     poison()
     out = torch.ops.tq.scores(*cuda(args))
     assert rel_err(out, ref) < 1e-3
 
 
-@pytest.mark.parametrize("dim,bits,prod", [(128, 3, True), (64, 4, False), (80, 8, False)])
-def test_decompress(dim, bits, prod):
-    gen = torch.Generator().manual_seed(dim * bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 3, 257, dim, bits, prod, 4)
-    args = (*fields, rotation, centroids, qjl, bits, torch.float32)
+@pytest.mark.parametrize("dim,index_bits,prod", [(128, 3, True), (64, 4, False), (80, 8, False)])
+def test_decompress(dim, index_bits, prod):
+    gen = torch.Generator().manual_seed(dim * index_bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 3, 257, dim, index_bits, prod, 4)
+    args = (*fields, rotation, centroids, qjl, index_bits, torch.float32)
     ref = reference.decompress(*args)
     poison()
     out = torch.ops.tq.decompress(*cuda(args))
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("dim,bits,prod,dtype", [(128, 4, False, torch.float16),
+@pytest.mark.parametrize("dim,index_bits,prod,dtype", [(128, 4, False, torch.float16),
                                                  (128, 3, True, torch.bfloat16),
                                                  (256, 3, True, torch.float16),
                                                  (96, 2, False, torch.float32),
                                                  (256, 8, False, torch.bfloat16)])
-def test_decompress_within_an_ulp_of_float64(dim, bits, prod, dtype):
+def test_decompress_within_an_ulp_of_float64(dim, index_bits, prod, dtype):
     """Several tiles per program and every output dtype: within one output ulp of the float64
     reconstruction (`within_an_ulp`)."""
-    gen = torch.Generator().manual_seed(dim + bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 4, 3000, dim, bits, prod, 6)
-    truth = float64_reconstruction(fields, rotation, centroids, qjl, bits)
+    gen = torch.Generator().manual_seed(dim + index_bits)
+    fields, rotation, centroids, qjl = packed(gen, 2, 4, 3000, dim, index_bits, prod, 6)
+    truth = float64_reconstruction(fields, rotation, centroids, qjl, index_bits)
     poison()
-    out = torch.ops.tq.decompress(*cuda((*fields, rotation, centroids, qjl, bits, dtype)))
+    out = torch.ops.tq.decompress(*cuda((*fields, rotation, centroids, qjl, index_bits, dtype)))
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert within_an_ulp(out, truth)
 
@@ -198,8 +200,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.tq.decompress.default, key + (torch.float16,))
     torch.library.opcheck(torch.ops.tq.scores.default, (query,) + key)
     args = attention_args(10, batch=1, kv_heads=2, group=2, q_len=2, kv_len=70, dim=64,
-                          k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16, is_causal=True,
-                          kv_lens=torch.tensor([50]))
+                          k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
+                          is_causal=True, kv_lens=torch.tensor([50]))
     torch.library.opcheck(torch.ops.tq.attention.default, cuda(args))
 
 
@@ -207,7 +209,7 @@ def test_inductor_sees_the_kernels():
     from torch._inductor.utils import run_and_get_code
 
     args = cuda(attention_args(11, batch=2, kv_heads=2, group=4, q_len=1, kv_len=2048, dim=128,
-                               k_bits=3, k_prod=True, v_bits=4, dtype=torch.float16,
+                               k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
                                is_causal=False, kv_lens=torch.tensor([2048, 1000])))
     key = args[1:9]
 
@@ -227,7 +229,7 @@ def test_inductor_sees_the_kernels():
 
 def test_cuda_graph_replay_with_new_lengths():
     args = list(cuda(attention_args(12, batch=3, kv_heads=2, group=4, q_len=1, kv_len=3000,
-                                    dim=128, k_bits=3, k_prod=True, v_bits=4,
+                                    dim=128, k_index_bits=3, k_prod=True, v_index_bits=4,
                                     dtype=torch.float16, is_causal=True,
                                     kv_lens=torch.tensor([10, 10, 10]))))
     lens = args[-1]

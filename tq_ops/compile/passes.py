@@ -201,7 +201,7 @@ def _field(build: _Builder, source: Compressed, name: str):
 
 def _user_bits(source: Compressed) -> tuple[int, str]:
     prod = source.fields.get("qjl") is not None
-    return source.fields["bits"] + (1 if prod else 0), "prod" if prod else "mse"
+    return source.fields["index_bits"] + (1 if prod else 0), "prod" if prod else "mse"
 
 
 @dataclass
@@ -243,8 +243,9 @@ def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
                              [value_of(k["indices"]).shape[0]])
     out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
                      k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
-                     ks.fields["bits"], v["indices"], v["norms"], v["rotation"], v["centroids"],
-                     vs.fields["bits"], site.scale, site.is_causal, _mask(build, site), kv_lens)
+                     ks.fields["index_bits"], v["indices"], v["norms"], v["rotation"],
+                     v["centroids"], vs.fields["index_bits"], site.scale, site.is_causal,
+                     _mask(build, site), kv_lens)
     k_bits, key_quantizer = _user_bits(ks)
     return _Replacement(out, build, "cache", k_bits, _user_bits(vs)[0], key_quantizer,
                         (ks.decompress, vs.decompress))

@@ -184,7 +184,8 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int, list]:
     return base, n, [node, expand, inserted]
 
 
-_FIELDS = ("indices", "norms", "signs", "residual_norms", "rotation", "centroids", "qjl", "bits")
+_FIELDS = ("indices", "norms", "signs", "residual_norms", "rotation", "centroids", "qjl",
+           "index_bits")
 
 
 def _read_cache_source(node: Node, which: int, length: int | None) -> Compressed:

@@ -295,9 +295,9 @@ def _mode(bits: int) -> int:
 DEEP_DECODE = dict(BLOCK_N=64, num_stages=3, DEFER_SUM=True)  # decode when `deep_pipeline`
 
 
-def wants_deep_decode(prod_keys: bool, v_bits: int) -> bool:
+def wants_deep_decode(prod_keys: bool, v_index_bits: int) -> bool:
     """Whether decode takes `DEEP_DECODE` tiles: Prod keys, or values of other than 4 bits."""
-    return prod_keys or v_bits != 4
+    return prod_keys or v_index_bits != 4
 
 
 def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.device,
@@ -331,8 +331,8 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
 
 
 def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
-                    k_centroids, k_qjl, k_bits, v_indices, v_norms, v_rotation, v_centroids,
-                    v_bits, scale, is_causal, attn_mask, kv_lens, tune: dict | None = None):
+                    k_centroids, k_qjl, k_index_bits, v_indices, v_norms, v_rotation, v_centroids,
+                    v_index_bits, scale, is_causal, attn_mask, kv_lens, tune: dict | None = None):
     """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics) by
     the fused kernel (split-KV for decode), any shape and mask.
 
@@ -346,7 +346,7 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
     dv = v_rotation.shape[0]
     rows = q_len * (q_heads // kv_heads)
     cfg = config(batch, kv_heads, rows, kv_len, query.device, tune,
-                 deep_pipeline=wants_deep_decode(k_qjl is not None, v_bits))
+                 deep_pipeline=wants_deep_decode(k_qjl is not None, v_index_bits))
     splits = cfg.pop("splits")
     chunk = cfg.pop("chunk")
 
@@ -384,7 +384,7 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
     else:
         part_o, part_ml = out, out
     grid = (batch * kv_heads, triton.cdiv(rows, cfg["BLOCK_M"]), splits)
-    k_ptx, v_ptx = k_bits == 4 and not INTERPRET, v_bits == 4 and not INTERPRET
+    k_ptx, v_ptx = k_index_bits == 4 and not INTERPRET, v_index_bits == 4 and not INTERPRET
     variants = [(1, k_ptx, v_ptx), (2, False, False)] if k_ptx or v_ptx else [(0, False, False)]
     for run_if, k_asm, v_asm in variants:  # (RUN_IF, K_PTX, V_PTX)
         torch.library.wrap_triton(_attention_kernel)[grid](
@@ -392,14 +392,14 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
             k_centroids.contiguous(), *vi, *vn, v_centroids.contiguous(),
             v_rotation.contiguous(), *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
             G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
-            M=m, **prefixed("K_", plane_layout(dk, k_bits)),
-            **prefixed("V_", plane_layout(dv, v_bits)),
+            M=m, **prefixed("K_", plane_layout(dk, k_index_bits)),
+            **prefixed("V_", plane_layout(dv, v_index_bits)),
             **sign_layout(m if has_qjl else 16),
             HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
             MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
             MASK_KEYS=mask_keys,
-            HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_bits),
-            V_MODE=_mode(v_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
+            HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_index_bits),
+            V_MODE=_mode(v_index_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
             K_PTX=k_asm, V_PTX=v_asm, RUN_IF=run_if, **cfg)
     if split:
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](

@@ -22,14 +22,15 @@ ROT_SCALE = tl.constexpr(256.0)  # Pi^T, Pi S^T scaled by 2^8 before the split: 
 UNIT_SCALE = tl.constexpr(4096.0)  # u and r_rot are scaled by 2^12 before the hi/lo split
 
 
-def supports(dim: int, bits: int, qjl_dim: int | None = None, *, compress: bool = False) -> bool:
-    """Whether the kernels take vectors of head_dim `dim` with `bits`-bit codes (and `qjl_dim`
-    QJL signs): both dims multiples of 8 in [16, 256] (wider rows would not fit the kernels'
-    registers and shared memory). `compress`: the compress kernels also need bits > 0; Triton
-    3.6 builds QJL-only keys with wrong sign bits for bf16 input on Hopper
+def supports(dim: int, index_bits: int, qjl_dim: int | None = None, *,
+             compress: bool = False) -> bool:
+    """Whether the kernels take vectors of head_dim `dim` with `index_bits`-bit codes (and
+    `qjl_dim` QJL signs): both dims multiples of 8 in [16, 256] (wider rows would not fit the
+    kernels' registers and shared memory). `compress`: the compress kernels also need
+    index_bits > 0; Triton 3.6 builds QJL-only keys with wrong sign bits for bf16 input on Hopper
     (tests/gpu/test_compress_cuda.py). Other shapes run the reference on the same device."""
     dims = (dim,) if qjl_dim is None else (dim, qjl_dim)
-    return (bits > 0 or not compress) and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
+    return (index_bits > 0 or not compress) and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
 
 
 def num_sms(device: torch.device) -> int:

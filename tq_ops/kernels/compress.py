@@ -438,7 +438,7 @@ _compress_tuned = triton.autotune(
     configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16", "SYM"])(_compress_kernel)
 
 
-def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
             positions: Tensor | None, indices: Tensor, norms: Tensor, signs: Tensor | None,
             residual_norms: Tensor | None) -> None:
     """Prepare the operands, then compress x (B, H, S, D) into the (B, H, S_out, .) outputs."""
@@ -455,8 +455,8 @@ def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, 
     qseg = -(-m_qjl // 8)
     qseg_p = max(2, _next_pow2(qseg))
     qcol = 8 * qseg_p
-    widths = plane_widths(bits) + (0, 0, 0)
-    n_bounds = (1 << bits) - 1
+    widths = plane_widths(index_bits) + (0, 0, 0)
+    n_bounds = (1 << index_bits) - 1
     dev = x.device
     rot_ops = torch.empty((2, dim_p, ncol), dtype=torch.float16, device=dev)
     qjl_ops = torch.empty((2, ncol, qcol) if qjl is not None else (0,), dtype=torch.float16,
@@ -483,21 +483,21 @@ def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, 
             res, *res.stride()[:3],
             batch * heads, heads, seq, indices.shape[2],
             D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
-            BITS=bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
+            BITS=index_bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
             HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
             KB=dim_p if dim_p <= 128 else 64,
             QBLOCK=qcol if qcol <= 128 else max(qseg_p, 64), SYM=sym)
 
 
-def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
+def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x (B, H, S, D) fp16/bf16/fp32 -> (indices uint8 (B, H, S, packed_bytes(D, bits)),
+    """x (B, H, S, D) fp16/bf16/fp32 -> (indices uint8 (B, H, S, packed_bytes(D, index_bits)),
     norms (B, H, S, 1) norm_dtype, signs uint8 (B, H, S, ceil(M / 8)) or (B, H, S, 0),
     residual_norms (B, H, S, 1) or (B, H, S, 0) norm_dtype). rotation (D, D), centroids
-    (2**bits,), qjl (M, D) or None: float32. Arguments are validated by `tq::compress`."""
+    (2**index_bits,), qjl (M, D) or None: float32. Arguments are validated by `tq::compress`."""
     batch, heads, seq, dim = x.shape
     lead = (batch, heads, seq)
-    indices = x.new_empty(lead + (packed_bytes(dim, bits),), dtype=torch.uint8)
+    indices = x.new_empty(lead + (packed_bytes(dim, index_bits),), dtype=torch.uint8)
     norms = x.new_empty(lead + (1,), dtype=norm_dtype)
     if qjl is None:
         signs = x.new_empty(lead + (0,), dtype=torch.uint8)
@@ -505,14 +505,15 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     else:
         signs = x.new_empty(lead + (packed_bytes(qjl.shape[0], 1),), dtype=torch.uint8)
         residual_norms = x.new_empty(lead + (1,), dtype=norm_dtype)
-    _launch(x, rotation, centroids, qjl, bits, None, indices, norms,
+    _launch(x, rotation, centroids, qjl, index_bits, None, indices, norms,
             signs if qjl is not None else None, residual_norms if qjl is not None else None)
     return indices, norms, signs, residual_norms
 
 
-def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, bits: int,
-                  positions: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
-                  residual_norms: Tensor | None) -> None:
+def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
+                  index_bits: int, positions: Tensor, indices: Tensor, norms: Tensor,
+                  signs: Tensor | None, residual_norms: Tensor | None) -> None:
     """Compress x (B, H, S, D) and write token s to slot positions[s] (int32/int64 (S,)) of the
     preallocated (B, H, S_max, .) buffers; slots outside [0, S_max) are never written."""
-    _launch(x, rotation, centroids, qjl, bits, positions, indices, norms, signs, residual_norms)
+    _launch(x, rotation, centroids, qjl, index_bits, positions, indices, norms, signs,
+            residual_norms)

@@ -122,11 +122,11 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     return out
 
 
-def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, bits, dtype):
+def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits, dtype):
     """Packed (B, H, S, .) fields -> reconstruction (B, H, S, D) in `dtype`.
 
     indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
-    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D), centroids (2**bits,)
+    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D), centroids (2**index_bits,)
     float32.
     """
     lead = tuple(indices.shape[:3])
@@ -140,7 +140,7 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
     m = qjl.shape[0] if has_qjl else 16
     flat_signs = signs.reshape(count, signs.shape[3]) if has_qjl else flat_idx
     res = residual_norms if has_qjl else norms
-    k_layout = plane_layout(dim, bits)
+    k_layout = plane_layout(dim, index_bits)
     s_layout = sign_layout(m)
     k_cols = k_layout["SEG_PAD"] * k_layout["NSEG"]
     if max(k_cols, s_layout["S_SEG_PAD"] * s_layout["S_NSEG"]) > 128:

@@ -60,7 +60,7 @@ def _scores_kernel(
              mask=key_ok[:, None] & row_ok[None, :])
 
 
-def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, bits):
+def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits):
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype.
 
     query (B, Hq, Lq, D) float; indices (B, Hkv, Lk, P) uint8; norms (B, Hkv, Lk, 1); Prod
@@ -85,7 +85,7 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
         q_rot, sq, out, out.stride(0), out.stride(1), out.stride(2),
         *strided(indices), *strided(norms), *ks, *kr, centroids,
         kv_heads, kv_len, rows, G=q_heads // kv_heads, D=dim, M=m,
-        **prefixed("K_", plane_layout(dim, bits)),
+        **prefixed("K_", plane_layout(dim, index_bits)),
         **sign_layout(m if has_qjl else 16), HAS_QJL=has_qjl,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out
