@@ -22,8 +22,8 @@ import sys
 import torch
 
 import harness
-from tq_ops import TurboQuantMSE, TurboQuantProd
 from tq_ops.packing import packed_bytes
+from tq_ops.quantizer import make_quantizers
 
 Q_HEADS, KV_HEADS, DIM = 32, 8, 128
 GROUP = Q_HEADS // KV_HEADS
@@ -58,8 +58,7 @@ def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int)
     def norms():
         return (torch.rand(batch, KV_HEADS, length, 1, device=DEVICE) + 0.5).half()
 
-    kq = (TurboQuantProd if key_quantizer == "prod" else TurboQuantMSE)(DIM, k_bits, seed=0)
-    vq = TurboQuantMSE(DIM, v_bits, seed=1)
+    kq, vq = make_quantizers(DIM, k_bits, v_bits, key_quantizer, seed=0)
     prod = kq.qjl is not None
     k = dict(k_indices=u8(packed_bytes(DIM, kq.index_bits)), k_norms=norms(),
              k_signs=u8(packed_bytes(kq.qjl.shape[0], 1)) if prod else None,

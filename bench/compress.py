@@ -19,9 +19,10 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 import harness
-from tq_ops import TurboQuantMSE, TurboQuantProd, reference
+from tq_ops import reference
 from tq_ops.kernels import compress as kernels
 from tq_ops.packing import unpack
+from tq_ops.quantizer import make_quantizers
 
 SHAPE = (1, 8, 65536, 128)
 
@@ -37,7 +38,7 @@ def graph_ms(fn) -> float:
 
 
 def quantizer(kind: str, bits: int):
-    q = (TurboQuantProd if kind == "prod" else TurboQuantMSE)(SHAPE[-1], bits, seed=7)
+    q = make_quantizers(SHAPE[-1], bits, bits, kind, seed=7)[0]
     return q.to("cuda")
 
 

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from tq_ops import reference
 from tq_ops.codebook import mse_distortion
-from tq_ops.quantizer import TurboQuantMSE, TurboQuantProd
+from tq_ops.quantizer import TurboQuantMSE, make_quantizers
 
 TEXTS = [
     ("The harbour was quiet in the early morning. Fishing boats rocked against the pier while "
@@ -70,7 +70,7 @@ def load_minilm():
 def key_logits(kind: str, bits: int, seed: int, q, k):
     """Estimated unscaled logits (B, H, Lq, Lk) with keys compressed by `kind` at `bits`."""
     dim = k.shape[-1]
-    quant = TurboQuantProd(dim, bits, seed) if kind == "prod" else TurboQuantMSE(dim, bits, seed)
+    quant = make_quantizers(dim, bits, bits, "prod" if kind == "prod" else "mse", seed)[0]
     fields = reference.compress(k, quant.rotation, quant.centroids, quant.qjl,
                                 quant.index_bits, torch.float16)
     if quant.qjl is None:

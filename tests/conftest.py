@@ -18,7 +18,7 @@ if os.environ.get("CI"):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tq_ops import TurboQuantMSE, TurboQuantProd  # noqa: E402
+from tq_ops.quantizer import make_quantizers  # noqa: E402
 from tq_ops.packing import unpack  # noqa: E402
 
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
@@ -26,7 +26,7 @@ ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 
 
 def quantizer(kind: str, dim: int, bits: int, seed: int = 0):
     """A TurboQuantMSE ('mse') or TurboQuantProd ('prod') with `bits` user bits."""
-    return (TurboQuantProd if kind == "prod" else TurboQuantMSE)(dim, bits, seed=seed)
+    return make_quantizers(dim, bits, bits, kind, seed)[0]
 
 
 def key_fields(q, fields):

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from tq_ops import cli, demo
-from tq_ops.quantizer import TurboQuantMSE, TurboQuantProd
+from tq_ops.quantizer import make_quantizers
 
 
 @pytest.mark.parametrize("k_bits,v_bits,mode", demo.CONFIGS)
 def test_bytes_per_token_are_the_stored_bytes(k_bits, v_bits, mode):
     x = torch.randn(1, 2, 5, 128)
-    keys = (TurboQuantProd if mode == "prod" else TurboQuantMSE)(128, k_bits)
+    keys, values = make_quantizers(128, k_bits, v_bits, mode)
     stored_k = sum(t.numel() * t.element_size() for t in keys.quantize(x)) / 10
-    stored_v = sum(t.numel() * t.element_size() for t in TurboQuantMSE(128, v_bits).quantize(x)) / 10
+    stored_v = sum(t.numel() * t.element_size() for t in values.quantize(x)) / 10
     assert demo.bytes_per_token(128, k_bits, v_bits, mode) == (stored_k, stored_v)
 
 

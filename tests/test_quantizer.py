@@ -1,11 +1,13 @@
-"""Quantizer constants: one shared copy per (dim, bits, seed, qjl_dim, device), and calls on
-another device (meta included) that never move a quantizer's own buffers."""
+"""Quantizer constants: one shared copy per (dim, bits, seed, qjl_dim, device), calls on
+another device (meta included) that never move a quantizer's own buffers, and the (key, value)
+pair `make_quantizers` builds from user settings."""
 
+import pytest
 import torch
 
 from tq_ops import TurboQuantMSE, TurboQuantProd
 from tq_ops.codebook import lloyd_max
-from tq_ops.quantizer import constants
+from tq_ops.quantizer import constants, make_quantizers
 from tq_ops.rotation import haar_rotation, qjl_matrix
 
 
@@ -38,3 +40,26 @@ def test_meta_input_gives_meta_outputs_and_leaves_the_buffers_where_they_were():
         got = quantizer.dequantize(*quantizer.quantize(x))
         fresh = type(quantizer)(16, 3, seed=1)
         torch.testing.assert_close(got, fresh.dequantize(*fresh.quantize(x)), rtol=0, atol=0)
+
+
+def test_make_quantizers_builds_the_pair_of_the_user_settings():
+    """Prod keys at k_bits user bits hold k_bits - 1 index bits and qjl_dim QJL rows; values
+    are MSE at seed + 1 (the constants of quantizers built by hand from the same settings)."""
+    keys, values = make_quantizers(16, 4, 3, "prod", seed=7, qjl_dim=24,
+                                   norm_dtype=torch.float32, v_head_dim=32)
+    want_k, want_v = TurboQuantProd(16, 4, 7, qjl_dim=24), TurboQuantMSE(32, 3, 8)
+    assert type(keys) is TurboQuantProd and type(values) is TurboQuantMSE
+    assert (keys.index_bits, values.index_bits, keys.norm_dtype) == (3, 3, torch.float32)
+    assert keys.rotation is want_k.rotation and keys.qjl is want_k.qjl
+    assert values.rotation is want_v.rotation and values.centroids is want_v.centroids
+    mse_keys, _ = make_quantizers(16, 4, 3)
+    assert type(mse_keys) is TurboQuantMSE and mse_keys.index_bits == 4 and mse_keys.seed == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(key_quantizer="qjl"), "key_quantizer must be one of"),
+    (dict(key_quantizer="mse", qjl_dim=8), "qjl_dim applies to key_quantizer='prod' only"),
+])
+def test_make_quantizers_refuses_settings_it_cannot_honour(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_quantizers(16, 4, 3, **kwargs)

@@ -30,9 +30,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
 from .norms import vector_norms
-from .compile.passes import DEFAULT_KEY_QUANTIZER, KEY_QUANTIZERS
 from .packing import packed_bytes
-from .quantizer import TurboQuantMSE, TurboQuantProd
+from .quantizer import DEFAULT_KEY_QUANTIZER, check_key_quantizer, make_quantizers
 
 _BUFFERS = ("k_indices", "k_norms", "k_signs", "k_residual_norms", "v_indices", "v_norms")
 CAPACITY, KEY_NORMS, VALUE_NORMS = 1, 2, 4  # bits of a layer's `errors`
@@ -54,12 +53,9 @@ class TurboQuantLayer(CacheLayerMixin):
                  v_bits: int, key_quantizer: str, seed: int, qjl_dim: int | None,
                  norm_dtype: torch.dtype):
         super().__init__()
-        if key_quantizer == "prod":
-            self.k_quantizer = TurboQuantProd(head_dim, k_bits, seed, qjl_dim=qjl_dim,
-                                              norm_dtype=norm_dtype)
-        else:
-            self.k_quantizer = TurboQuantMSE(head_dim, k_bits, seed, norm_dtype=norm_dtype)
-        self.v_quantizer = TurboQuantMSE(head_dim, v_bits, seed + 1, norm_dtype=norm_dtype)
+        self.k_quantizer, self.v_quantizer = make_quantizers(head_dim, k_bits, v_bits,
+                                                             key_quantizer, seed, qjl_dim,
+                                                             norm_dtype)
         self.max_cache_len, self.num_heads, self.head_dim = max_cache_len, num_heads, head_dim
         self.norm_dtype = norm_dtype
         self.k_index_bits = self.k_quantizer.index_bits  # the ops' (Prod keys: k_bits - 1)
@@ -261,12 +257,7 @@ class TurboQuantCache(Cache):
                  device: torch.device | str | None = None, seed: int = 0,
                  qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16,
                  per_layer_seeds: bool = False):
-        if key_quantizer not in KEY_QUANTIZERS:
-            raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, "
-                             f"got {key_quantizer!r}")
-        if qjl_dim is not None and key_quantizer != "prod":
-            raise ValueError(f"qjl_dim applies to key_quantizer='prod' only, got "
-                             f"key_quantizer={key_quantizer!r}")
+        check_key_quantizer(key_quantizer, qjl_dim)
         _positive_int("max_cache_len", max_cache_len)
         if max_batch_size is not None:
             _positive_int("max_batch_size", max_batch_size)

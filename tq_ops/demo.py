@@ -14,7 +14,7 @@ from torch import nn
 
 from .compile import backend
 from .packing import packed_bytes
-from .quantizer import TurboQuantMSE, TurboQuantProd
+from .quantizer import make_quantizers
 
 
 class Block(nn.Module):
@@ -70,9 +70,7 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
 def evaluate(q, k, v, k_bits: int, v_bits: int, key_mode: str) -> dict:
     """Errors of one (q, k, v) layer at the given bits; key_mode 'prod' or 'mse'."""
     dim = k.shape[-1]
-    keys = (TurboQuantProd(dim, k_bits, seed=1) if key_mode == "prod"
-            else TurboQuantMSE(dim, k_bits, seed=1))
-    values = TurboQuantMSE(dim, v_bits, seed=2)
+    keys, values = make_quantizers(dim, k_bits, v_bits, key_mode, seed=1)
     ck, cv = keys.quantize(k), values.quantize(v)
     k_fields = ck if key_mode == "prod" else (ck[0], ck[1], None, None)
     est = keys.scores(q, *ck)

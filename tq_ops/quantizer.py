@@ -7,7 +7,8 @@ All tensors are (..., dim) with the (B, H, S) leading dims the ops expect.
 
 The constants are built once per process for each (dim, bits, seed, qjl_dim, device) by
 `constants` and shared by every quantizer and cache layer that asks for them: treat them as
-read-only.
+read-only. `make_quantizers` builds the (key, value) pair of a cache layer or attention site
+from user settings (`KEY_QUANTIZERS` names the key quantizers).
 """
 
 import functools
@@ -166,3 +167,35 @@ class TurboQuantProd(_Quantizer):
         """Unbiased unscaled <query, x> estimates (B, Hq, Lq, S) in the query dtype."""
         return torch.ops.tq.scores(query, indices, norms, signs, residual_norms,
                                    *self.constants_on(indices.device), self.index_bits)
+
+
+KEY_QUANTIZERS = ("mse", "prod")
+DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
+
+
+def check_key_quantizer(key_quantizer: str, qjl_dim: int | None = None) -> None:
+    """Refuse a key quantizer name not in KEY_QUANTIZERS, and qjl_dim for keys without QJL."""
+    if key_quantizer not in KEY_QUANTIZERS:
+        raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, got {key_quantizer!r}")
+    if qjl_dim is not None and key_quantizer != "prod":
+        raise ValueError(f"qjl_dim applies to key_quantizer='prod' only, got "
+                         f"key_quantizer={key_quantizer!r}")
+
+
+def make_quantizers(head_dim: int, k_bits: int, v_bits: int,
+                    key_quantizer: str = DEFAULT_KEY_QUANTIZER, seed: int = 0,
+                    qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16, *,
+                    v_head_dim: int | None = None) -> tuple[_Quantizer, TurboQuantMSE]:
+    """(key quantizer, value quantizer) at k_bits / v_bits user bits per coordinate.
+
+    Keys: `TurboQuantMSE` ("mse") or `TurboQuantProd` ("prod": k_bits - 1 MSE bits + 1 QJL bit,
+    qjl_dim rows, default head_dim) with `seed`; values: `TurboQuantMSE` with seed + 1. Both
+    store norms in norm_dtype. v_head_dim: the values' head_dim where it differs from the keys'.
+    """
+    check_key_quantizer(key_quantizer, qjl_dim)
+    if key_quantizer == "prod":
+        keys = TurboQuantProd(head_dim, k_bits, seed, qjl_dim=qjl_dim, norm_dtype=norm_dtype)
+    else:
+        keys = TurboQuantMSE(head_dim, k_bits, seed, norm_dtype=norm_dtype)
+    v_dim = head_dim if v_head_dim is None else v_head_dim
+    return keys, TurboQuantMSE(v_dim, v_bits, seed + 1, norm_dtype=norm_dtype)

@@ -9,8 +9,8 @@ Importing this module registers the backend name "turboquant" with Dynamo.
 
 import torch
 
+from ..quantizer import DEFAULT_KEY_QUANTIZER
 from .passes import (
-    DEFAULT_KEY_QUANTIZER,
     RewrittenSite,
     TurboQuantBackend,
     TurboQuantConfig,

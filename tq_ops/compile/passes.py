@@ -21,14 +21,12 @@ from torch.fx.node import map_arg
 
 from ..checks import NORM_DTYPES
 from ..codebook import MAX_DIM, MIN_DIM
-from ..quantizer import TurboQuantMSE, TurboQuantProd
+from ..quantizer import DEFAULT_KEY_QUANTIZER, check_key_quantizer, make_quantizers
 from . import patterns
 from .patterns import Attention, Compressed, value_of
 
 log = logging.getLogger("tq_ops")
 
-KEY_QUANTIZERS = ("mse", "prod")
-DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
 MODES = ("simulate", "cache")
 _CONSTANT_PREFIX = "_tq_const_"
 SEED_RANGE = (-2 ** 63, 2 ** 63)  # leaves room for the site offsets below manual_seed's 2**64
@@ -56,9 +54,7 @@ class TurboQuantConfig:
     norm_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
-        if self.key_quantizer not in KEY_QUANTIZERS:
-            raise ValueError(f"key_quantizer must be one of {KEY_QUANTIZERS}, "
-                             f"got {self.key_quantizer!r}")
+        check_key_quantizer(self.key_quantizer)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
@@ -112,13 +108,9 @@ class RewrittenSite:
 
 def site_quantizers(config: TurboQuantConfig, index: int, k_dim: int, v_dim: int):
     """(key quantizer, value quantizer) modules of simulate-mode site `index` of a graph."""
-    seed = config.seed + 2 * index
-    if config.key_quantizer == "prod":
-        keys = TurboQuantProd(k_dim, config.k_bits, seed, qjl_dim=config.qjl_dim,
-                              norm_dtype=config.norm_dtype)
-    else:
-        keys = TurboQuantMSE(k_dim, config.k_bits, seed, norm_dtype=config.norm_dtype)
-    return keys, TurboQuantMSE(v_dim, config.v_bits, seed + 1, norm_dtype=config.norm_dtype)
+    return make_quantizers(k_dim, config.k_bits, config.v_bits, config.key_quantizer,
+                           config.seed + 2 * index, config.qjl_dim, config.norm_dtype,
+                           v_head_dim=v_dim)
 
 
 def _where(node: Node) -> str:
