@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import compress, key_fields, quantizer, root_cause
-from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2, TurboQuantProd
+from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2, TurboQuantProd, checks
 from tq_ops.packing import pack, packed_bytes
 
 QUANT = quantizer("prod", 16, 3)
@@ -92,6 +92,18 @@ def test_overflowing_norm_is_refused_not_stored_as_inf():
 def test_dim_is_checked_first_and_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("value,low,high,message", [
+    (9, 0, 8, r"n must be an int in \[0, 8\], got 9"), (-1, 0, 8, r"in \[0, 8\], got -1"),
+    (3.0, 0, 8, r"got 3\.0"), (True, 0, 8, r"got True"), ("3", 0, 8, r"got '3'"),
+    (0, 1, None, r"n must be a positive int, got 0"), (1, 2, None, r"n must be an int >= 2, got 1"),
+])
+def test_int_range_refuses_non_ints_and_values_outside(value, low, high, message):
+    with pytest.raises(ValueError, match=message):
+        checks.int_range("n", value, low, high)
+    for inside in (low, high or low + 10**30):  # both ends are allowed, Python ints unbounded
+        checks.int_range("n", inside, low, high)
 
 
 @pytest.mark.parametrize("bits", [9, 12, 16, -1, 3.0])

@@ -70,8 +70,8 @@ class TurboQuantLayer(CacheLayerMixin):
             self.num_heads = key_states.shape[1]
         self._check_states(key_states, value_states)
         device, batch = key_states.device, key_states.shape[0]
-        self.k_rotation, self.k_centroids, self.k_qjl = self.k_quantizer.constants_on(device)
-        self.v_rotation, self.v_centroids, _ = self.v_quantizer.constants_on(device)
+        self.k_rotation, self.k_centroids, self.k_qjl = self.k_quantizer.constants_for(key_states)
+        self.v_rotation, self.v_centroids, _ = self.v_quantizer.constants_for(key_states)
         lead = (batch, self.num_heads, self.max_cache_len)
 
         def zeros(last: int, dtype: torch.dtype) -> Tensor:

@@ -25,9 +25,18 @@ def tensor(name: str, value, *, ndim: int | None = None, dtypes=None) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
 
 
+def int_range(name: str, value, low: int, high: int | None = None) -> None:
+    """Refuse anything but an int (bool excluded) in [low, high] (no upper bound if high is
+    None) with a ValueError naming `name`."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+            or (high is not None and value > high)):
+        wanted = (f"an int in [{low}, {high}]" if high is not None
+                  else "a positive int" if low == 1 else f"an int >= {low}")
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
 def head_dim(name: str, value) -> None:
-    if type(value) is not int or not MIN_DIM <= value <= MAX_DIM:
-        raise ValueError(f"{name} must be an int in [{MIN_DIM}, {MAX_DIM}], got {value!r}")
+    int_range(name, value, MIN_DIM, MAX_DIM)
 
 
 def storable_norms(name: str, norms: Tensor, norm_dtype: torch.dtype) -> None:
@@ -85,8 +94,7 @@ def shape(name: str, value: Tensor, expected: tuple) -> None:
 def quantizer(prefix: str, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
               index_bits: int, dim) -> None:
     """Rotation (D, D), centroids (2**index_bits,), optional QJL matrix (M, D), all float32."""
-    if not isinstance(index_bits, int) or isinstance(index_bits, bool) or not 0 <= index_bits <= 8:
-        raise ValueError(f"{prefix}index_bits must be an int in [0, 8], got {index_bits!r}")
+    int_range(f"{prefix}index_bits", index_bits, 0, 8)
     if index_bits == 0 and qjl is None:
         raise ValueError(f"{prefix}index_bits=0 needs a QJL matrix ({prefix}qjl): nothing would "
                          "be stored")

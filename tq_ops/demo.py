@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
 from .compile import backend
 from .packing import packed_bytes
 from .quantizer import make_quantizers
@@ -56,13 +57,6 @@ def tiny_decoder(vocab=1000, width=512, heads=4, layers=2, seed=0) -> nn.Sequent
     return model
 
 
-def check_positive(name: str, value) -> int:
-    """`value` if it is a positive int, else a ValueError naming `name`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.norm() / ref.norm())
 
@@ -100,8 +94,9 @@ CONFIGS = [(4, 4, "mse"), (4, 4, "prod"), (4, 3, "mse"), (3, 3, "mse"), (3, 3, "
 def run(seq_len: int = 256, layers: int = 2) -> str:
     """Build the model, run a prompt of `seq_len` tokens through `layers` blocks, and return
     the markdown table."""
-    check_positive("seq_len", seq_len)
-    model = tiny_decoder(layers=check_positive("layers", layers))
+    checks.int_range("seq_len", seq_len, 1)
+    checks.int_range("layers", layers, 1)
+    model = tiny_decoder(layers=layers)
     tokens = torch.randint(0, 1000, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(tokens)

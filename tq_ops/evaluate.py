@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checks
 from .compile import backend
 from .packing import packed_bytes
 
@@ -54,9 +55,7 @@ class Scheme:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method != "uncompressed":
             for name in ("k_bits", "v_bits"):
-                bits = getattr(self, name)
-                if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-                    raise ValueError(f"{name} must be an int in [1, 8], got {bits!r}")
+                checks.int_range(name, getattr(self, name), 1, 8)
 
     @property
     def name(self) -> str:
@@ -232,10 +231,8 @@ def _runner(model, scheme: Scheme, layers: int, group: int):
 def windows(n: int, max_length: int, stride: int):
     """Yield (begin, end, first) for the sliding windows over n tokens: the window is
     tokens [begin, end) and tokens [first, end) are scored in it (each token once)."""
-    if not (isinstance(max_length, int) and max_length >= 2):
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-    if not (isinstance(stride, int) and 1 <= stride < max_length):
-        raise ValueError(f"stride must be an int in [1, max_length), got {stride!r}")
+    checks.int_range("max_length", max_length, 2)
+    checks.int_range("stride", stride, 1, max_length - 1)
     if n < 2:
         raise ValueError(f"need at least 2 tokens, got {n}")
     scored = 1
@@ -305,8 +302,7 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     if model.config._attn_implementation != "sdpa":
         raise ValueError("model must use attn_implementation='sdpa', got "
                          f"{model.config._attn_implementation!r}")
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"group must be a positive int, got {group!r}")
+    checks.int_range("group", group, 1)
     stride = max_length // 2 if stride is None else stride
     layers, kv_heads, head_dim = kv_geometry(model.config)
     spans = list(windows(ids.numel(), max_length, stride))

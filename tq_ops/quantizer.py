@@ -56,42 +56,55 @@ def constants(dim: int, index_bits: int, seed: int, qjl_dim: int | None,
     return _rotation(dim, seed, device), _centroids(dim, index_bits, device), qjl
 
 
-def _check_bits(bits: int, low: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= 8:
-        raise ValueError(f"bits must be an int in [{low}, 8], got {bits!r}")
+class TurboQuantizer(nn.Module):
+    """Base of `TurboQuantMSE` and `TurboQuantProd`: validates the settings and holds the
+    constants (non-persistent buffers rotation, centroids, qjl) of one
+    (dim, index_bits, seed, qjl_dim). bits: user bits per coordinate; qjl_dim: QJL rows (Prod,
+    whose index_bits are bits - 1: one bit goes to the QJL sign) or None (MSE, index_bits = bits).
+    """
 
-
-def _check_norm_dtype(norm_dtype: torch.dtype) -> None:
-    if norm_dtype not in checks.NORM_DTYPES:
-        raise TypeError(f"norm_dtype must be float16, bfloat16 or float32, got {norm_dtype}")
-
-
-class _Quantizer(nn.Module):
-    """Holds the constants (non-persistent buffers rotation, centroids, qjl) of one
-    (dim, index_bits, seed, qjl_dim)."""
-
-    dim: int
-    index_bits: int
-    seed: int
-    qjl_dim: int | None
-
-    def _register(self, tensors: tuple[Tensor, Tensor, Tensor | None]) -> None:
+    def __init__(self, dim: int, bits: int, seed: int, qjl_dim: int | None,
+                 norm_dtype: torch.dtype):
+        super().__init__()
+        checks.head_dim("dim", dim)
+        checks.int_range("bits", bits, 1, 8)
+        if norm_dtype not in checks.NORM_DTYPES:
+            raise TypeError(f"norm_dtype must be float16, bfloat16 or float32, got {norm_dtype}")
+        if qjl_dim is not None:
+            checks.int_range("qjl_dim", qjl_dim, 1)
+        index_bits = bits if qjl_dim is None else bits - 1
+        self.dim, self.bits, self.index_bits, self.norm_dtype = dim, bits, index_bits, norm_dtype
+        self.seed, self.qjl_dim = seed, qjl_dim
+        tensors = constants(dim, index_bits, seed, qjl_dim)
         for name, tensor in zip(("rotation", "centroids", "qjl"), tensors):
             self.register_buffer(name, tensor, persistent=False)
 
-    def constants_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(rotation, centroids, qjl) on `device`: the buffers where they are, else the shared
-        copies for that device (a call never moves the buffers). While tracing, a copy of the
-        buffers in the graph: the shared copies are drawn on the host."""
+    def constants_for(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(rotation, centroids, qjl) on the device of tensor x, to call the ops with: the
+        buffers if they are there, else the shared copies for that device (a call never moves
+        the buffers). While tracing, a copy of the buffers in the graph: the shared copies are
+        drawn on the host."""
         own = (self.rotation, self.centroids, self.qjl)
-        if self.rotation.device == device:
+        if self.rotation.device == x.device:
             return own
         if torch.compiler.is_compiling():
-            return tuple(None if t is None else t.to(device) for t in own)
-        return constants(self.dim, self.index_bits, self.seed, self.qjl_dim, device)
+            return tuple(None if t is None else t.to(x.device) for t in own)
+        return constants(self.dim, self.index_bits, self.seed, self.qjl_dim, x.device)
+
+    def _compress(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
+        return torch.ops.tq.compress(x, *self.constants_for(x), self.index_bits, self.norm_dtype)
+
+    def _decompress(self, fields: tuple, dtype: torch.dtype) -> Tensor:
+        return torch.ops.tq.decompress(*fields, *self.constants_for(fields[0]), self.index_bits,
+                                       dtype)
+
+    def _scores(self, query: Tensor, fields: tuple) -> Tensor:
+        return torch.ops.tq.scores(query, *fields, *self.constants_for(fields[0]),
+                                   self.index_bits)
 
 
-class TurboQuantMSE(_Quantizer):
+class TurboQuantMSE(TurboQuantizer):
     """MSE-optimal TurboQuant: `bits` bits per coordinate plus one norm per vector.
 
     Buffers: rotation (dim, dim) float32, centroids (2**bits,) float32.
@@ -99,37 +112,23 @@ class TurboQuantMSE(_Quantizer):
 
     def __init__(self, dim: int, bits: int, seed: int = 42,
                  norm_dtype: torch.dtype = torch.float16):
-        super().__init__()
-        checks.head_dim("dim", dim)
-        _check_bits(bits, 1)
-        _check_norm_dtype(norm_dtype)
-        self.dim, self.bits, self.index_bits, self.norm_dtype = dim, bits, bits, norm_dtype
-        self.seed, self.qjl_dim = seed, None
-        self._register(constants(dim, bits, seed, None))
+        super().__init__(dim, bits, seed, None, norm_dtype)
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, H, S, dim) -> (indices uint8 (B, H, S, bits*dim/8), norms (B, H, S, 1))."""
-        checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
-        rotation, centroids, _ = self.constants_on(x.device)
-        indices, norms, _, _ = torch.ops.tq.compress(x, rotation, centroids, None,
-                                                     self.index_bits, self.norm_dtype)
-        return indices, norms
+        return self._compress(x)[:2]
 
     def dequantize(self, indices: Tensor, norms: Tensor,
                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Packed fields -> (B, H, S, dim) in `dtype`."""
-        rotation, centroids, _ = self.constants_on(indices.device)
-        return torch.ops.tq.decompress(indices, norms, None, None, rotation, centroids, None,
-                                       self.index_bits, dtype)
+        return self._decompress((indices, norms, None, None), dtype)
 
     def scores(self, query: Tensor, indices: Tensor, norms: Tensor) -> Tensor:
         """Unscaled <query, x_hat> logits (B, Hq, Lq, S) in the query dtype (biased by 1 - D_b)."""
-        rotation, centroids, _ = self.constants_on(indices.device)
-        return torch.ops.tq.scores(query, indices, norms, None, None, rotation, centroids, None,
-                                   self.index_bits)
+        return self._scores(query, (indices, norms, None, None))
 
 
-class TurboQuantProd(_Quantizer):
+class TurboQuantProd(TurboQuantizer):
     """Inner-product TurboQuant: (bits-1)-bit MSE codes + 1-bit QJL of the residual.
 
     bits = 1 stores QJL signs only. Buffers: rotation (dim, dim), centroids (2**(bits-1),),
@@ -138,35 +137,21 @@ class TurboQuantProd(_Quantizer):
 
     def __init__(self, dim: int, bits: int, seed: int = 42, qjl_dim: int | None = None,
                  norm_dtype: torch.dtype = torch.float16):
-        super().__init__()
-        checks.head_dim("dim", dim)
-        _check_bits(bits, 1)
-        _check_norm_dtype(norm_dtype)
-        qjl_dim = dim if qjl_dim is None else qjl_dim
-        if not isinstance(qjl_dim, int) or isinstance(qjl_dim, bool) or qjl_dim < 1:
-            raise ValueError(f"qjl_dim must be a positive int, got {qjl_dim!r}")
-        self.dim, self.bits, self.index_bits, self.norm_dtype = dim, bits, bits - 1, norm_dtype
-        self.seed, self.qjl_dim = seed, qjl_dim
-        self._register(constants(dim, bits - 1, seed, qjl_dim))
+        super().__init__(dim, bits, seed, dim if qjl_dim is None else qjl_dim, norm_dtype)
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (B, H, S, dim) -> (indices, norms, signs uint8 (B, H, S, qjl_dim/8), residual_norms)."""
-        checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
-        out = torch.ops.tq.compress(x, *self.constants_on(x.device), self.index_bits,
-                                    self.norm_dtype)
-        return out
+        return self._compress(x)
 
     def dequantize(self, indices: Tensor, norms: Tensor, signs: Tensor, residual_norms: Tensor,
                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Packed fields -> (B, H, S, dim): MSE part + sqrt(pi/2)/m * gamma * S^T signs."""
-        return torch.ops.tq.decompress(indices, norms, signs, residual_norms,
-                                       *self.constants_on(indices.device), self.index_bits, dtype)
+        return self._decompress((indices, norms, signs, residual_norms), dtype)
 
     def scores(self, query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor,
                residual_norms: Tensor) -> Tensor:
         """Unbiased unscaled <query, x> estimates (B, Hq, Lq, S) in the query dtype."""
-        return torch.ops.tq.scores(query, indices, norms, signs, residual_norms,
-                                   *self.constants_on(indices.device), self.index_bits)
+        return self._scores(query, (indices, norms, signs, residual_norms))
 
 
 KEY_QUANTIZERS = ("mse", "prod")
@@ -185,7 +170,7 @@ def check_key_quantizer(key_quantizer: str, qjl_dim: int | None = None) -> None:
 def make_quantizers(head_dim: int, k_bits: int, v_bits: int,
                     key_quantizer: str = DEFAULT_KEY_QUANTIZER, seed: int = 0,
                     qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16, *,
-                    v_head_dim: int | None = None) -> tuple[_Quantizer, TurboQuantMSE]:
+                    v_head_dim: int | None = None) -> tuple[TurboQuantizer, TurboQuantMSE]:
     """(key quantizer, value quantizer) at k_bits / v_bits user bits per coordinate.
 
     Keys: `TurboQuantMSE` ("mse") or `TurboQuantProd` ("prod": k_bits - 1 MSE bits + 1 QJL bit,
