@@ -30,8 +30,10 @@ def randn(*shape, seed=0):
 
 
 def simulate(config, index, q, k, v, scale, is_causal=False, mask=None):
-    """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer)."""
+    """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer);
+    keys minus their mean over the sequence when config.center_keys."""
     kq, vq = site_quantizers(config, index, k.shape[-1], v.shape[-1])
+    k = k - k.mean(-2, keepdim=True) if config.center_keys else k
     kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, torch.float16)
     vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
     k_extra = (kc[2], kc[3]) if kq.qjl is not None else (None, None)
@@ -140,8 +142,9 @@ def test_centring_keys_leaves_exact_attention_unchanged(q_len, kv_len, group, ca
 
 @pytest.mark.parametrize("form", ["causal", "bool_mask", "enable_gqa", "repeat_kv"])
 def test_center_keys_compresses_keys_minus_their_mean(form):
-    """With center_keys the site compresses k - mean_S(k) per (batch, kv head); on keys with
-    a large common offset that cuts the attention error against exact attention."""
+    """With center_keys the site compresses k - mean_S(k) per (batch, kv head) (the oracle
+    `simulate` centres); on keys with a large common offset that cuts the attention error
+    against exact attention."""
     fn, kv_heads, mask_kind, causal, scale = SDPA_FORMS[form]
     q, k, v = qkv(kv_heads)
     k = k + 4 * randn(B, kv_heads, 1, D, seed=4)
@@ -152,8 +155,7 @@ def test_center_keys_compresses_keys_minus_their_mean(form):
     for center in (True, False):
         config = TurboQuantConfig(k_bits=3, v_bits=4, center_keys=center)
         out, sites, _ = rewrite_and_run(fn, q, k, v, mask, config=config)
-        keys = k - k.mean(-2, keepdim=True) if center else k
-        expected = simulate(config, 0, q, keys, v, scale or 1 / math.sqrt(D), causal, used_mask)
+        expected = simulate(config, 0, q, k, v, scale or 1 / math.sqrt(D), causal, used_mask)
         assert len(sites) == 1
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         errors.append(((out - exact).norm() / exact.norm()).item())
@@ -386,7 +388,8 @@ def test_config_validation_and_pass_uuid():
         3, 2, "prod")
     assert backend(key_quantizer="prod", qjl_dim=24, seed=2 ** 63 - 1,
                    norm_dtype=torch.bfloat16).config.qjl_dim == 24
-    assert backend(center_keys=True).config == TurboQuantConfig(center_keys=True)
+    assert backend(center_keys=False).config == TurboQuantConfig(center_keys=False)
+    assert TurboQuantConfig().center_keys and TurboQuantConfig(mode="cache").center_keys
 
 
 BAD_SETTINGS = [
@@ -405,7 +408,7 @@ BAD_SETTINGS = [
     ({"mode": "cache", "key_quantizer": "prod"}, ValueError, "key_quantizer would be ignored"),
     ({"mode": "cache", "norm_dtype": torch.float32}, ValueError, "norm_dtype would be ignored"),
     ({"center_keys": 1}, TypeError, "center_keys must be a bool"),
-    ({"mode": "cache", "center_keys": True}, ValueError, "center_keys would be ignored"),
+    ({"mode": "cache", "center_keys": False}, ValueError, "center_keys would be ignored"),
 ]
 
 

@@ -23,7 +23,8 @@ def run(tmp_path_factory):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert ev.main(["--tokens", "240", "--max-length", "120", "--stride", "60",
-                        "--bits", "4/4,2/2", "--levers", "center", "--json", str(path), "--no-progress"]) == 0
+                        "--bits", "4/4,2/2", "--levers", "center", "--json", str(path),
+                        "--no-progress"]) == 0
     return out.getvalue(), json.loads(path.read_text())
 
 

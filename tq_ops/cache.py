@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
 from .norms import vector_norms
-from .compile.passes import DEFAULT_KEY_QUANTIZER, KEY_QUANTIZERS
+from .compile.passes import DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, KEY_QUANTIZERS
 from .packing import packed_bytes
 from .quantizer import TurboQuantMSE, TurboQuantProd
 
@@ -277,7 +277,7 @@ class TurboQuantCache(Cache):
                  key_quantizer: str = DEFAULT_KEY_QUANTIZER, max_batch_size: int | None = None,
                  device: torch.device | str | None = None, seed: int = 0,
                  qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16,
-                 per_layer_seeds: bool = False, center_keys: bool = False):
+                 per_layer_seeds: bool = False, center_keys: bool = DEFAULT_CENTER_KEYS):
         if not isinstance(center_keys, bool):
             raise TypeError(f"center_keys must be a bool, got {center_keys!r}")
         if key_quantizer not in KEY_QUANTIZERS:

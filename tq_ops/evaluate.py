@@ -10,7 +10,8 @@ Schemes (K and V bits per coordinate given per scheme):
 * "uncompressed": the model as loaded (counted as an fp16 cache: 16 bits per element).
 * "tq": TurboQuant through `torch.compile(model, backend=tq_ops.backend(mode="simulate"))`:
   every attention call compresses its K and V, MSE or Prod keys; with the lever "center"
-  (`center_keys=True`) each (batch, kv head)'s key mean is subtracted first.
+  (`center_keys=True`, the backend's default) each (batch, kv head)'s key mean is subtracted
+  first.
 * "rtn": per-token asymmetric integer round-to-nearest, min/max over head_dim per token and
   head, fp16 scale and zero.
 * "kivi": KIVI-style: keys per channel over groups of `group` tokens, values per token, fp16
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compile import backend
+from .compile.passes import DEFAULT_CENTER_KEYS
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
@@ -47,15 +49,18 @@ FP16_MAX = torch.finfo(torch.float16).max
 class Scheme:
     """One row of the table: method (one of METHODS), user bits per coordinate for K and V
     (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod") and whether "tq"
-    centres the keys (the lever "center")."""
+    centres the keys (the lever "center"; None: the backend's default for "tq", off for the
+    other methods)."""
 
     method: str
     k_bits: int | None = None
     v_bits: int | None = None
     key_quantizer: str = "mse"
-    center_keys: bool = False
+    center_keys: bool | None = None
 
     def __post_init__(self):
+        if self.center_keys is None:
+            object.__setattr__(self, "center_keys", self.method == "tq" and DEFAULT_CENTER_KEYS)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method != "uncompressed":
@@ -78,16 +83,17 @@ class Scheme:
 
 def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers=(),
                     baselines: bool = True) -> list[Scheme]:
-    """Uncompressed, then for each (k_bits, v_bits): tq with each key quantizer (and again
-    with each lever of LEVERS), then RTN and KIVI unless baselines=False."""
+    """Uncompressed, then for each (k_bits, v_bits): tq with each key quantizer at the
+    backend's defaults (with each lever of `levers` both off and on instead), then RTN and
+    KIVI unless baselines=False."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"levers must be among {LEVERS}, got {sorted(unknown)}")
     schemes = [Scheme("uncompressed")]
     for k, v in bits:
         for kq in key_quantizers:
-            schemes += [Scheme("tq", k, v, kq)]
-            schemes += [Scheme("tq", k, v, kq, center_keys=True)] if "center" in levers else []
+            centring = (False, True) if "center" in levers else (DEFAULT_CENTER_KEYS,)
+            schemes += [Scheme("tq", k, v, kq, center_keys=c) for c in centring]
         schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)] if baselines else []
     return schemes
 
@@ -312,9 +318,10 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
 
     model: a transformers causal LM using attn_implementation "sdpa", in eval mode.
     ids: (n,) token ids on the model's device. stride defaults to max_length // 2.
-    Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer,
+    Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer, center_keys,
     k_bits_per_element, v_bits_per_element, bytes_per_token (K + V, all layers and KV heads),
-    mean_bytes (per sequence: the fp32 key means of "center", else 0), perplexity, delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
+    mean_bytes (per sequence: the fp32 key means of "center", else 0), perplexity,
+    delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
     (fraction), tokens (scored).
     """
     if ids.dim() != 1:
@@ -471,7 +478,8 @@ def main(argv=None) -> int:
     parser.add_argument("--key-quantizer", default="mse",
                         help="tq key quantizers, comma-separated: mse, prod or mse,prod")
     parser.add_argument("--levers", default="",
-                        help="tq quality levers, comma-separated, each its own row: center")
+                        help="tq quality levers to show both off and on, comma-separated: "
+                        "center (default: one row per tq scheme, levers at their defaults)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the per-token RTN and KIVI-style rows")
     parser.add_argument("--group", type=int, default=32, help="KIVI key group size (tokens)")

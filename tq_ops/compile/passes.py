@@ -29,6 +29,7 @@ log = logging.getLogger("tq_ops")
 
 KEY_QUANTIZERS = ("mse", "prod")
 DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
+DEFAULT_CENTER_KEYS = True  # measured: see README, "Quality evaluation"
 MODES = ("simulate", "cache")
 _CONSTANT_PREFIX = "_tq_const_"
 SEED_RANGE = (-2 ** 63, 2 ** 63)  # leaves room for the site offsets below manual_seed's 2**64
@@ -56,7 +57,7 @@ class TurboQuantConfig:
     seed: int = 0
     qjl_dim: int | None = None
     norm_dtype: torch.dtype = torch.float16
-    center_keys: bool = False
+    center_keys: bool = DEFAULT_CENTER_KEYS
 
     def __post_init__(self):
         if self.key_quantizer not in KEY_QUANTIZERS:
@@ -450,7 +451,7 @@ class TurboQuantPass(CustomGraphPass):
 def backend(k_bits: int = 4, v_bits: int = 3, key_quantizer: str = DEFAULT_KEY_QUANTIZER,
             mode: str = "simulate", seed: int = 0, qjl_dim: int | None = None,
             norm_dtype: torch.dtype = torch.float16,
-            center_keys: bool = False) -> TurboQuantBackend:
+            center_keys: bool = DEFAULT_CENTER_KEYS) -> TurboQuantBackend:
     """A "turboquant" backend with explicit settings: `torch.compile(m, backend=backend(...))`."""
     return TurboQuantBackend(TurboQuantConfig(k_bits, v_bits, key_quantizer, mode, seed, qjl_dim,
                                               norm_dtype, center_keys))
