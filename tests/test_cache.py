@@ -2,6 +2,7 @@
 against StaticCache, and greedy generation eager vs compiled with the "turboquant" backend."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def prompt(length=8, batch=1):
 def test_update_writes_packed_tokens_and_returns_reference_decompression(key_quantizer):
     config = transformers.LlamaConfig(**SMALL)
     cache = TurboQuantCache(config=config, max_cache_len=10, k_bits=3, v_bits=2,
-                            key_quantizer=key_quantizer, max_batch_size=2)
+                            key_quantizer=key_quantizer, max_batch_size=2, center_keys=False)
     layer = cache.layers[1]
     assert len(cache.layers) == 2
     assert layer.k_indices.shape == (2, 2, 10, 2 * layer.k_index_bits)
@@ -66,6 +67,67 @@ def test_update_writes_packed_tokens_and_returns_reference_decompression(key_qua
     assert int(cache.get_seq_length(1)) == 0 and layer.k_norms.abs().max() == 0
 
 
+def test_center_keys_stores_keys_minus_the_prefill_mean():
+    """k_mean is the first update's key mean per (batch, kv head), fp32; every update stores
+    k - k_mean (checked against the reference codec); a refused first update leaves it
+    unset; reorder permutes it, crop keeps it, reset lets the next prefill set it; nbytes
+    counts it (D fp32 per layer, batch row and kv head)."""
+    config = transformers.LlamaConfig(**SMALL)
+    plain = TurboQuantCache(config=config, max_cache_len=10, max_batch_size=2, center_keys=False)
+    cache = TurboQuantCache(config=config, max_cache_len=10, max_batch_size=2)  # centred
+    assert cache.nbytes() == plain.nbytes() + 2 * 2 * 2 * 16 * 4  # layers, batch, heads, D
+    layer = cache.layers[0]
+    bad = states(2, 3)[0], torch.full((2, 2, 3, 16), math.inf)
+    with pytest.raises(ValueError, match="value_states"):
+        cache.update(*bad, 0)
+    assert layer.k_mean.abs().max() == 0
+    chunks = [states(2, n, seed=n) for n in (3, 1, 2)]
+    chunks = [(k + 5, v) for k, v in chunks]  # a common offset, as real keys have
+    for k, v in chunks:
+        for index in (1, 0):
+            keys, _ = cache.update(k, v, index)
+    mean = chunks[0][0].double().mean(2, keepdim=True)
+    assert layer.k_mean.dtype == torch.float32 and layer.k_mean.shape == (2, 2, 1, 16)
+    torch.testing.assert_close(layer.k_mean.double(), mean)
+    centred = torch.cat([c[0] for c in chunks], 2) - layer.k_mean
+    kc = reference.compress(centred, layer.k_rotation, layer.k_centroids, None, layer.k_bits,
+                            torch.float16)
+    want = reference.decompress(kc[0], kc[1], None, None, layer.k_rotation, layer.k_centroids,
+                                None, layer.k_bits, torch.float32)
+    torch.testing.assert_close(keys[:, :, :6], want)
+    assert torch.equal(layer.k_indices[:, :, :6], kc[0])
+    before = layer.k_mean.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.k_mean, before[[1, 0]])
+    cache.crop(-2)
+    assert torch.equal(layer.k_mean, before[[1, 0]]) and int(cache.get_seq_length()) == 4
+    cache.reset()
+    cache.update(*chunks[2], 0)
+    torch.testing.assert_close(layer.k_mean, chunks[2][0].mean(2, keepdim=True))
+
+
+def test_center_keys_prefill_equals_simulate_mode_and_cuts_the_key_error():
+    """A centred cache's prefill gives the logits of simulate mode with center_keys (site l
+    has the seeds of layer l under per_layer_seeds); on keys with a common offset (a k_proj
+    bias on the channels RoPE turns slowest) centring brings the logits closer to the
+    uncompressed model's (values at 8 bits: the key error dominates)."""
+    model = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        for block in model.model.layers:  # head_dim 16: channels 4-7 and 12-15 turn slowest
+            bias = block.self_attn.k_proj.bias.view(2, 2, 8)[:, :, 4:]
+            bias.normal_(0, 3, generator=torch.Generator().manual_seed(2))
+        exact = model(prompt()).logits
+        logits = {center: model(prompt(), past_key_values=TurboQuantCache(
+            config=model.config, max_cache_len=8, v_bits=8, per_layer_seeds=True,
+            center_keys=center)).logits for center in (True, False)}
+        compiled = torch.compile(model, backend=backend(v_bits=8, center_keys=True),
+                                 fullgraph=True)
+        simulated = compiled(prompt(), use_cache=False).logits
+    torch.testing.assert_close(logits[True], simulated, rtol=1e-4, atol=1e-4)
+    errors = {c: ((out - exact).norm() / exact.norm()).item() for c, out in logits.items()}
+    assert errors[True] < errors[False] / 2, errors
+
+
 def test_cache_is_at_most_a_4_5th_of_static_cache_at_3_bits():
     config = transformers.LlamaConfig(**{**SMALL, "head_dim": 128})
     static = transformers.StaticCache(config=config, max_cache_len=64)
@@ -76,8 +138,9 @@ def test_cache_is_at_most_a_4_5th_of_static_cache_at_3_bits():
     for key_quantizer, expected in (("mse", 100), ("prod", 102)):  # bytes/token/head, d = 128
         cache = TurboQuantCache(config=config, max_cache_len=64, k_bits=3, v_bits=3,
                                 key_quantizer=key_quantizer, max_batch_size=1)
-        assert cache.nbytes() == expected * 64 * 2 * 2
-        assert static_bytes / cache.nbytes() >= 4.5  # 5.12 (mse keys), 5.02 (prod keys)
+        means = 2 * 2 * 128 * 4  # k_mean: layers, kv heads, D fp32 (per sequence)
+        assert cache.nbytes() == expected * 64 * 2 * 2 + means
+        assert static_bytes / cache.nbytes() >= 4.5  # 4.74 (mse keys), 4.65 (prod keys)
 
 
 def generate(model, cache, steps):
@@ -85,19 +148,23 @@ def generate(model, cache, steps):
                           min_new_tokens=steps, do_sample=False)[0, 8:]
 
 
-def test_generation_eager_equals_compiled_and_decode_never_recompiles():
+@pytest.mark.parametrize("center_keys", [False, True])
+def test_generation_eager_equals_compiled_and_decode_never_recompiles(center_keys):
     model = tiny_llama()
     steps = 32
-    eager = generate(model, TurboQuantCache(config=model.config, max_cache_len=41), steps)
+
+    def new_cache():
+        return TurboQuantCache(config=model.config, max_cache_len=41, center_keys=center_keys)
+
+    eager = generate(model, new_cache(), steps)
     with torch.no_grad():
         exact = model(prompt(), past_key_values=transformers.StaticCache(
             config=model.config, max_cache_len=41)).logits
-        approx = model(prompt(), past_key_values=TurboQuantCache(
-            config=model.config, max_cache_len=41)).logits
+        approx = model(prompt(), past_key_values=new_cache()).logits
     compiler = backend(mode="cache")
     model.forward = torch.compile(model.forward, backend=compiler, fullgraph=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = generate(model, TurboQuantCache(config=model.config, max_cache_len=41), steps)
+    compiled = generate(model, new_cache(), steps)
     del model.forward
     assert torch.equal(eager, compiled), (eager, compiled)
     error = ((approx - exact).norm() / exact.norm()).item()
@@ -250,12 +317,14 @@ def test_layers_share_one_copy_of_the_constants_unless_seeded_per_layer():
         assert torch.equal(layer.k_qjl, qjl_matrix(16, 16, 2 * i))
 
 
-def test_lazy_cache_prefill_eager_then_compiled_decode_never_recompiles():
+@pytest.mark.parametrize("center_keys", [False, True])
+def test_lazy_cache_prefill_eager_then_compiled_decode_never_recompiles(center_keys):
     """Issue 18: no device or batch given, batch-3 prefill, 16 compiled decode steps: one
-    graph, the logits of an eager twin cache at every step."""
+    graph (fullgraph: no host sync either), the logits of an eager twin cache at every step."""
     model = tiny_llama()
     ids = prompt(batch=3)
-    caches = [TurboQuantCache(config=model.config, max_cache_len=24) for _ in range(2)]
+    caches = [TurboQuantCache(config=model.config, max_cache_len=24, center_keys=center_keys)
+              for _ in range(2)]
     compiled = torch.compile(model, backend=backend(mode="cache"), fullgraph=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
@@ -364,8 +433,8 @@ def test_crop_follows_static_cache_semantics():
     tokens."""
     config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
     static = transformers.StaticCache(config=config, max_cache_len=8)
-    cache = TurboQuantCache(config=config, max_cache_len=8)
-    direct = TurboQuantCache(config=config, max_cache_len=8)
+    cache = TurboQuantCache(config=config, max_cache_len=8, center_keys=False)
+    direct = TurboQuantCache(config=config, max_cache_len=8, center_keys=False)
     first, extra = states(1, 5), states(1, 2, seed=1)
     for c in (static, cache):
         c.update(*first, 0)

@@ -41,6 +41,7 @@ class EagerSimulation(TorchFunctionMode):
         assert a.get("dropout_p", 0.0) == 0.0 and q.shape[2] == k.shape[2] or not a["is_causal"]
         kq, vq = site_quantizers(self.config, self.calls, k.shape[-1], v.shape[-1])
         self.calls += 1
+        k = k - k.mean(-2, keepdim=True) if self.config.center_keys else k
         kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits,
                                 torch.float16)
         vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)

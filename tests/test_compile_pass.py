@@ -11,6 +11,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from tq_ops import reference
 from tq_ops.compile import (
@@ -29,8 +30,10 @@ def randn(*shape, seed=0):
 
 
 def simulate(config, index, q, k, v, scale, is_causal=False, mask=None):
-    """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer)."""
+    """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer);
+    keys minus their mean over the sequence when config.center_keys."""
     kq, vq = site_quantizers(config, index, k.shape[-1], v.shape[-1])
+    k = k - k.mean(-2, keepdim=True) if config.center_keys else k
     kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, torch.float16)
     vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
     k_extra = (kc[2], kc[3]) if kq.qjl is not None else (None, None)
@@ -102,6 +105,61 @@ def test_sdpa_forms_match_eager_simulation(form, key_quantizer):
     exact = fn(q, k, v, mask) * 2
     error = ((out - exact).norm() / exact.norm()).item()
     assert 0.01 < error < 0.5, error  # compressed: close to, but not equal to, exact attention
+
+
+def exact_attention(q, k, v, scale, is_causal, mask):
+    """float64 attention with GQA, bottom-right causal masking and a bool mask (True =
+    visible); a row that sees no key gives 0, as tq::attention does."""
+    k, v = (t.double().repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    logits = q.double() @ k.mT * scale
+    visible = torch.ones(logits.shape[-2:], dtype=torch.bool)
+    if is_causal:
+        visible = visible.tril(logits.shape[-1] - logits.shape[-2])
+    if mask is not None:
+        visible = visible & mask
+    p = torch.softmax(logits.masked_fill(~visible, -math.inf), -1).nan_to_num(0.0)
+    return p @ v
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 7), st.sampled_from([1, 2]), st.booleans(),
+       st.floats(0.0, 30.0), st.integers(0, 2 ** 16))
+def test_centring_keys_leaves_exact_attention_unchanged(q_len, kv_len, group, causal, offset,
+                                                        seed):
+    """What center_keys relies on: subtracting each (batch, kv head)'s key mean over the
+    sequence adds q.mean to every logit of a row, which softmax ignores; rows with no visible
+    key (random masks, a causal mask over fewer keys than queries) stay 0."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2 * group, q_len, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(2, 2, kv_len, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    k = k + offset * torch.randn(2, 2, 1, 8, dtype=torch.float64, generator=g)
+    mask = torch.rand(2, 1, q_len, kv_len, generator=g) < 0.6
+    centred = k - k.mean(-2, keepdim=True)
+    torch.testing.assert_close(exact_attention(q, centred, v, 0.35, causal, mask),
+                               exact_attention(q, k, v, 0.35, causal, mask), rtol=1e-9,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["causal", "bool_mask", "enable_gqa", "repeat_kv"])
+def test_center_keys_compresses_keys_minus_their_mean(form):
+    """With center_keys the site compresses k - mean_S(k) per (batch, kv head) (the oracle
+    `simulate` centres); on keys with a large common offset that cuts the attention error
+    against exact attention."""
+    fn, kv_heads, mask_kind, causal, scale = SDPA_FORMS[form]
+    q, k, v = qkv(kv_heads)
+    k = k + 4 * randn(B, kv_heads, 1, D, seed=4)
+    mask = randn(B, 1, L, L, seed=3)
+    used_mask = {"bool": mask > 0, "float": mask, None: None}[mask_kind]
+    exact = fn(q, k, v, mask)
+    errors = []
+    for center in (True, False):
+        config = TurboQuantConfig(k_bits=3, v_bits=4, center_keys=center)
+        out, sites, _ = rewrite_and_run(fn, q, k, v, mask, config=config)
+        expected = simulate(config, 0, q, k, v, scale or 1 / math.sqrt(D), causal, used_mask)
+        assert len(sites) == 1
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        errors.append(((out - exact).norm() / exact.norm()).item())
+    assert errors[0] < errors[1] / 2, errors
 
 
 def gpt2_style(q, k, v, mask):
@@ -330,6 +388,8 @@ def test_config_validation_and_pass_uuid():
         3, 2, "prod")
     assert backend(key_quantizer="prod", qjl_dim=24, seed=2 ** 63 - 1,
                    norm_dtype=torch.bfloat16).config.qjl_dim == 24
+    assert backend(center_keys=False).config == TurboQuantConfig(center_keys=False)
+    assert TurboQuantConfig().center_keys and TurboQuantConfig(mode="cache").center_keys
 
 
 BAD_SETTINGS = [
@@ -347,6 +407,8 @@ BAD_SETTINGS = [
     ({"mode": "cache", "v_bits": 2, "seed": 1}, ValueError, "v_bits, seed would be ignored"),
     ({"mode": "cache", "key_quantizer": "prod"}, ValueError, "key_quantizer would be ignored"),
     ({"mode": "cache", "norm_dtype": torch.float32}, ValueError, "norm_dtype would be ignored"),
+    ({"center_keys": 1}, TypeError, "center_keys must be a bool"),
+    ({"mode": "cache", "center_keys": False}, ValueError, "center_keys would be ignored"),
 ]
 
 

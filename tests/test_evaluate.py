@@ -17,12 +17,14 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(stdout, parsed --json) of `tq-ops eval` on 240 random tokens, K/V 4/4 and 2/2."""
+    """(stdout, parsed --json) of `tq-ops eval` on 240 random tokens, K/V 4/4 and 2/2, with
+    the lever "center"."""
     path = tmp_path_factory.mktemp("eval") / "out.json"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert ev.main(["--tokens", "240", "--max-length", "120", "--stride", "60",
-                        "--bits", "4/4,2/2", "--json", str(path), "--no-progress"]) == 0
+                        "--bits", "4/4,2/2", "--levers", "center", "--json", str(path),
+                        "--no-progress"]) == 0
     return out.getvalue(), json.loads(path.read_text())
 
 
@@ -33,8 +35,9 @@ def rows_by_name(data):
 def test_table_has_every_scheme_and_uncompressed_is_exact(run):
     text, data = run
     rows = rows_by_name(data)
-    names = ["uncompressed", "tq K4/V4 mse", "per-token RTN K4/V4", "KIVI-style K4/V4",
-             "tq K2/V2 mse", "per-token RTN K2/V2", "KIVI-style K2/V2"]
+    names = ["uncompressed", "tq K4/V4 mse", "tq K4/V4 mse +center", "per-token RTN K4/V4",
+             "KIVI-style K4/V4", "tq K2/V2 mse", "tq K2/V2 mse +center", "per-token RTN K2/V2",
+             "KIVI-style K2/V2"]
     assert list(rows) == names
     for name in names:
         assert f"| {name} |" in text
@@ -54,6 +57,28 @@ def test_kl_grows_as_bits_fall(run):
         high, low = rows[f"{method} K4/V4{suffix}"], rows[f"{method} K2/V2{suffix}"]
         assert 0 < high["kl_mean"] < low["kl_mean"], method
         assert high["kl_p90"] < low["kl_p90"] and high["top1_agreement"] > low["top1_agreement"]
+
+
+def test_center_lever_keeps_the_bits_and_reports_the_mean_apart(run):
+    rows = rows_by_name(run[1])
+    for bits in ("K4/V4", "K2/V2"):
+        plain, centred = rows[f"tq {bits} mse"], rows[f"tq {bits} mse +center"]
+        assert centred["center_keys"] and not plain["center_keys"]
+        for key in ("k_bits_per_element", "v_bits_per_element", "bytes_per_token"):
+            assert centred[key] == plain[key]
+        assert centred["mean_bytes"] == 2 * 2 * 64 * 4 and plain["mean_bytes"] == 0
+        assert centred["kl_mean"] > 0 and centred["kl_mean"] != plain["kl_mean"]
+
+
+def test_schemes_per_lever_and_without_baselines():
+    got = [s.name for s in ev.default_schemes([(4, 3)], ("mse", "prod"), ("center",),
+                                              baselines=False)]
+    assert got == ["uncompressed", "tq K4/V3 mse", "tq K4/V3 mse +center", "tq K4/V3 prod",
+                   "tq K4/V3 prod +center"]
+    with pytest.raises(ValueError, match="levers"):
+        ev.default_schemes([(4, 3)], levers=("window",))
+    with pytest.raises(ValueError, match="center_keys"):
+        ev.Scheme("kivi", 4, 4, center_keys=True)
 
 
 def test_bits_and_bytes_follow_the_stored_fields(run):
@@ -140,7 +165,8 @@ def test_bad_input_names_the_argument():
         ev.Scheme("int4", 4, 4)
     with pytest.raises(ValueError, match="float16 range"):  # scale 1e5 / 15 fits, zero doesn't
         ev.fake_quantize(torch.tensor([[-1e5, 0.0]]), 4, -1)
-    for argv in (["--bits", "4-4"], ["--text", "prose.txt"], ["--key-quantizer", "int"]):
+    for argv in (["--bits", "4-4"], ["--text", "prose.txt"], ["--key-quantizer", "int"],
+                 ["--levers", "sinks"]):
         with pytest.raises(SystemExit):
             ev.main(argv)
 

@@ -8,6 +8,10 @@ else at the first `update`, which takes B and the device from the key states:
   (B, Hkv, S_max, 1) in norm_dtype; Prod keys add `k_signs` uint8 (B, Hkv, S_max, qjl_dim/8)
   and `k_residual_norms` (B, Hkv, S_max, 1);
 * values (MSE): `v_indices`, `v_norms`;
+* with `center_keys`: `k_mean` float32 (B, Hkv, 1, D), each (batch, kv head)'s key mean over
+  the first update (the prefill), taken when the cache is empty; every update stores
+  k - k_mean, and `tq::read_cache` returns the centred keys, which attention reads exactly
+  as the keys themselves (softmax is invariant to the q.k_mean added to every logit of a row);
 * `cumulative_length` (0-d int64, tokens written) and `errors` (0-d int64, refused compiled
   updates: `CAPACITY | KEY_NORMS | VALUE_NORMS` bits, cleared by `reset`).
 
@@ -31,9 +35,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import checks
 from .norms import vector_norms
 from .packing import packed_bytes
-from .quantizer import DEFAULT_KEY_QUANTIZER, check_key_quantizer, make_quantizers
+from .quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
+                        make_quantizers)
 
 _BUFFERS = ("k_indices", "k_norms", "k_signs", "k_residual_norms", "v_indices", "v_norms")
+_PER_SEQUENCE = ("k_mean",)  # one row per (batch, kv head), not per slot
 CAPACITY, KEY_NORMS, VALUE_NORMS = 1, 2, 4  # bits of a layer's `errors`
 
 
@@ -51,13 +57,13 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int, num_heads: int, head_dim: int, k_bits: int,
                  v_bits: int, key_quantizer: str, seed: int, qjl_dim: int | None,
-                 norm_dtype: torch.dtype):
+                 norm_dtype: torch.dtype, center_keys: bool = False):
         super().__init__()
         self.k_quantizer, self.v_quantizer = make_quantizers(head_dim, k_bits, v_bits,
                                                              key_quantizer, seed, qjl_dim,
                                                              norm_dtype)
         self.max_cache_len, self.num_heads, self.head_dim = max_cache_len, num_heads, head_dim
-        self.norm_dtype = norm_dtype
+        self.norm_dtype, self.center_keys = norm_dtype, center_keys
         self.k_index_bits = self.k_quantizer.index_bits  # the ops' (Prod keys: k_bits - 1)
         self.v_index_bits = self.v_quantizer.index_bits
         self.cumulative_length = torch.zeros((), dtype=torch.long)
@@ -84,6 +90,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.k_residual_norms = zeros(1, self.norm_dtype) if prod else None
         self.v_indices = zeros(packed_bytes(self.head_dim, self.v_index_bits), torch.uint8)
         self.v_norms = zeros(1, self.norm_dtype)
+        self.k_mean = (torch.zeros(batch, self.num_heads, 1, self.head_dim, device=device)
+                       if self.center_keys else None)
         self.cumulative_length = self.cumulative_length.to(device)
         self.errors = torch.zeros((), dtype=torch.long, device=device)
         self.batch_size, self.device, self.is_initialized = batch, device, True
@@ -92,11 +100,13 @@ class TurboQuantLayer(CacheLayerMixin):
                                                                self.errors]:
                 torch._dynamo.mark_static_address(tensor)
 
-    def tensors(self) -> list[Tensor]:
-        """The packed K/V state buffers (what the cache's memory is); [] before allocation."""
+    def tensors(self, per_sequence: bool = True) -> list[Tensor]:
+        """The packed K/V state buffers (what the cache's memory is), with the per-sequence
+        `k_mean` unless per_sequence=False; [] before allocation."""
         if not self.is_initialized:
             return []
-        return [t for t in (getattr(self, name) for name in _BUFFERS) if t is not None]
+        names = _BUFFERS + (_PER_SEQUENCE if per_sequence else ())
+        return [t for t in (getattr(self, name) for name in names) if t is not None]
 
     def constants(self) -> list[Tensor]:
         """Rotation, codebook and QJL tensors of keys and values on the buffers' device."""
@@ -157,6 +167,12 @@ class TurboQuantLayer(CacheLayerMixin):
         length = key_states.shape[-2]
         if length > self.max_cache_len:
             raise ValueError(f"{length} tokens do not fit max_cache_len={self.max_cache_len}")
+        if self.center_keys:
+            mean = self.k_mean
+            if length:  # an empty cache takes the mean of these states (no host sync)
+                mean = torch.where(self.cumulative_length == 0,
+                                   key_states.float().mean(2, keepdim=True), mean)
+            key_states = key_states - mean.to(key_states.dtype)
         if checks.can_sync(self.cumulative_length):  # eager: refuse before writing anything
             self.check()
             written = int(self.cumulative_length)
@@ -166,6 +182,8 @@ class TurboQuantLayer(CacheLayerMixin):
                                  "not fit (crop() or reset() it, or allocate a larger one)")
             for name, states in (("key_states", key_states), ("value_states", value_states)):
                 checks.storable_norms(name, vector_norms(states), self.norm_dtype)
+        if self.center_keys:
+            self.k_mean.copy_(mean)
         fits = self.cumulative_length + length <= self.max_cache_len
         # A compiled step that does not fit writes nothing: its positions lie past the buffers.
         start = torch.where(fits, self.cumulative_length, self.max_cache_len)
@@ -224,7 +242,7 @@ class TurboQuantLayer(CacheLayerMixin):
         if kept < 0:
             raise ValueError(f"cannot remove {-tokens_to_remove} tokens: {written} are written")
         dropped = torch.arange(kept, written, device=self.device)
-        for tensor in self.tensors():
+        for tensor in self.tensors(per_sequence=False):
             tensor.index_fill_(2, dropped, 0)
         self.cumulative_length.fill_(kept)
 
@@ -250,13 +268,17 @@ class TurboQuantCache(Cache):
     must match); with either, at construction (batch 1 / CPU for the one not given). Every
     layer uses seed (keys) and seed + 1 (values), so all layers share one copy of the
     constants; per_layer_seeds=True gives layer l seeds seed + 2l and seed + 2l + 1.
+    center_keys: store keys minus their per-(batch, kv head) mean over the first update
+    (attention over them is exact; `k_mean` costs D fp32 per layer, batch row and kv head).
     """
 
     def __init__(self, config, max_cache_len: int, k_bits: int = 4, v_bits: int = 3,
                  key_quantizer: str = DEFAULT_KEY_QUANTIZER, max_batch_size: int | None = None,
                  device: torch.device | str | None = None, seed: int = 0,
                  qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16,
-                 per_layer_seeds: bool = False):
+                 per_layer_seeds: bool = False, center_keys: bool = DEFAULT_CENTER_KEYS):
+        if not isinstance(center_keys, bool):
+            raise TypeError(f"center_keys must be a bool, got {center_keys!r}")
         check_key_quantizer(key_quantizer, qjl_dim)
         _positive_int("max_cache_len", max_cache_len)
         if max_batch_size is not None:
@@ -267,7 +289,8 @@ class TurboQuantCache(Cache):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         stride = 2 if per_layer_seeds else 0
         layers = [TurboQuantLayer(max_cache_len, kv_heads, head_dim, k_bits, v_bits,
-                                  key_quantizer, seed + stride * layer, qjl_dim, norm_dtype)
+                                  key_quantizer, seed + stride * layer, qjl_dim, norm_dtype,
+                                  center_keys)
                   for layer in range(text.num_hidden_layers)]
         super().__init__(layers=layers)
         if max_batch_size is not None or device is not None:
@@ -296,7 +319,7 @@ class TurboQuantCache(Cache):
         super().reorder_cache(beam_idx)
 
     def nbytes(self) -> int:
-        """Bytes of the packed K/V state of all layers (constants excluded; 0 before
-        allocation)."""
+        """Bytes of the packed K/V state of all layers, `k_mean` included (constants excluded;
+        0 before allocation)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in layer.tensors())

@@ -9,7 +9,9 @@ same position, the KL divergence KL(p_uncompressed || p_scheme) in nats and top-
 Schemes (K and V bits per coordinate given per scheme):
 * "uncompressed": the model as loaded (counted as an fp16 cache: 16 bits per element).
 * "tq": TurboQuant through `torch.compile(model, backend=tq_ops.backend(mode="simulate"))`:
-  every attention call compresses its K and V, MSE or Prod keys.
+  every attention call compresses its K and V, MSE or Prod keys; with the lever "center"
+  (`center_keys=True`, the backend's default) each (batch, kv head)'s key mean is subtracted
+  first.
 * "rtn": per-token asymmetric integer round-to-nearest, min/max over head_dim per token and
   head, fp16 scale and zero.
 * "kivi": KIVI-style: keys per channel over groups of `group` tokens, values per token, fp16
@@ -21,7 +23,9 @@ wrapper around transformers' "sdpa").
 Bits per element count what is stored per head, metadata included (d = head_dim, G = group):
 tq MSE b + 16/d (fp16 norm), tq Prod b + 32/d (norm and residual norm), RTN b + 32/d,
 KIVI keys b + 32/G and values b + 32/d (the fp16 residual of fewer than G tokens is not
-counted). Bytes per token sum K and V over all layers and KV heads.
+counted). Bytes per token sum K and V over all layers and KV heads. A key mean is stored
+once per sequence, not per token: `mean_bytes` reports it apart (fp32, D per layer and KV
+head), outside the bits per element.
 """
 
 import argparse
@@ -34,28 +38,37 @@ import torch
 
 from . import checks
 from .compile import backend
+from .quantizer import DEFAULT_CENTER_KEYS
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
+LEVERS = ("center",)
 FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
 class Scheme:
     """One row of the table: method (one of METHODS), user bits per coordinate for K and V
-    (None for "uncompressed"), and the key quantizer of "tq" ("mse" or "prod")."""
+    (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod") and whether "tq"
+    centres the keys (the lever "center"; None: the backend's default for "tq", off for the
+    other methods)."""
 
     method: str
     k_bits: int | None = None
     v_bits: int | None = None
     key_quantizer: str = "mse"
+    center_keys: bool | None = None
 
     def __post_init__(self):
+        if self.center_keys is None:
+            object.__setattr__(self, "center_keys", self.method == "tq" and DEFAULT_CENTER_KEYS)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method != "uncompressed":
             for name in ("k_bits", "v_bits"):
                 checks.int_range(name, getattr(self, name), 1, 8)
+        if self.center_keys and self.method != "tq":
+            raise ValueError(f"center_keys applies to method 'tq' only, got {self.method!r}")
 
     @property
     def name(self) -> str:
@@ -63,15 +76,24 @@ class Scheme:
             return "uncompressed"
         label = {"tq": "tq", "rtn": "per-token RTN", "kivi": "KIVI-style"}[self.method]
         suffix = f" {self.key_quantizer}" if self.method == "tq" else ""
+        suffix += " +center" if self.center_keys else ""
         return f"{label} K{self.k_bits}/V{self.v_bits}{suffix}"
 
 
-def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",)) -> list[Scheme]:
-    """Uncompressed, then for each (k_bits, v_bits): tq with each key quantizer, RTN, KIVI."""
+def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers=(),
+                    baselines: bool = True) -> list[Scheme]:
+    """Uncompressed, then for each (k_bits, v_bits): tq with each key quantizer at the
+    backend's defaults (with each lever of `levers` both off and on instead), then RTN and
+    KIVI unless baselines=False."""
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"levers must be among {LEVERS}, got {sorted(unknown)}")
     schemes = [Scheme("uncompressed")]
     for k, v in bits:
-        schemes += [Scheme("tq", k, v, kq) for kq in key_quantizers]
-        schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)]
+        for kq in key_quantizers:
+            centring = (False, True) if "center" in levers else (DEFAULT_CENTER_KEYS,)
+            schemes += [Scheme("tq", k, v, kq, center_keys=c) for c in centring]
+        schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)] if baselines else []
     return schemes
 
 
@@ -203,7 +225,8 @@ class _Compiled:
 
     def __init__(self, model, scheme: Scheme, layers: int):
         self.compiler = backend(k_bits=scheme.k_bits, v_bits=scheme.v_bits,
-                                key_quantizer=scheme.key_quantizer, mode="simulate")
+                                key_quantizer=scheme.key_quantizer, mode="simulate",
+                                center_keys=scheme.center_keys)
         self.compiled = torch.compile(model, backend=self.compiler, dynamic=False)
         self.scheme, self.layers = scheme, layers
 
@@ -292,9 +315,10 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
 
     model: a transformers causal LM using attn_implementation "sdpa", in eval mode.
     ids: (n,) token ids on the model's device. stride defaults to max_length // 2.
-    Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer,
+    Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer, center_keys,
     k_bits_per_element, v_bits_per_element, bytes_per_token (K + V, all layers and KV heads),
-    perplexity, delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
+    mean_bytes (per sequence: the fp32 key means of "center", else 0), perplexity,
+    delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
     (fraction), tokens (scored).
     """
     if ids.dim() != 1:
@@ -330,8 +354,10 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
             "scheme": scheme.name, "method": scheme.method, "k_bits": scheme.k_bits,
             "v_bits": scheme.v_bits,
             "key_quantizer": scheme.key_quantizer if scheme.method == "tq" else None,
+            "center_keys": scheme.center_keys,
             "k_bits_per_element": k_bpe, "v_bits_per_element": v_bpe,
             "bytes_per_token": layers * kv_heads * head_dim * (k_bpe + v_bpe) / 8,
+            "mean_bytes": layers * kv_heads * head_dim * 4 if scheme.center_keys else 0,
             "perplexity": math.exp(tally.nll / count), "kl_mean": float(kl.mean()),
             "kl_p90": float(torch.quantile(kl, 0.9)), "top1_agreement": tally.top1 / count,
             "tokens": count})
@@ -447,6 +473,11 @@ def main(argv=None) -> int:
     parser.add_argument("--v-bits", type=_int_list, help="value bits list")
     parser.add_argument("--key-quantizer", default="mse",
                         help="tq key quantizers, comma-separated: mse, prod or mse,prod")
+    parser.add_argument("--levers", default="",
+                        help="tq quality levers to show both off and on, comma-separated: "
+                        "center (default: one row per tq scheme, levers at their defaults)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="leave out the per-token RTN and KIVI-style rows")
     parser.add_argument("--group", type=int, default=32, help="KIVI key group size (tokens)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -467,6 +498,9 @@ def main(argv=None) -> int:
     key_quantizers = tuple(args.key_quantizer.split(","))
     if not set(key_quantizers) <= {"mse", "prod"}:
         parser.error(f"--key-quantizer takes mse, prod or mse,prod, got {args.key_quantizer!r}")
+    levers = tuple(lever for lever in args.levers.split(",") if lever)
+    if not set(levers) <= set(LEVERS):
+        parser.error(f"--levers takes {', '.join(LEVERS)}, got {args.levers!r}")
     if args.model is None and args.text is not None:
         parser.error("--text needs --model")
     if args.model is None:
@@ -479,7 +513,8 @@ def main(argv=None) -> int:
         name = args.model
     ids = ids[:args.tokens] if args.tokens else ids
     model = model.to(args.device, DTYPES[args.dtype])
-    schemes = default_schemes(args.bits or [(4, 4), (4, 3), (3, 3)], key_quantizers)
+    schemes = default_schemes(args.bits or [(4, 4), (4, 3), (3, 3)], key_quantizers, levers,
+                              baselines=not args.no_baselines)
     results = evaluate(model, ids.to(args.device), schemes, args.max_length, args.stride,
                        args.group, progress=not args.no_progress)
     print(f"{name}: {results[0]['tokens']} tokens scored, windows of {args.max_length}, "

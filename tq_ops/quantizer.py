@@ -156,6 +156,7 @@ class TurboQuantProd(TurboQuantizer):
 
 KEY_QUANTIZERS = ("mse", "prod")
 DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
+DEFAULT_CENTER_KEYS = True  # subtract the keys' mean (exact for attention); measured: see README, "Quality evaluation"
 
 
 def check_key_quantizer(key_quantizer: str, qjl_dim: int | None = None) -> None:

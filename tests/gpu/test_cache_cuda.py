@@ -62,7 +62,8 @@ def test_simulate_mode_matches_reference_on_cuda():
     compiler = backend(k_bits=4, v_bits=3)
     out = torch.compile(attend, backend=compiler, fullgraph=True)(q, k, v)
     kq, vq = site_quantizers(config, 0, 64, 64)
-    kc = reference.compress(k.cpu(), kq.rotation, kq.centroids, None, kq.index_bits,
+    keys = k.cpu() - k.cpu().mean(-2, keepdim=True)  # center_keys, the default
+    kc = reference.compress(keys, kq.rotation, kq.centroids, None, kq.index_bits,
                             torch.float16)
     vc = reference.compress(v.cpu(), vq.rotation, vq.centroids, None, vq.index_bits,
                             torch.float16)

@@ -21,7 +21,8 @@ from torch.fx.node import map_arg
 
 from ..checks import NORM_DTYPES
 from ..codebook import MAX_DIM, MIN_DIM
-from ..quantizer import DEFAULT_KEY_QUANTIZER, check_key_quantizer, make_quantizers
+from ..quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
+                         make_quantizers)
 from . import patterns
 from .patterns import Attention, Compressed, value_of
 
@@ -42,7 +43,9 @@ class TurboQuantConfig:
     quantizers are the cache's, so the other settings must keep their defaults). seed: an int
     in SEED_RANGE; site i of a graph uses seeds seed + 2i (keys) and seed + 2i + 1 (values).
     qjl_dim: QJL rows of "prod" keys (default head_dim). norm_dtype: dtype of the stored norms
-    (float16, bfloat16 or float32).
+    (float16, bfloat16 or float32). center_keys: subtract each (batch, kv head)'s key mean over
+    the sequence before compressing (attention is unchanged by it: softmax is invariant to the
+    q.mean added to every logit of a row), so the quantizer codes only the spread of the keys.
     """
 
     k_bits: int = 4
@@ -52,6 +55,7 @@ class TurboQuantConfig:
     seed: int = 0
     qjl_dim: int | None = None
     norm_dtype: torch.dtype = torch.float16
+    center_keys: bool = DEFAULT_CENTER_KEYS
 
     def __post_init__(self):
         check_key_quantizer(self.key_quantizer)
@@ -75,6 +79,8 @@ class TurboQuantConfig:
         if self.norm_dtype not in NORM_DTYPES:
             raise TypeError(f"norm_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
                             f"got {self.norm_dtype!r}")
+        if not isinstance(self.center_keys, bool):
+            raise TypeError(f"center_keys must be a bool, got {self.center_keys!r}")
         if self.mode == "cache":
             ignored = [f.name for f in fields(self) if getattr(self, f.name) != f.default
                        and f.name != "mode"]
@@ -259,7 +265,10 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
     k_rot, k_cent = const("k_rotation", kq.rotation), const("k_centroids", kq.centroids)
     k_qjl = const("k_qjl", kq.qjl)
     v_rot, v_cent = const("v_rotation", vq.rotation), const("v_centroids", vq.centroids)
-    kc = build.call(torch.ops.tq.compress.default, site.key, k_rot, k_cent, k_qjl, kq.index_bits,
+    key = site.key
+    if config.center_keys:  # (B, Hkv, S, D) minus its (B, Hkv, 1, D) mean over S
+        key = build.call(torch.sub, key, build.call(torch.mean, key, -2, True))
+    kc = build.call(torch.ops.tq.compress.default, key, k_rot, k_cent, k_qjl, kq.index_bits,
                     config.norm_dtype)
     vc = build.call(torch.ops.tq.compress.default, site.value, v_rot, v_cent, None,
                     vq.index_bits, config.norm_dtype)
@@ -434,7 +443,8 @@ class TurboQuantPass(CustomGraphPass):
 
 def backend(k_bits: int = 4, v_bits: int = 3, key_quantizer: str = DEFAULT_KEY_QUANTIZER,
             mode: str = "simulate", seed: int = 0, qjl_dim: int | None = None,
-            norm_dtype: torch.dtype = torch.float16) -> TurboQuantBackend:
+            norm_dtype: torch.dtype = torch.float16,
+            center_keys: bool = DEFAULT_CENTER_KEYS) -> TurboQuantBackend:
     """A "turboquant" backend with explicit settings: `torch.compile(m, backend=backend(...))`."""
     return TurboQuantBackend(TurboQuantConfig(k_bits, v_bits, key_quantizer, mode, seed, qjl_dim,
-                                              norm_dtype))
+                                              norm_dtype, center_keys))
