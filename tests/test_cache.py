@@ -90,10 +90,10 @@ def test_center_keys_stores_keys_minus_the_prefill_mean():
     assert layer.k_mean.dtype == torch.float32 and layer.k_mean.shape == (2, 2, 1, 16)
     torch.testing.assert_close(layer.k_mean.double(), mean)
     centred = torch.cat([c[0] for c in chunks], 2) - layer.k_mean
-    kc = reference.compress(centred, layer.k_rotation, layer.k_centroids, None, layer.k_bits,
+    kc = reference.compress(centred, layer.k_rotation, layer.k_centroids, None, layer.k_index_bits,
                             torch.float16)
     want = reference.decompress(kc[0], kc[1], None, None, layer.k_rotation, layer.k_centroids,
-                                None, layer.k_bits, torch.float32)
+                                None, layer.k_index_bits, torch.float32)
     torch.testing.assert_close(keys[:, :, :6], want)
     assert torch.equal(layer.k_indices[:, :, :6], kc[0])
     before = layer.k_mean.clone()
