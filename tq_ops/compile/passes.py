@@ -1,12 +1,42 @@
 """The FX attention pass, the "turboquant" torch.compile backend and the Inductor hook pass.
 
 `rewrite_attention(gm, config)` edits a Dynamo GraphModule in place: each attention site whose
-K and V come from `tq::decompress` (a `TurboQuantCache`) becomes one `tq::attention` on the
-packed cache; in "simulate" mode every other provable site gets its K and V compressed with
-`tq::compress` and attends with `tq::attention`. Sites that cannot be proven equivalent stay
-as they are and are logged (logger `tq_ops`) with the reason. The pass never runs dead-code
-elimination over the graph (that would drop in-place cache counters); it only erases the
-pure nodes its own replacement made dead.
+K and V come from one `tq::read_cache` (a `TurboQuantCache`) or from `tq::decompress` becomes
+one `tq::attention` on the packed fields; in "simulate" mode every other provable site gets
+its K and V compressed with `tq::compress` and attends with `tq::attention`. Sites that cannot
+be proven equivalent stay as they are and are logged (logger `tq_ops`) with the reason. The
+pass never runs dead-code elimination over the graph (that would drop in-place cache
+counters); it only erases the pure nodes its own replacement made dead.
+
+A site is `softmax(scale * q.k + mask) @ v` as SDPA or as matmul / softmax / matmul, with or
+without repeat_kv; below, `sdpa`. q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D).
+
+Cache site (`_fuse_cache`), before and after:
+
+    k_hat, v_hat = tq.read_cache(k_indices, k_norms, ..., v_indices, ..., written, dtype)
+    out = sdpa(q, k_hat, v_hat, mask, scale)
+->
+    kv_lens = aten.repeat(written, [B])                                  # (B,)
+    out = tq.attention(q, k_indices, k_norms, ..., v_indices, ..., scale, is_causal, mask,
+                       kv_lens)
+
+kv_lens is set only where a mask hides the unwritten slots (a mask, K and V not cut with
+[:, :, :L], both from the same read_cache), else None; the read_cache node goes once unused.
+
+Simulate site (`_simulate`, the graph's i-th simulated site; rot_k, cent_k, qjl_k, rot_v and
+cent_v stand for new buffers `_tq_const_<i>_k_rotation`, ... holding its quantizer constants):
+
+    out = sdpa(q, k, v, mask, scale)
+->
+    k0 = k - k.mean(-2, keepdim=True)                # with center_keys only; else k0 = k
+    kc = tq.compress(k0, rot_k, cent_k, qjl_k, k_index_bits, norm_dtype)
+    vc = tq.compress(v, rot_v, cent_v, None, v_index_bits, norm_dtype)
+    out = tq.attention(q, kc[0], kc[1], kc[2], kc[3], rot_k, cent_k, qjl_k, k_index_bits,
+                       vc[0], vc[1], rot_v, cent_v, v_index_bits, scale, is_causal, mask, None)
+
+With MSE keys qjl_k, kc[2] (signs) and kc[3] (residual norms) are passed as None. In both
+rewrites a bool mask that marks hidden keys is negated first, and an output dtype other than
+the site's gets a `.to(dtype)`.
 """
 
 import logging
