@@ -25,9 +25,9 @@ i * SEG_P + k <-> coordinate i * SEG + k (SEG = D / 8, SEG_P its next power of t
 of width w packs fine segments i' * w + a into byte a * SEG + k, so every plane is a reshape
 and a shifted sum, with no gather; padding columns are masked out, never stored.
 
-Triton 3.6 on Hopper races (seen on the H200: wrong codes for ~1% of vectors at 65k tokens)
-when a loaded block feeds both a wgmma and another use, or when a register operand of an
-async wgmma is rewritten in a loop; here every loaded block feeds only dots or only register
+Triton 3.6 on Hopper races (wrong codes for some vectors; BENCHMARKS.md, "Compress") when a
+loaded block feeds both a wgmma and another use, or when a register operand of an async wgmma
+is rewritten in a loop; here every loaded block feeds only dots or only register
 math, and each tile's dot results are used before the next tile's operands are written.
 Prod reads c[codes] from a register copy of the codebook (tl.gather): a load there, at an
 address computed from a dot, feeding another dot, stops the Triton 3.6 pipeliner.
