@@ -6,6 +6,7 @@ import torch
 from conftest import compress, key_fields, quantizer, root_cause
 from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2, TurboQuantProd, checks
 from tq_ops.packing import pack, packed_bytes
+from tq_ops.rotation import SEED_RANGE, haar_rotation, qjl_matrix
 
 QUANT = quantizer("prod", 16, 3)
 X = torch.randn(1, 2, 4, 16)
@@ -92,6 +93,30 @@ def test_overflowing_norm_is_refused_not_stored_as_inf():
 def test_dim_is_checked_first_and_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("make", [TurboQuantCompressorV2, TurboQuantCompressorMSE])
+@pytest.mark.parametrize("seed,error,message", [
+    (True, TypeError, "seed must be an int, got True"),  # was a torch error (or seed 1's cache)
+    (1.0, TypeError, "seed must be an int, got 1.0"),
+    (2 ** 64 - 1, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1 - 5327436\]"),  # overflow
+    (-2 ** 63 - 1, ValueError, "seed must be in"),
+])
+def test_compressor_seed_is_checked_and_named(make, seed, error, message):
+    TurboQuantCompressorV2(16, 3, seed=1)  # fills the constant caches for seed 1 (== True)
+    with pytest.raises(error, match=message):
+        make(16, 3, seed=seed)
+
+
+def test_seed_range_ends_build_both_streams():
+    """The ends of SEED_RANGE give a rotation and a QJL matrix (torch.Generator accepts the
+    QJL stream's seed there); one past either end is refused."""
+    low, high = SEED_RANGE
+    for seed in (low, high):
+        assert haar_rotation(8, seed).shape == qjl_matrix(8, 8, seed).shape == (8, 8)
+    for seed in (low - 1, high + 1):
+        with pytest.raises(ValueError, match="seed must be in"):
+            qjl_matrix(8, 8, seed)
 
 
 @pytest.mark.parametrize("value,low,high,message", [

@@ -43,11 +43,6 @@ _PER_SEQUENCE = ("k_mean",)  # one row per (batch, kv head), not per slot
 CAPACITY, KEY_NORMS, VALUE_NORMS = 1, 2, 4  # bits of a layer's `errors`
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class TurboQuantLayer(CacheLayerMixin):
     """One layer's packed K/V buffers (shapes in the module docstring) and quantizer constants."""
 
@@ -232,15 +227,12 @@ class TurboQuantLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last -tokens_to_remove tokens (a negative int, as transformers'
         `StaticCache`; 0 does nothing); their slots are zeroed. Eager only (a host sync)."""
-        if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
-            raise ValueError("crop takes a negative int, the number of tokens to remove "
-                             f"(negated), got {tokens_to_remove!r}")
-        if tokens_to_remove == 0 or not self.is_initialized:
+        written = int(self.cumulative_length)  # 0 before the first update
+        checks.int_range("tokens_to_remove (crop takes a negative int: minus the tokens to "
+                         "remove, at most those written)", tokens_to_remove, -written, 0)
+        if tokens_to_remove == 0:
             return
-        written = int(self.cumulative_length)
         kept = written + tokens_to_remove
-        if kept < 0:
-            raise ValueError(f"cannot remove {-tokens_to_remove} tokens: {written} are written")
         dropped = torch.arange(kept, written, device=self.device)
         for tensor in self.tensors(per_sequence=False):
             tensor.index_fill_(2, dropped, 0)
@@ -280,9 +272,9 @@ class TurboQuantCache(Cache):
         if not isinstance(center_keys, bool):
             raise TypeError(f"center_keys must be a bool, got {center_keys!r}")
         check_key_quantizer(key_quantizer, qjl_dim)
-        _positive_int("max_cache_len", max_cache_len)
+        checks.int_range("max_cache_len", max_cache_len, 1)
         if max_batch_size is not None:
-            _positive_int("max_batch_size", max_batch_size)
+            checks.int_range("max_batch_size", max_batch_size, 1)
         text = config.get_text_config(decoder=True)
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads

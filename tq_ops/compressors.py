@@ -15,6 +15,7 @@ from torch import Tensor
 from . import checks
 from .norms import vector_norms
 from .quantizer import TurboQuantMSE, TurboQuantProd
+from .rotation import check_seed
 
 _DTYPES = checks.FLOAT_DTYPES + (torch.float64,)
 
@@ -72,6 +73,7 @@ class _Compressor:
     def __init__(self, head_dim: int, bits: int = 3, seed: int = 42, *,
                  norm_dtype: torch.dtype = torch.float16):
         checks.head_dim("head_dim", head_dim)
+        check_seed(seed)  # before the quantizer's constant caches, where True would hit 1
         self.quantizer = self.quantizer_type(head_dim, bits, seed, norm_dtype=norm_dtype)
         self.bits, self.head_dim = bits, head_dim
         self.settings = (head_dim, bits, seed, norm_dtype)

@@ -49,7 +49,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..checks import NORM_DTYPES
+from .. import checks
 from ..codebook import MAX_DIM, MIN_DIM
 from ..quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
                          make_quantizers)
@@ -91,22 +91,19 @@ class TurboQuantConfig:
         check_key_quantizer(self.key_quantizer)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
-            if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-                raise ValueError(f"{name} must be an int in [1, 8], got {bits!r}")
+        checks.int_range("k_bits", self.k_bits, 1, 8)
+        checks.int_range("v_bits", self.v_bits, 1, 8)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise ValueError(f"seed must be in [-2**63, 2**63) (site seeds seed + 2i + 1 must fit "
                              f"torch.Generator.manual_seed), got {self.seed}")
         if self.qjl_dim is not None:
-            if (not isinstance(self.qjl_dim, int) or isinstance(self.qjl_dim, bool)
-                    or self.qjl_dim < 1):
-                raise ValueError(f"qjl_dim must be a positive int or None, got {self.qjl_dim!r}")
+            checks.int_range("qjl_dim", self.qjl_dim, 1)
             if self.key_quantizer != "prod":
                 raise ValueError("qjl_dim applies to key_quantizer='prod' only (MSE keys have no "
                                  "QJL rows)")
-        if self.norm_dtype not in NORM_DTYPES:
+        if self.norm_dtype not in checks.NORM_DTYPES:
             raise TypeError(f"norm_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
                             f"got {self.norm_dtype!r}")
         if not isinstance(self.center_keys, bool):
