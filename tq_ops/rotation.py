@@ -22,14 +22,11 @@ def check_seed(seed) -> None:
                          f"seed + {_QJL_STREAM} must fit torch.Generator.manual_seed), got {seed}")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def haar_rotation(dim: int, seed: int) -> torch.Tensor:
     """Haar-random orthogonal Pi (dim, dim) float32: QR of a Gaussian with the sign fix."""
     check_seed(seed)
-    gauss = torch.randn(dim, dim, dtype=torch.float64, generator=_generator(seed))
+    gen = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(dim, dim, dtype=torch.float64, generator=gen)
     q, r = torch.linalg.qr(gauss)
     return (q * torch.sign(torch.diagonal(r))).float()
 
@@ -37,5 +34,5 @@ def haar_rotation(dim: int, seed: int) -> torch.Tensor:
 def qjl_matrix(rows: int, dim: int, seed: int) -> torch.Tensor:
     """QJL projection S (rows, dim) float32 with i.i.d. N(0, 1) entries (not rescaled)."""
     check_seed(seed)
-    gen = _generator(seed + _QJL_STREAM)
+    gen = torch.Generator().manual_seed(seed + _QJL_STREAM)
     return torch.randn(rows, dim, dtype=torch.float64, generator=gen).float()
