@@ -256,3 +256,12 @@ def test_float32_norm_overflow_message_does_not_suggest_float32():
     assert "norm_dtype=torch.float32" not in str(info.value)
     with pytest.raises(ValueError, match="pass norm_dtype=torch.float32"):
         checks.storable_norms("x", torch.tensor([1e6]), FP16)
+
+
+@pytest.mark.parametrize("seed", [True, 1.0])
+def test_quantizers_refuse_a_non_int_seed(seed):
+    """TurboQuantMSE(..., seed=True) reused seed 1's shared constants without an error."""
+    from tq_ops import TurboQuantMSE, TurboQuantProd
+    for make in (TurboQuantMSE, TurboQuantProd):
+        with pytest.raises(TypeError, match="seed"):
+            make(16, 2, seed)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import checks, ops  # noqa: F401  (ops registers torch.ops.tq)
 from .codebook import lloyd_max
-from .rotation import haar_rotation, qjl_matrix
+from .rotation import check_seed, haar_rotation, qjl_matrix
 
 
 def device_key(device: torch.device | str) -> torch.device:
@@ -68,6 +68,7 @@ class TurboQuantizer(nn.Module):
         super().__init__()
         checks.head_dim("dim", dim)
         checks.int_range("bits", bits, 1, 8)
+        check_seed(seed)  # before the shared constants: seed=True would reuse seed 1's
         if norm_dtype not in checks.NORM_DTYPES:
             raise TypeError(f"norm_dtype must be float16, bfloat16 or float32, got {norm_dtype}")
         if qjl_dim is not None:

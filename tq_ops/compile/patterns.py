@@ -45,7 +45,7 @@ class Attention:
 
     `key`/`value` are the tensors before any repeat-the-KV-heads step (query head h reads
     kv head h // (Hq // Hkv)); `key_source`/`value_source` are set when they are the
-    output of `tq::decompress` (a TurboQuantCache).
+    output of `tq::decompress` or of a `tq::read_cache` (a TurboQuantCache).
     """
 
     kind: str
