@@ -84,3 +84,16 @@ def cuda_graph(op, *args):
     with torch.cuda.graph(graph):
         out = op(*args)
     return graph, out
+
+
+def snapshot(cache):
+    """Copies of every layer's packed buffers and length counter (a TurboQuantCache)."""
+    return [[t.clone() for t in layer.tensors() + [layer.cumulative_length]]
+            for layer in cache.layers]
+
+
+def assert_unchanged(cache, saved):
+    """The cache's buffers and counters equal a `snapshot`, byte for byte."""
+    for layer, before in zip(cache.layers, saved):
+        for tensor, old in zip(layer.tensors() + [layer.cumulative_length], before):
+            assert torch.equal(tensor, old)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch._inductor.utils import fresh_cache
 
+from conftest import assert_unchanged, snapshot
 from tq_ops import reference
 from tq_ops.compile import TurboQuantConfig, TurboQuantPass, backend, rewrite_attention
 from tq_ops.rotation import haar_rotation, qjl_matrix
@@ -268,17 +269,6 @@ def states(batch, length, seed=0, heads=2, dim=16):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, heads, length, dim, generator=gen),
             torch.randn(batch, heads, length, dim, generator=gen))
-
-
-def snapshot(cache):
-    return [[t.clone() for t in layer.tensors() + [layer.cumulative_length]]
-            for layer in cache.layers]
-
-
-def assert_unchanged(cache, saved):
-    for layer, before in zip(cache.layers, saved):
-        for tensor, old in zip(layer.tensors() + [layer.cumulative_length], before):
-            assert torch.equal(tensor, old)
 
 
 def test_lazy_allocation_takes_batch_and_device_from_the_first_update():

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import assert_unchanged, snapshot  # noqa: E402
 from tq_ops import reference
 from tq_ops.cache import TurboQuantCache
 from tq_ops.compile import TurboQuantConfig, backend, site_quantizers
@@ -73,17 +74,6 @@ def test_simulate_mode_matches_reference_on_cuda():
     assert len(compiler.sites) == 1
     error = ((out.cpu() - want).norm() / want.norm()).item()
     assert error < 1e-2, error
-
-
-def snapshot(cache):
-    return [[t.clone() for t in layer.tensors() + [layer.cumulative_length]]
-            for layer in cache.layers]
-
-
-def assert_unchanged(cache, saved):
-    for layer, before in zip(cache.layers, saved):
-        for tensor, old in zip(layer.tensors() + [layer.cumulative_length], before):
-            assert torch.equal(tensor, old)
 
 
 def test_lazy_cache_allocates_on_the_states_device_and_generates_as_eager():
