@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call (at most 10 minutes): the decode/prefill tables against SDPA enable_gqa
-# (attention.py --quick), host time per eager call and kernels per compiled layer (host.py),
-# the GPU tests, then the 32-layer serving benchmark (serve.py) in whatever time is left.
+# One device call (at most 10 minutes): the GPU tests (about 3.5 minutes on 8 workers), the
+# decode/prefill tables against SDPA enable_gqa (attention.py --quick), host time per eager
+# call and kernels per compiled layer (host.py), then the 32-layer serving benchmark (serve.py)
+# in whatever time is left.
 # Each step has its own timeout and the whole session ends by $BUDGET_S (default 530 s);
 # logs go to $OUT (default gpu-out/), one file per step, each headed by GPU, date and commit.
 #   run on the device:  TQ_COMMIT=<hash> bash bench/gpu_session.sh
@@ -29,9 +30,9 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+step gpu_tests.log 300 python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --tb=short tests/gpu
 step attention_quick.md 150 python3 bench/attention.py --quick --json "$out/attention_quick.json"
 step host.md 120 python3 bench/host.py
-step gpu_tests.log 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu
 left=$((end - SECONDS - 60))  # serve starts no row in its last 60 s, then prints
 if [ "$left" -ge 60 ]; then
     step serve.md $((left + 60)) python3 bench/serve.py --budget-s "$left"

@@ -109,8 +109,7 @@ def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool
                       K_MODE=mode.get(k_index_bits, TABLE).value,
                       V_MODE=mode.get(v_index_bits, TABLE).value,
                       S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_index_bits == 4,
-                      V_PTX=ptx and v_index_bits == 4,
-                      RUN_IF=1 if ptx and 4 in (k_index_bits, v_index_bits) else 0,
+                      V_PTX=ptx and v_index_bits == 4, K_HALF=ptx, V_HALF=ptx,
                       BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32,
                       DEFER_SUM=tiles.get("DEFER_SUM", False), SKIP_EMPTY=False)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
@@ -128,12 +127,13 @@ def compress_fp16(qjl_dim: int, index_bits: int, block_m: int = 64, num_warps: i
                 stride_rh=65536, stride_rs=1, BH=8, H=8, S=65536, S_out=65536)
     widths = plane_widths(index_bits) + (0, 0, 0)
     qseg_p = max(2, triton.next_power_of_2(qjl_dim // 8)) if qjl_dim else 2
+    layout = compress._plan_layout(128, index_bits, qjl_dim or None)
+    offsets = {k: layout[k] for k in ("QJL_OFF", "BND_OFF", "CENT_OFF")}
     constexprs = dict(D=128, D_P=128, SEG=16, SEG_P=16, M_QJL=qjl_dim, QSEG=qjl_dim // 8,
                       QSEG_P=qseg_p, BITS=index_bits, W0=widths[0], W1=widths[1], W2=widths[2],
                       HAS_QJL=qjl_dim > 0, HAS_POS=False, X_FP16=True, KB=128,
-                      QBLOCK=8 * qseg_p, BLOCK_M=block_m, SYM=True)
-    pointers = dict(bnd_ptr="*fp32", cent_ptr="*fp32", pos_ptr="*i64", idx_ptr="*u8",
-                    sgn_ptr="*u8")
+                      QBLOCK=8 * qseg_p, BLOCK_M=block_m, SYM=True, **offsets)
+    pointers = dict(plan_ptr="*u8", pos_ptr="*i64", idx_ptr="*u8", sgn_ptr="*u8")
     return build(compress._compress_kernel, constexprs, ints, pointers, num_warps=num_warps,
                  num_stages=2)
 

@@ -11,7 +11,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from tq_ops import reference
-from tq_ops.codebook import lloyd_max
+from tq_ops.codebook import full_table, half_table, lloyd_max
 from tq_ops.kernels import compress as kernels
 from tq_ops.packing import unpack
 from tq_ops.rotation import haar_rotation, qjl_matrix
@@ -23,8 +23,9 @@ TIE = 1e-5
 
 
 def constants(dim: int, index_bits: int, qjl_dim: int | None, seed: int = 0):
-    """rotation (dim, dim), centroids (2**index_bits,), qjl (qjl_dim, dim) or None, all float32."""
-    centroids = lloyd_max(dim, index_bits).float() if index_bits else torch.zeros(1)
+    """rotation (dim, dim), centroids (the upper half (2**(index_bits-1),) of the symmetric
+    codebook, as quantizers pass it), qjl (qjl_dim, dim) or None, all float32."""
+    centroids = half_table(lloyd_max(dim, index_bits).float()) if index_bits else torch.zeros(1)
     qjl = None if qjl_dim is None else qjl_matrix(qjl_dim, dim, seed)
     return haar_rotation(dim, seed), centroids, qjl
 
@@ -42,7 +43,7 @@ def check_against_reference(x, rotation, centroids, qjl, index_bits, out) -> dic
     ref = reference.compress(x.cpu(), rotation.cpu(), centroids.cpu(),
                              None if qjl is None else qjl.cpu(), index_bits, out[1].dtype)
     out = [t.cpu() for t in out]
-    rotation, centroids = rotation.cpu(), centroids.cpu()
+    rotation, centroids = rotation.cpu(), full_table(centroids.cpu(), index_bits)
     for got, want in zip(out, ref):
         assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
     xf = x.cpu().float()
@@ -126,12 +127,33 @@ def test_compress_into_writes_exactly_the_given_slots(qjl_dim, norm_dtype):
 def test_compress_asymmetric_codebook(index_bits, qjl_dim):
     """Codebooks that are not symmetric take the counting path, with the same results."""
     rotation, centroids, qjl = constants(32, index_bits, qjl_dim)
-    centroids = centroids + torch.linspace(0.0, 0.01, centroids.numel())
+    centroids = full_table(centroids, index_bits) + torch.linspace(0.0, 0.01, 1 << index_bits)
     x = torch.randn(1, 2, 9, 32, dtype=torch.float16)
     out = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
     report = check_against_reference(x, rotation, centroids, qjl, index_bits, out)
     assert report["code_mismatch"] == report["code_ties"], report
     assert report["sign_mismatch"] == report["sign_ties"], report
+
+
+@pytest.mark.parametrize("index_bits,qjl_dim", [(4, None), (2, 40)])
+def test_a_plan_built_once_gives_the_bytes_of_a_call_without_one(index_bits, qjl_dim):
+    """Plan/run: `build_plan` once, then compress and compress_into read it; a whole symmetric
+    table (the counting path) gives the same codes as its upper half (the bisection)."""
+    rotation, centroids, qjl = constants(40, index_bits, qjl_dim)
+    x = torch.randn(2, 2, 6, 40, dtype=torch.float16)
+    plan = kernels.build_plan(rotation, centroids, qjl, index_bits)
+    assert plan.shape == (kernels.plan_bytes(40, index_bits, qjl_dim),)
+    alone = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
+    planned = kernels.compress(x, rotation, centroids, qjl, index_bits, torch.float16, plan)
+    whole = kernels.compress(x, rotation, full_table(centroids, index_bits), qjl, index_bits,
+                             torch.float16)
+    for a, b, c in zip(alone, planned, whole):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    buffers = [torch.zeros_like(t) for t in alone]
+    kernels.compress_into(x, rotation, centroids, qjl, index_bits, torch.arange(6), *buffers,
+                          plan=plan)
+    for a, b in zip(alone, buffers):
+        assert torch.equal(a, b)
 
 
 def test_bucketize_exact_at_boundaries():

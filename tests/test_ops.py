@@ -13,7 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import compress, key_fields, quantizer
-from tq_ops import reference
+from tq_ops import ops, reference
+from tq_ops.codebook import full_table
+from tq_ops.kernels.compress import plan_bytes
 from tq_ops.packing import packed_bytes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -65,6 +67,45 @@ def test_opcheck_attention(variant):
     kv_lens = torch.tensor([6, 4]) if variant == "kv_lens" else None
     args = attention_args(q, kq, vq, k, v, causal=variant == "causal", mask=mask, kv_lens=kv_lens)
     torch.library.opcheck(torch.ops.tq.attention.default, args)
+
+
+def test_compress_plan_is_checked_and_none_on_the_cpu():
+    """Plan/run: `ops.compress_plan` is what CUDA kernels read (None here); a plan of the wrong
+    size or dtype is refused before anything runs."""
+    quant = quantizer("mse", 16, 3)
+    constants = (quant.rotation, quant.centroids, None, 3)
+    assert ops.compress_plan(*constants) is None
+    x = randn(1, 2, 3, 16)
+    plan = torch.zeros(plan_bytes(16, 3, None), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.tq.compress.default, (x, *constants, torch.float16, plan))
+    for got, want in zip(torch.ops.tq.compress(x, *constants, torch.float16, plan),
+                         torch.ops.tq.compress(x, *constants, torch.float16)):
+        assert torch.equal(got, want)
+    buffers = [t.new_zeros(1, 2, 4, t.shape[-1]) for t in compress(quant, x)[:2]]
+    with pytest.raises(ValueError, match="plan must have shape"):
+        torch.ops.tq.compress_into(x, *constants, torch.arange(3), *buffers, None, None, plan[1:])
+    with pytest.raises(TypeError, match="plan must have dtype"):
+        torch.ops.tq.compress(x, *constants, torch.float16, plan.float())
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 3), (3, 2)])
+def test_a_symmetric_codebook_whole_or_as_its_upper_half_gives_the_same_results(k_bits, v_bits):
+    """Quantizers pass a symmetric codebook as its upper half (kernels specialise on that
+    shape); the whole table is accepted too and gives the same bytes and outputs; any other
+    length is refused."""
+    kq, vq = quantizer("prod", 16, k_bits), quantizer("mse", 16, v_bits, seed=1)
+    q, k, v = randn(1, 4, 2, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2)
+    half = attention_args(q, kq, vq, k, v)
+    whole = list(half)
+    whole[6] = full_table(kq.centroids, kq.index_bits)
+    whole[12] = full_table(vq.centroids, vq.index_bits)
+    assert whole[6].shape == (1 << kq.index_bits,) and half[6].shape == (1 << kq.index_bits - 1,)
+    assert torch.equal(torch.ops.tq.attention(*half), torch.ops.tq.attention(*whole))
+    for got, want in zip(torch.ops.tq.compress(k, *half[5:9], torch.float16),
+                         torch.ops.tq.compress(k, *whole[5:9], torch.float16)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="k_centroids must have shape"):
+        torch.ops.tq.attention(*half[:6], whole[6][1:], *half[7:])
 
 
 @pytest.mark.parametrize("kind", ["mse", "prod"])

@@ -1,7 +1,7 @@
 """The PTX that decodes codes on the GPU (tq_ops/kernels/ptx.py: `NIBBLE_PTX`, `PAIRS_PTX`,
 `PLANES3_PTX`, `SIGN_SEGMENT_PTX`), executed by a small emulator of its instructions (prmt,
 lop3, shifts) against plain table lookups and the storage format; and the in-kernel table
-words it reads (`table_words`, `symmetric_table`), run by the Triton interpreter. CI has no
+words it reads (`table_words`, from a whole table or a symmetric one's upper half), run by the Triton interpreter. CI has no
 GPU and the interpreter cannot run inline PTX, so this is where a wrong selector, shift or
 truth table fails."""
 
@@ -15,8 +15,8 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tq_ops.codebook import lloyd_max
-from tq_ops.kernels import codes, ptx
+from tq_ops.codebook import full_table, half_table, lloyd_max
+from tq_ops.kernels import ptx
 from tq_ops.packing import pack
 
 MASK = 0xFFFFFFFF
@@ -144,44 +144,38 @@ def test_nibble_ptx_is_a_plain_lookup_for_any_symmetric_table(upper, packed):
 
 
 @triton.jit
-def _table_probe(cent_ptr, words_ptr, sym_ptr, N: tl.constexpr):
-    words = ptx.table_words(cent_ptr, N)
+def _table_probe(cent_ptr, words_ptr, N: tl.constexpr, HALF: tl.constexpr):
+    words = ptx.table_words(cent_ptr, N, HALF)
     for i in tl.static_range(N // 2):
         tl.store(words_ptr + i, words[i])
-    if N == 16:
-        tl.store(sym_ptr, ptx.symmetric_table(cent_ptr).to(tl.int32))
 
 
-def table_probe(centroids: torch.Tensor) -> tuple[list[int], bool]:
-    """(`table_words`, `symmetric_table`) of fp32 centroids, computed by the kernel helpers."""
+def table_probe(centroids: torch.Tensor, n: int) -> list[int]:
+    """`table_words` of n fp32 centroids (or, given n // 2, of the symmetric table whose upper
+    half they are), computed by the kernel helper."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter runs it
-    words = torch.zeros(len(centroids) // 2, dtype=torch.int32, device=device)
-    sym = torch.zeros(1, dtype=torch.int32, device=device)
-    _table_probe[(1,)](centroids.to(device), words, sym, N=len(centroids))
-    return [w & MASK for w in words.tolist()], bool(sym.item())
+    words = torch.zeros(n // 2, dtype=torch.int32, device=device)
+    _table_probe[(1,)](centroids.to(device), words, N=n, HALF=len(centroids) < n)
+    return [w & MASK for w in words.tolist()]
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.sampled_from([4, 8, 16]).flatmap(fp16_tables))
 def test_table_words_match_the_layout(values):
     centroids = torch.tensor(values, dtype=torch.float32)
-    assert table_probe(centroids)[0] == permute_table(centroids)
+    assert table_probe(centroids, len(values)) == permute_table(centroids)
 
 
-@settings(max_examples=60, deadline=None)
-@given(fp16_tables(16), st.booleans())
-def test_symmetric_table_is_what_the_ptx_decodes(values, mirror):
-    """True exactly for c[15 - k] == -c[k] with a positive upper half (in fp16 bits); the
-    Lloyd-Max codebooks always are."""
-    centroids = torch.tensor(values, dtype=torch.float32)
-    if mirror:
-        centroids = torch.cat([-centroids[8:].abs().flip(0), centroids[8:].abs()])
-    half = fp16_bits(centroids)
-    expected = (all(half[15 - k] == half[k] ^ 0x8000 for k in range(8))
-                and all(h < 0x8000 for h in half[8:]))
-    assert table_probe(centroids)[1] == expected
-    for dim in (64, 96, 128):
-        assert table_probe(lloyd_max(dim, 4).float())[1]
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([4, 8, 16]).flatmap(fp16_tables))
+def test_table_words_of_an_upper_half_are_those_of_the_mirrored_table(values):
+    """The kernels take a symmetric codebook as its upper half (`codebook.half_table`)."""
+    upper = torch.tensor(values[len(values) // 2:], dtype=torch.float32).abs()
+    bits = len(values).bit_length() - 1
+    assert table_probe(upper, len(values)) == permute_table(full_table(upper, bits))
+    for dim in (64, 128):
+        table = lloyd_max(dim, 3).float()
+        assert table_probe(half_table(table), 8) == permute_table(table)
 
 
 def test_permute_table_layout():
@@ -279,29 +273,3 @@ def test_sign_segment_ptx_matches_bits():
             out = execute(ptx.SIGN_SEGMENT_PTX.value[f], {2: word})
             lanes = [out[r] >> shift & 0xFFFF for r in (0, 1) for shift in (0, 16)]
             assert lanes == [0x3C00 if x >> f & 1 else 0xBC00 for x in packed]
-
-
-def test_variant_gate():
-    """Exactly one of the two launch variants runs, whatever the tables; RUN_IF 0 always."""
-    sym = lloyd_max(128, 4).float()
-    asym = sym * torch.linspace(0.8, 1.2, 16)
-    for k_4bit in (False, True):
-        for v_4bit in (False, True):
-            for kc, vc in ((sym, sym), (asym, sym), (sym, asym)):
-                runs = [gate_probe(kc, vc, k_4bit, v_4bit, run_if) for run_if in (0, 1, 2)]
-                symmetric = (not k_4bit or kc is sym) and (not v_4bit or vc is sym)
-                assert runs == [True, symmetric, not symmetric]
-
-
-@triton.jit
-def _gate_probe(kc_ptr, vc_ptr, out_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
-                RUN_IF: tl.constexpr):
-    tl.store(out_ptr, codes.variant_runs(kc_ptr, vc_ptr, K_4BIT, V_4BIT, RUN_IF).to(tl.int32))
-
-
-def gate_probe(kc, vc, k_4bit, v_4bit, run_if) -> bool:
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter runs it
-    out = torch.zeros(1, dtype=torch.int32, device=device)
-    _gate_probe[(1,)](kc.to(device), vc.to(device), out, K_4BIT=k_4bit, V_4BIT=v_4bit,
-                      RUN_IF=run_if)
-    return bool(out.item())

@@ -20,7 +20,7 @@ def test_equal_constants_are_one_tensor_object_per_device():
     # the values are the seeded matrices (an independent draw from the same seed)
     assert torch.equal(a.rotation, haar_rotation(16, 5))
     assert torch.equal(a.qjl, qjl_matrix(16, 16, 5))
-    assert torch.equal(a.centroids, lloyd_max(16, 2).float())
+    assert torch.equal(a.centroids, lloyd_max(16, 2).float()[2:])  # the upper half (ops form)
     on_meta = constants(16, 2, 5, 16, "meta")
     assert all(t.device.type == "meta" for t in on_meta)
     assert all(x is y for x, y in zip(on_meta, constants(16, 2, 5, 16, torch.device("meta"))))

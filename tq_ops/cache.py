@@ -73,6 +73,8 @@ class TurboQuantLayer(CacheLayerMixin):
         device, batch = key_states.device, key_states.shape[0]
         self.k_rotation, self.k_centroids, self.k_qjl = self.k_quantizer.constants_for(key_states)
         self.v_rotation, self.v_centroids, _ = self.v_quantizer.constants_for(key_states)
+        self.k_plan = self.k_quantizer.plan_for(key_states)  # None on the CPU
+        self.v_plan = self.v_quantizer.plan_for(key_states)
         lead = (batch, self.num_heads, self.max_cache_len)
 
         def zeros(last: int, dtype: torch.dtype) -> Tensor:
@@ -104,9 +106,10 @@ class TurboQuantLayer(CacheLayerMixin):
         return [t for t in (getattr(self, name) for name in names) if t is not None]
 
     def constants(self) -> list[Tensor]:
-        """Rotation, codebook and QJL tensors of keys and values on the buffers' device."""
-        return [t for t in (self.k_rotation, self.k_centroids, self.k_qjl, self.v_rotation,
-                            self.v_centroids) if t is not None]
+        """Rotation, codebook, QJL and compress-plan tensors of keys and values on the buffers'
+        device."""
+        return [t for t in (self.k_rotation, self.k_centroids, self.k_qjl, self.k_plan,
+                            self.v_rotation, self.v_centroids, self.v_plan) if t is not None]
 
     def _check_states(self, key_states: Tensor, value_states: Tensor) -> None:
         """Metadata only (also at trace time): dtype, shape and device of both states."""
@@ -185,10 +188,10 @@ class TurboQuantLayer(CacheLayerMixin):
         positions = torch.arange(length, device=self.device) + start
         torch.ops.tq.compress_into(key_states, self.k_rotation, self.k_centroids, self.k_qjl,
                                    self.k_index_bits, positions, self.k_indices, self.k_norms,
-                                   self.k_signs, self.k_residual_norms)
+                                   self.k_signs, self.k_residual_norms, self.k_plan)
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_index_bits, positions, self.v_indices, self.v_norms,
-                                   None, None)
+                                   None, None, self.v_plan)
         self.cumulative_length.add_(torch.where(fits, length, 0))
         if not checks.can_sync(self.cumulative_length):  # compiled: record what eager refuses
             last = positions.clamp(max=self.max_cache_len - 1)

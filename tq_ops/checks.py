@@ -93,7 +93,8 @@ def shape(name: str, value: Tensor, expected: tuple) -> None:
 
 def quantizer(prefix: str, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
               index_bits: int, dim) -> None:
-    """Rotation (D, D), centroids (2**index_bits,), optional QJL matrix (M, D), all float32."""
+    """Rotation (D, D), centroids (2**index_bits,) or the upper half (2**(index_bits-1),) of a
+    codebook symmetric about 0 (`codebook.half_table`), optional QJL matrix (M, D), all float32."""
     int_range(f"{prefix}index_bits", index_bits, 0, 8)
     if index_bits == 0 and qjl is None:
         raise ValueError(f"{prefix}index_bits=0 needs a QJL matrix ({prefix}qjl): nothing would "
@@ -101,7 +102,8 @@ def quantizer(prefix: str, rotation: Tensor, centroids: Tensor, qjl: Tensor | No
     tensor(f"{prefix}rotation", rotation, ndim=2, dtypes=(torch.float32,))
     shape(f"{prefix}rotation", rotation, (dim, dim))
     tensor(f"{prefix}centroids", centroids, ndim=1, dtypes=(torch.float32,))
-    shape(f"{prefix}centroids", centroids, (1 << index_bits,))
+    if index_bits == 0 or centroids.shape[0] != 1 << (index_bits - 1):
+        shape(f"{prefix}centroids", centroids, (1 << index_bits,))
     if qjl is not None:
         tensor(f"{prefix}qjl", qjl, ndim=2, dtypes=(torch.float32,))
         if qjl.shape[1] != dim:

@@ -112,6 +112,21 @@ def _solve(dim: int, bits: int) -> torch.Tensor:
     return c
 
 
+def half_table(centroids: torch.Tensor) -> torch.Tensor:
+    """The form the `tq::` ops take a codebook symmetric about 0 in: its upper half
+    (2**(bits-1),), ascending. Shape says "symmetric", so kernels specialise without reading
+    values."""
+    return centroids[centroids.shape[0] // 2:]
+
+
+def full_table(centroids: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """All 2**index_bits centroids from an op's `centroids` argument: the table itself, or the
+    mirrored upper half (`half_table`) of a symmetric one."""
+    if centroids.shape[0] == 1 << index_bits:
+        return centroids
+    return torch.cat((-centroids.flip(0), centroids))
+
+
 @functools.lru_cache(maxsize=None)
 def mse_distortion(dim: int, bits: int) -> float:
     """Exact D_mse = E||u - u_hat||^2 for a unit vector u in R^dim at `bits` bits."""

@@ -66,21 +66,48 @@ def _check_input(name: str, x: Tensor) -> None:
     checks.tensor(name, x, ndim=4, dtypes=checks.FLOAT_DTYPES)
 
 
+def compress_plan(rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
+                  index_bits: int) -> Tensor | None:
+    """The `plan` argument of `tq::compress` / `tq::compress_into` for these constants (on their
+    device), or None where no kernel reads one (CPU, shapes the kernels do not take). Build it
+    once per quantizer and device, eagerly, and pass it to every call: each compress is then one
+    kernel launch. A call given no plan builds its own."""
+    checks.quantizer("", rotation, centroids, qjl, index_bits, rotation.shape[0])
+    checks.same_device(rotation, centroids=centroids, qjl=qjl)
+    if not _use_triton(rotation, rotation.shape[0], index_bits, qjl, compress=True):
+        return None
+    from .kernels import compress as kernels
+    return kernels.build_plan(rotation, centroids, qjl, index_bits)
+
+
+def _check_plan(plan: Tensor | None, x: Tensor, index_bits: int, qjl: Tensor | None) -> None:
+    if plan is None:
+        return
+    from .kernels.compress import plan_bytes
+    checks.tensor("plan", plan, ndim=1, dtypes=(torch.uint8,))
+    checks.shape("plan", plan, (plan_bytes(x.shape[-1], index_bits,
+                                           None if qjl is None else qjl.shape[0]),))
+    checks.same_device(x, plan=plan)
+
+
 @triton_op("tq::compress", mutates_args=())
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
-             norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             norm_dtype: torch.dtype, plan: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) float -> (indices uint8 (B, H, S, P), norms (B, H, S, 1),
-    signs uint8 (B, H, S, ceil(M/8)) or (B, H, S, 0), residual_norms (B, H, S, 1 or 0))."""
+    signs uint8 (B, H, S, ceil(M/8)) or (B, H, S, 0), residual_norms (B, H, S, 1 or 0)).
+    plan: `compress_plan` of these constants, or None."""
     _check_input("x", x)
     checks.quantizer("", rotation, centroids, qjl, index_bits, x.shape[-1])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl)
+    _check_plan(plan, x, index_bits, qjl)
     if norm_dtype not in checks.NORM_DTYPES:
         raise TypeError(f"norm_dtype must be a floating dtype, got {norm_dtype}")
     if checks.can_sync(x):  # eager: refuse inf/NaN input and norms norm_dtype cannot hold
         checks.storable_norms("x", vector_norms(x), norm_dtype)
     if _use_triton(x, x.shape[-1], index_bits, qjl, compress=True):
         from .kernels import compress as kernels
-        return kernels.compress(x, rotation, centroids, qjl, index_bits, norm_dtype)
+        return kernels.compress(x, rotation, centroids, qjl, index_bits, norm_dtype, plan)
     return torch.ops.tq.compress_reference(x, rotation, centroids, qjl, index_bits, norm_dtype)
 
 
@@ -101,11 +128,13 @@ def _check_positions(positions: Tensor, length: int, capacity: int) -> None:
 @triton_op("tq::compress_into", mutates_args=("indices", "norms", "signs", "residual_norms"))
 def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
                   index_bits: int, positions: Tensor, indices: Tensor, norms: Tensor,
-                  signs: Tensor | None, residual_norms: Tensor | None) -> None:
+                  signs: Tensor | None, residual_norms: Tensor | None,
+                  plan: Tensor | None = None) -> None:
     """Compress x (B, H, S, D) into preallocated (B, H, S_max, .) buffers at slots positions (S,).
 
     Eager calls refuse positions outside [0, S_max); traced and CUDA-graph calls, which cannot
-    check values, skip the tokens whose position lies outside (nothing is written for them)."""
+    check values, skip the tokens whose position lies outside (nothing is written for them).
+    plan: `compress_plan` of these constants, or None."""
     _check_input("x", x)
     checks.quantizer("", rotation, centroids, qjl, index_bits, x.shape[-1])
     lead = (x.shape[0], x.shape[1], indices.shape[2] if indices.dim() == 4 else -1)
@@ -113,12 +142,13 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
     _check_positions(positions, x.shape[2], lead[2])
     checks.same_device(x, rotation=rotation, centroids=centroids, qjl=qjl, positions=positions,
                        indices=indices, norms=norms, signs=signs, residual_norms=residual_norms)
+    _check_plan(plan, x, index_bits, qjl)
     if checks.can_sync(x):  # eager, before any write (as in compress)
         checks.storable_norms("x", vector_norms(x), norms.dtype)
     if _use_triton(x, x.shape[-1], index_bits, qjl, compress=True):
         from .kernels import compress as kernels
         kernels.compress_into(x, rotation, centroids, qjl, index_bits, positions, indices, norms,
-                              signs, residual_norms)
+                              signs, residual_norms, plan)
         return
     torch.ops.tq.compress_into_reference(x, rotation, centroids, qjl, index_bits, positions,
                                          indices, norms, signs, residual_norms)

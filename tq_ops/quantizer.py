@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, ops  # noqa: F401  (ops registers torch.ops.tq)
-from .codebook import lloyd_max
+from .codebook import half_table, lloyd_max
 from .rotation import check_seed, haar_rotation, qjl_matrix
 
 
@@ -36,7 +36,7 @@ def _rotation(dim: int, seed: int, device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _centroids(dim: int, bits: int, device: torch.device) -> Tensor:
-    return (lloyd_max(dim, bits).float() if bits > 0 else torch.zeros(1)).to(device)
+    return (half_table(lloyd_max(dim, bits).float()) if bits > 0 else torch.zeros(1)).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,14 +46,22 @@ def _qjl(rows: int, dim: int, seed: int, device: torch.device) -> Tensor:
 
 def constants(dim: int, index_bits: int, seed: int, qjl_dim: int | None,
               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor | None]:
-    """(rotation (dim, dim), centroids (2**index_bits,), QJL matrix (qjl_dim, dim) or None),
+    """(rotation (dim, dim), centroids (2**(index_bits-1),), QJL matrix (qjl_dim, dim) or None),
     float32 on `device`: the same tensor objects for the same arguments (one copy per process).
 
-    index_bits = 0 (Prod keys at 1 bit) gives the single centroid 0.
+    centroids is the upper half of the symmetric Lloyd-Max codebook (`codebook.half_table`, the
+    form the kernels specialise on; `codebook.full_table` mirrors it); index_bits = 0 (Prod keys
+    at 1 bit) gives the single centroid 0.
     """
     device = device_key(device)
     qjl = None if qjl_dim is None else _qjl(qjl_dim, dim, seed, device)
     return _rotation(dim, seed, device), _centroids(dim, index_bits, device), qjl
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(dim: int, index_bits: int, seed: int, qjl_dim: int | None,
+          device: torch.device) -> Tensor | None:
+    return ops.compress_plan(*constants(dim, index_bits, seed, qjl_dim, device), index_bits)
 
 
 class TurboQuantizer(nn.Module):
@@ -92,9 +100,17 @@ class TurboQuantizer(nn.Module):
             return tuple(None if t is None else t.to(x.device) for t in own)
         return constants(self.dim, self.index_bits, self.seed, self.qjl_dim, x.device)
 
+    def plan_for(self, x: Tensor) -> Tensor | None:
+        """The compress `plan` (`ops.compress_plan`) for the device of x, built once per process
+        and device; None on the CPU, and while tracing (the compress then builds its own)."""
+        if torch.compiler.is_compiling():
+            return None
+        return _plan(self.dim, self.index_bits, self.seed, self.qjl_dim, device_key(x.device))
+
     def _compress(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
-        return torch.ops.tq.compress(x, *self.constants_for(x), self.index_bits, self.norm_dtype)
+        return torch.ops.tq.compress(x, *self.constants_for(x), self.index_bits, self.norm_dtype,
+                                     self.plan_for(x))
 
     def _decompress(self, fields: tuple, dtype: torch.dtype) -> Tensor:
         return torch.ops.tq.decompress(*fields, *self.constants_for(fields[0]), self.index_bits,
@@ -108,7 +124,7 @@ class TurboQuantizer(nn.Module):
 class TurboQuantMSE(TurboQuantizer):
     """MSE-optimal TurboQuant: `bits` bits per coordinate plus one norm per vector.
 
-    Buffers: rotation (dim, dim) float32, centroids (2**bits,) float32.
+    Buffers: rotation (dim, dim) float32, centroids (2**(bits-1),) float32 (`constants`).
     """
 
     def __init__(self, dim: int, bits: int, seed: int = 42,
@@ -132,7 +148,8 @@ class TurboQuantMSE(TurboQuantizer):
 class TurboQuantProd(TurboQuantizer):
     """Inner-product TurboQuant: (bits-1)-bit MSE codes + 1-bit QJL of the residual.
 
-    bits = 1 stores QJL signs only. Buffers: rotation (dim, dim), centroids (2**(bits-1),),
+    bits = 1 stores QJL signs only. Buffers: rotation (dim, dim), centroids (2**(bits-2),) or
+    (1,) at bits = 1 (`constants`),
     qjl (qjl_dim, dim) with i.i.d. N(0, 1) entries, all float32.
     """
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import checks, masks
+from .codebook import full_table
 from .norms import unit_and_norm
 from .packing import pack, unpack
 
@@ -27,7 +28,7 @@ def _chunks(rows: int, length: int):
 
 def _codes_to_unit(indices: Tensor, centroids: Tensor, index_bits: int, dim: int) -> Tensor:
     """Packed codes (..., P) -> centroid values in the rotated domain (..., dim) float32."""
-    return centroids[unpack(indices, index_bits, dim)]
+    return full_table(centroids, index_bits)[unpack(indices, index_bits, dim)]
 
 
 def _signs(signs: Tensor, rows: int) -> Tensor:
@@ -38,6 +39,7 @@ def _signs(signs: Tensor, rows: int) -> Tensor:
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
              norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) -> indices, norms, signs, residual_norms (layout in ARCHITECTURE.md)."""
+    centroids = full_table(centroids, index_bits)
     unit, norms = unit_and_norm(x.contiguous())
     rotated = unit @ rotation.T
     codes = torch.bucketize(rotated, (centroids[1:] + centroids[:-1]) / 2)

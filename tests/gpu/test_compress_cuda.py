@@ -138,6 +138,33 @@ def test_compress_into_under_cuda_graph_capture():
             assert torch.equal(buf[:, :, start:start + tokens], new)
 
 
+@pytest.mark.parametrize("index_bits,qjl_dim", [(4, None), (3, 128), (2, 64)])
+def test_plan_and_whole_tables_give_the_same_bytes(index_bits, qjl_dim):
+    """Plan/run: one `ops.compress_plan`, then compress and a CUDA-graph compress_into read it
+    with one launch each; a whole symmetric table (the counting path) gives the same bytes as
+    its upper half (the bisection)."""
+    from tq_ops import ops
+    from tq_ops.codebook import full_table
+    dim = 128
+    rotation, centroids, qjl = to_cuda(*constants(dim, index_bits, qjl_dim))
+    x = random_input((2, 4, 70, dim), torch.float16)
+    plan = ops.compress_plan(rotation, centroids, qjl, index_bits)
+    alone = torch.ops.tq.compress(x, rotation, centroids, qjl, index_bits, torch.float16)
+    planned = torch.ops.tq.compress(x, rotation, centroids, qjl, index_bits, torch.float16, plan)
+    whole = torch.ops.tq.compress(x, rotation, full_table(centroids, index_bits), qjl,
+                                  index_bits, torch.float16)
+    for a, b, c in zip(alone, planned, whole):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    buffers = [torch.zeros_like(t) if t.shape[-1] else None for t in alone]
+    positions = torch.arange(70, device=CUDA)
+    graph, _ = cuda_graph(torch.ops.tq.compress_into, x, rotation, centroids, qjl, index_bits,
+                          positions, *buffers, plan)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(alone, buffers):
+        assert b is None or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("qjl_dim", [None, 64])
 def test_opcheck(qjl_dim):
     dim, index_bits = 64, 3

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 from conftest import cuda_graph, float64_reconstruction, within_an_ulp  # noqa: E402
 from tq_ops import reference  # noqa: E402
-from tq_ops.codebook import lloyd_max  # noqa: E402
+from tq_ops.codebook import full_table, half_table, lloyd_max  # noqa: E402
 from tq_ops.rotation import haar_rotation, qjl_matrix  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -37,10 +37,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def packed(gen, batch, heads, length, dim, index_bits, prod, seed):
-    """Reference-compressed random vectors: ((idx, norms, signs, rnorms), rot, cent, qjl), CPU."""
+    """Reference-compressed random vectors: ((idx, norms, signs, rnorms), rot, cent, qjl), CPU;
+    cent: the codebook's upper half, as quantizers pass it."""
     x = torch.randn(batch, heads, length, dim, generator=gen)
     x = x * (0.5 + 2 * torch.rand(batch, heads, length, 1, generator=gen))
-    rotation, centroids = haar_rotation(dim, seed), lloyd_max(dim, index_bits).float()
+    rotation, centroids = haar_rotation(dim, seed), half_table(lloyd_max(dim, index_bits).float())
     qjl = qjl_matrix(dim, dim, seed) if prod else None
     idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, index_bits,
                                                    torch.float16)
@@ -94,17 +95,20 @@ def test_causal_chunk_with_offset(dtype, q_len):
     check_attention(args)
 
 
-@pytest.mark.parametrize("factor", [torch.linspace(0.8, 1.2, 16), torch.full((16,), 1.3)])
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("custom", ["keys", "values"])
-def test_other_4bit_codebooks(custom, factor):
-    """The 4-bit PTX decodes any symmetric codebook from words built in the kernel (scaled
-    Lloyd-Max here); with asymmetric centroids its launch must step aside for the gather
-    launch (a wrong decode would fail the comparison)."""
+def test_other_4bit_codebooks(custom, whole):
+    """The 4-bit PTX decodes any symmetric codebook given as its upper half, from words built
+    in the kernel (a rescaled Lloyd-Max half here); a whole, asymmetric table takes the gather
+    path (a wrong decode would fail the comparison)."""
     args = list(attention_args(20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128,
                                k_index_bits=4, k_prod=False, v_index_bits=4, dtype=torch.float16,
                                is_causal=False, kv_lens=torch.tensor([900, 417])))
     slot = 6 if custom == "keys" else 12
-    args[slot] = args[slot] * factor
+    if whole:
+        args[slot] = full_table(args[slot], 4) * torch.linspace(0.8, 1.2, 16)
+    else:
+        args[slot] = args[slot] * torch.linspace(0.9, 1.3, 8)
     check_attention(tuple(args))
 
 

@@ -19,10 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebook import full_table
 from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_logits,
                     nibble_halves, plane_layout, prefixed, qjl_logits, segments, sign_layout,
-                    tile_coords, variant_runs)
-from .common import INTERPRET, num_sms, strided
+                    tile_coords)
+from .common import INTERPRET, cdiv, next_pow2, num_sms, strided
 from .ptx import table_words
 from .queries import rotated_queries
 
@@ -50,7 +51,7 @@ def _attention_kernel(
         MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_LENS: tl.constexpr,
         SPLIT: tl.constexpr,
         K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, K_PTX: tl.constexpr,
-        V_PTX: tl.constexpr, RUN_IF: tl.constexpr, BLOCK_M: tl.constexpr,
+        V_PTX: tl.constexpr, K_HALF: tl.constexpr, V_HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr, DEFER_SUM: tl.constexpr,
         SKIP_EMPTY: tl.constexpr):
     """Attention of rows [pid_m * BLOCK_M, +BLOCK_M) of one KV head over one key split.
@@ -65,26 +66,24 @@ def _attention_kernel(
     K_MODE, V_MODE: `decode_tile` modes of keys and values; S_MODE: how the QJL signs are
     decoded (SIGNS, or SIGN_BITS on a GPU). 4-bit keys or values are decoded as two column halves
     (`nibble_halves`, by PTX if K_PTX / V_PTX), each with its own dot.
-    RUN_IF 1 / 2: run only if the PTX-decoded 4-bit tables are / are not all
-    `symmetric_table`s (the launcher starts both variants; the other returns at once); 0:
-    always. DEFER_SUM: keep the softmax sums per key slot, (BLOCK_N, BLOCK_M), and reduce them
-    once after the key loop instead of across warps every tile. MASK_KEYS: the mask is the same
+    K_HALF, V_HALF: kc / vc hold the upper half of a table symmetric about 0 (`table_words`
+    mirrors it; K_PTX / V_PTX need it), else the whole table. DEFER_SUM: keep the softmax
+    sums per key slot, (BLOCK_N, BLOCK_M), and reduce them once after the key loop instead of
+    across warps every tile. MASK_KEYS: the mask is the same
     for every row (no head or query axis): one load per key instead of one per key and row.
     """
     K_HALVES: tl.constexpr = K_W0 == 4 and K_W1 == 0
     V_HALVES: tl.constexpr = V_W0 == 4 and V_W1 == 0
-    if not variant_runs(kc_ptr, vc_ptr, K_HALVES, V_HALVES, RUN_IF):
-        return
     k_words = None
     if K_PTX:
-        k_words = table_words(kc_ptr + 8, 8)
+        k_words = table_words(kc_ptr, 8)
     elif K_MODE == PAIRS or K_MODE == PLANES3:
-        k_words = table_words(kc_ptr, 1 << K_W0 << K_W1)
+        k_words = table_words(kc_ptr, 1 << K_W0 << K_W1, K_HALF)
     v_words = None
     if V_PTX:
-        v_words = table_words(vc_ptr + 8, 8)
+        v_words = table_words(vc_ptr, 8)
     elif V_MODE == PAIRS or V_MODE == PLANES3:
-        v_words = table_words(vc_ptr, 1 << V_W0 << V_W1)
+        v_words = table_words(vc_ptr, 1 << V_W0 << V_W1, V_HALF)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -292,6 +291,17 @@ def _mode(bits: int) -> int:
     return TABLE.value
 
 
+def _table(centroids: torch.Tensor, index_bits: int) -> tuple[torch.Tensor, bool, bool]:
+    """(table the kernel reads, whether it is an upper half, whether 4-bit codes decode by PTX)
+    for an op's centroids: a symmetric upper half stays one where the kernel builds
+    `table_words` from it (PTX 4-bit, byte-permute 2- and 3-bit); gathers need all entries."""
+    half = centroids.shape[0] != 1 << index_bits
+    ptx = half and index_bits == 4 and not INTERPRET
+    if half and not ptx and _mode(index_bits) == TABLE.value:
+        return full_table(centroids, index_bits).contiguous(), False, False
+    return centroids.contiguous(), half, ptx
+
+
 DEEP_DECODE = dict(BLOCK_N=64, num_stages=3, DEFER_SUM=True)  # decode when `deep_pipeline`
 
 
@@ -323,11 +333,11 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
         if deep_pipeline:
             cfg.update(DEEP_DECODE)
     cfg.update(tune or {})
-    programs = max(1, batch * kv_heads * triton.cdiv(rows, cfg["BLOCK_M"]))
-    splits = max(1, min(triton.cdiv(kv_len, cfg["BLOCK_N"]),
+    programs = max(1, batch * kv_heads * cdiv(rows, cfg["BLOCK_M"]))
+    splits = max(1, min(cdiv(kv_len, cfg["BLOCK_N"]),
                         cfg.pop("resident") * num_sms(device) // programs))
-    chunk = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    return dict(cfg, splits=triton.cdiv(max(kv_len, 1), chunk), chunk=chunk)
+    chunk = cdiv(cdiv(max(kv_len, 1), splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return dict(cfg, splits=cdiv(max(kv_len, 1), chunk), chunk=chunk)
 
 
 def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
@@ -375,7 +385,7 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
 
     out = torch.empty(batch, q_heads, q_len, dv, device=query.device, dtype=query.dtype)
     split = splits > 1 or rows <= 16  # decode (`config`): the merge kernel rotates back
-    dv_pad = max(16, triton.next_power_of_2(dv))
+    dv_pad = max(16, next_pow2(dv))
     if split:
         part_o = torch.empty(batch, kv_heads, splits, rows, dv, device=query.device,
                              dtype=torch.float32)
@@ -383,27 +393,25 @@ def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rota
                               dtype=torch.float32)
     else:
         part_o, part_ml = out, out
-    grid = (batch * kv_heads, triton.cdiv(rows, cfg["BLOCK_M"]), splits)
-    k_ptx, v_ptx = k_index_bits == 4 and not INTERPRET, v_index_bits == 4 and not INTERPRET
-    variants = [(1, k_ptx, v_ptx), (2, False, False)] if k_ptx or v_ptx else [(0, False, False)]
-    for run_if, k_asm, v_asm in variants:  # (RUN_IF, K_PTX, V_PTX)
-        torch.library.wrap_triton(_attention_kernel)[grid](
-            q_rot, sq, part_o, *out.stride()[:3], part_ml, *ki, *kn, *ks, *kr,
-            k_centroids.contiguous(), *vi, *vn, v_centroids.contiguous(),
-            v_rotation.contiguous(), *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
-            G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
-            M=m, **prefixed("K_", plane_layout(dk, k_index_bits)),
-            **prefixed("V_", plane_layout(dv, v_index_bits)),
-            **sign_layout(m if has_qjl else 16),
-            HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
-            MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-            MASK_KEYS=mask_keys,
-            HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_index_bits),
-            V_MODE=_mode(v_index_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
-            K_PTX=k_asm, V_PTX=v_asm, RUN_IF=run_if, **cfg)
+    grid = (batch * kv_heads, cdiv(rows, cfg["BLOCK_M"]), splits)
+    k_table, k_half, k_ptx = _table(k_centroids, k_index_bits)
+    v_table, v_half, v_ptx = _table(v_centroids, v_index_bits)
+    torch.library.wrap_triton(_attention_kernel)[grid](
+        q_rot, sq, part_o, *out.stride()[:3], part_ml, *ki, *kn, *ks, *kr, k_table, *vi, *vn,
+        v_table, v_rotation.contiguous(), *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
+        G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
+        M=m, **prefixed("K_", plane_layout(dk, k_index_bits)),
+        **prefixed("V_", plane_layout(dv, v_index_bits)),
+        **sign_layout(m if has_qjl else 16),
+        HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
+        MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+        MASK_KEYS=mask_keys,
+        HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_index_bits),
+        V_MODE=_mode(v_index_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
+        K_PTX=k_ptx, V_PTX=v_ptx, K_HALF=k_half, V_HALF=v_half, **cfg)
     if split:
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](
             part_o, part_ml, v_rotation.contiguous(), out, *out.stride()[:3], kv_heads, rows,
             splits, G=q_heads // kv_heads, DV=dv, DV_PAD=dv_pad,
-            BLOCK_S=min(32, triton.next_power_of_2(splits)), OUT_BLOCK=min(32, dv_pad))
+            BLOCK_S=min(32, next_pow2(splits)), OUT_BLOCK=min(32, dv_pad))
     return out

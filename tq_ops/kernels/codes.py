@@ -12,11 +12,14 @@ loads, constant shifts, no repeated loads) and the segments are interleaved with
 nothing is ever shuffled back into coordinate order except the final output.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
 from ..packing import plane_widths
-from .ptx import nibble_values, sign_segment, symmetric_table, three_bit_values, two_bit_values
+from .common import next_pow2
+from .ptx import nibble_values, sign_segment, three_bit_values, two_bit_values
 
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroids (fp32 gathers)
 SIGNS = tl.constexpr(1)  # decode_tile MODE: 1-bit codes -> QJL signs +-1.0
@@ -25,8 +28,10 @@ PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp1
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
 
 
+@functools.lru_cache(maxsize=None)
 def plane_layout(dim: int, bits: int) -> dict:
-    """Constexpr description of `dim` codes of `bits` bits (bits = 1 also describes signs).
+    """Constexpr description of `dim` codes of `bits` bits (bits = 1 also describes signs);
+    cached (host time per launch): read it, do not modify it.
 
     W0..W2: plane widths (0 = absent); NSEG, SEGLEN, SEG_PAD: finest segments, their
     length and its power-of-two padding; OFF1, OFF2: byte offsets of planes 1 and 2.
@@ -36,7 +41,7 @@ def plane_layout(dim: int, bits: int) -> dict:
     if dim % nseg:
         raise ValueError(f"the CUDA kernels need head_dim (or qjl_dim) divisible by {nseg} "
                          f"for {bits}-bit codes, got {dim}")
-    if triton.next_power_of_2(dim // nseg) * nseg < 16:
+    if next_pow2(dim // nseg) * nseg < 16:
         raise ValueError(f"the CUDA kernels need head_dim (or qjl_dim) >= 16, got {dim}")
     offsets = [0]
     for w in widths:
@@ -44,7 +49,7 @@ def plane_layout(dim: int, bits: int) -> dict:
     widths += [0] * (3 - len(widths))
     offsets += [0] * (4 - len(offsets))
     return dict(W0=widths[0], W1=widths[1], W2=widths[2], NSEG=nseg, SEGLEN=dim // nseg,
-                SEG_PAD=triton.next_power_of_2(dim // nseg), OFF1=offsets[1], OFF2=offsets[2])
+                SEG_PAD=next_pow2(dim // nseg), OFF1=offsets[1], OFF2=offsets[2])
 
 
 def prefixed(prefix: str, layout: dict) -> dict:
@@ -52,6 +57,7 @@ def prefixed(prefix: str, layout: dict) -> dict:
     return {prefix + key: value for key, value in layout.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def sign_layout(qjl_dim: int) -> dict:
     """S_NSEG, S_SEGLEN, S_SEG_PAD of a plane of `qjl_dim` QJL signs (`plane_layout` of 1-bit
     codes): all a kernel reads of it, since one plane has no widths or offsets to choose."""
@@ -99,27 +105,12 @@ def _flat(x):
 
 
 @triton.jit
-def variant_runs(kc_ptr, vc_ptr, K_4BIT: tl.constexpr, V_4BIT: tl.constexpr,
-                 RUN_IF: tl.constexpr):
-    """Whether a launch variant runs: RUN_IF 1 (the 4-bit PTX variant) iff every 4-bit table
-    (keys if K_4BIT, values if V_4BIT) is a `symmetric_table`, RUN_IF 2 (the gather
-    variant) iff one is not, RUN_IF 0 always. The launcher starts both variants, since the
-    host cannot read the tables without a sync; the one that does not run returns at once."""
-    ok = True
-    if K_4BIT:
-        ok = ok & symmetric_table(kc_ptr)
-    if V_4BIT:
-        ok = ok & symmetric_table(vc_ptr)
-    return (RUN_IF == 0) | (ok == (RUN_IF == 1))
-
-
-@triton.jit
 def nibble_halves(row_ptr, key_ok, cent_ptr, words, SEGLEN: tl.constexpr,
                   SEG_PAD: tl.constexpr, PTX: tl.constexpr):
     """4-bit codes of packed rows as two tiles [BLOCK_N, SEG_PAD]: coordinates k and
     SEGLEN + k (low and high nibble of byte k). PTX: decode by `ptx.nibble_values` with `words`,
-    the `table_words` of cent_ptr + 8 (fp16; the table must be a `symmetric_table`), else
-    gather the fp32 centroids at cent_ptr (any codebook; the interpreter). Padded columns and
+    the `table_words` of the upper half of a table symmetric about 0, else gather the fp32
+    centroids at cent_ptr (all 16; any codebook; the interpreter). Padded columns and
     masked rows hold the value of code 0 (callers zero their partners)."""
     k = tl.arange(0, SEG_PAD)
     byte = tl.load(row_ptr + k[None, :], mask=key_ok[:, None] & (k < SEGLEN)[None, :], other=0)

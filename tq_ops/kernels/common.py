@@ -5,6 +5,7 @@ Kernel families (compress, decompress, scores, attention) import this module, `c
 and (the readers) `queries`, never each other or `reference`.
 """
 
+import functools
 import os
 
 import torch
@@ -33,6 +34,18 @@ def supports(dim: int, index_bits: int, qjl_dim: int | None = None, *,
     return (index_bits > 0 or not compress) and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (plain Python: host code; `triton.cdiv` costs a constexpr-function
+    call, tens of microseconds per eager launch)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), plain Python like `cdiv`."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; `INTERPRETER_SMS` for the interpreter (CPU)."""
     if device.type == "cuda":

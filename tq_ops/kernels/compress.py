@@ -8,10 +8,12 @@ Precision: the rotation runs on tensor cores in fp16 with fp32 accumulation, exa
 2^-22 relative. Pi^T is split into fp16 hi + lo; fp16 x is exact in fp16, so x @ hi + x @ lo
 (two dots); bf16 / fp32 input is normalised to u and split too, u_hi @ hi + u_hi @ lo +
 u_lo @ hi. The QJL projection splits r_rot and Pi S^T the same way (three dots). Codes and
-sign bits so differ from an fp32 reference only at rounding ties. A small prepare kernel
-builds the split, column-arranged operands and the codebook midpoints once per call.
+sign bits so differ from an fp32 reference only at rounding ties. `build_plan` (one small
+kernel) builds the split, column-arranged operands, the codebook midpoints and centroids once
+per quantizer (plan/run); a compress given no plan builds one first.
 
-Bucketing is exact. For symmetric codebooks (all of tq_ops') it bisects |y| over the positive
+Bucketing is exact. For symmetric codebooks (all of tq_ops', given as their upper half: the
+launcher knows from the shape) it bisects |y| over the positive
 midpoints as uint32 keys, 2 * bits + sign (3 levels at 4 bits, levels 0-3 by selects among
 scalars, deeper levels by register gathers, the last one by the sign of a difference) and fixes
 the side with the sign; other codebooks are counted. The norm of fp16 input is that of the
@@ -33,13 +35,17 @@ Prod reads c[codes] from a register copy of the codebook (tl.gather): a load the
 address computed from a dot, feeding another dot, stops the Triton 3.6 pipeliner.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..codebook import full_table
 from ..packing import packed_bytes, plane_widths
-from .common import INTERPRET, ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
+from .common import (INTERPRET, ROT_SCALE, UNIT_SCALE, cdiv, next_pow2, persistent_programs,
+                     split_f16)
 
 
 @triton.jit
@@ -202,19 +208,15 @@ def _store_plane(codes, row_ptr, stride_p, row_ok, W: tl.constexpr, SHIFT: tl.co
 
 
 @triton.jit
-def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1, cent_ptr,
-                    rot_out, qjl_out, bnd_out,
-                    D: tl.constexpr, D_P: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
-                    M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
-                    N_BOUNDS: tl.constexpr, N_BOUNDS_P: tl.constexpr, HAS_QJL: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    """Operands for `_compress_kernel`, for BLOCK_C arranged columns per program.
-
-    rot_out (2, D_P, NCOL) fp16: hi/lo of ROT_SCALE * Pi^T[:, coord(c)];
-    qjl_out (2, NCOL, QCOL) fp16: hi/lo of ROT_SCALE * (Pi S^T)[coord(c), row(q)];
-    bnd_out (N_BOUNDS + 1,) fp32: codebook midpoints, then 1.0 when they are symmetric
-    (b[N_BOUNDS-1-k] == -b[k] for all k), else 0.0 (written by program 0).
-    """
+def _plan_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1, cent_ptr, plan_ptr,
+                 D: tl.constexpr, D_P: tl.constexpr, SEG: tl.constexpr, SEG_P: tl.constexpr,
+                 M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
+                 QJL_OFF: tl.constexpr, BND_OFF: tl.constexpr, CENT_OFF: tl.constexpr,
+                 N: tl.constexpr, HAS_QJL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A `build_plan`, BLOCK_C arranged columns per program: at byte 0, (2, D_P, NCOL) fp16
+    hi/lo of ROT_SCALE * Pi^T[:, coord(c)]; at QJL_OFF, (2, NCOL, QCOL) fp16 hi/lo of
+    ROT_SCALE * (Pi S^T)[coord(c), row(q)]; program 0 also writes the N - 1 midpoints of the
+    N fp32 centroids at cent_ptr (at BND_OFF) and the centroids (at CENT_OFF)."""
     NCOL: tl.constexpr = 8 * SEG_P
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -224,7 +226,7 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
     pi = tl.load(rot_ptr + coord[:, None] * stride_r0 + offs_k[None, :] * stride_r1,
                  mask=c_ok[:, None] & (offs_k[None, :] < D), other=0.0).to(tl.float32)
     hi, lo = split_f16(pi * ROT_SCALE)
-    out = rot_out + offs_k[None, :] * NCOL + offs_c[:, None]
+    out = plan_ptr.to(tl.pointer_type(tl.float16)) + offs_k[None, :] * NCOL + offs_c[:, None]
     tl.store(out, hi)
     tl.store(out + D_P * NCOL, lo)
     if HAS_QJL:
@@ -238,24 +240,24 @@ def _prepare_kernel(rot_ptr, stride_r0, stride_r1, qjl_ptr, stride_q0, stride_q1
             s = tl.load(qjl_ptr + row * stride_q0 + j * stride_q1, mask=q_ok, other=0.0)
             acc += a.to(tl.float32)[:, None] * s.to(tl.float32)[None, :]
         hi, lo = split_f16(acc * ROT_SCALE)
-        out = qjl_out + offs_c[:, None] * QCOL + offs_q[None, :]
+        out = ((plan_ptr + QJL_OFF).to(tl.pointer_type(tl.float16)) + offs_c[:, None] * QCOL
+               + offs_q[None, :])
         tl.store(out, hi)
         tl.store(out + NCOL * QCOL, lo)
     if pid == 0:
-        offs_b = tl.arange(0, N_BOUNDS_P)
-        b_ok = offs_b < N_BOUNDS
-        bnd = (tl.load(cent_ptr + offs_b, mask=b_ok, other=0.0)
-               + tl.load(cent_ptr + offs_b + 1, mask=b_ok, other=0.0)) * 0.5
-        mirror = (tl.load(cent_ptr + N_BOUNDS - offs_b, mask=b_ok, other=0.0)
-                  + tl.load(cent_ptr + N_BOUNDS - 1 - offs_b, mask=b_ok, other=0.0)) * 0.5
-        tl.store(bnd_out + offs_b, bnd, mask=b_ok)
-        tl.store(bnd_out + N_BOUNDS, tl.min((bnd == -mirror).to(tl.float32), axis=0))
+        N_P: tl.constexpr = max(2, N)
+        offs = tl.arange(0, N_P)
+        c = tl.load(cent_ptr + offs, mask=offs < N, other=0.0)
+        c_next = tl.load(cent_ptr + offs + 1, mask=offs + 1 < N, other=0.0)
+        tl.store((plan_ptr + BND_OFF).to(tl.pointer_type(tl.float32)) + offs, (c + c_next) * 0.5,
+                 mask=offs + 1 < N)
+        tl.store((plan_ptr + CENT_OFF).to(tl.pointer_type(tl.float32)) + offs, c, mask=offs < N)
 
 
 @triton.jit
 def _compress_kernel(
         x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
-        rot_ptr, qjl_ptr, bnd_ptr, cent_ptr, pos_ptr,
+        plan_ptr, pos_ptr,
         idx_ptr, stride_ib, stride_ih, stride_is, stride_ip,
         nrm_ptr, stride_nb, stride_nh, stride_ns,
         sgn_ptr, stride_gb, stride_gh, stride_gs, stride_gp,
@@ -265,11 +267,11 @@ def _compress_kernel(
         M_QJL: tl.constexpr, QSEG: tl.constexpr, QSEG_P: tl.constexpr,
         BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
         HAS_QJL: tl.constexpr, HAS_POS: tl.constexpr, X_FP16: tl.constexpr,
+        QJL_OFF: tl.constexpr, BND_OFF: tl.constexpr, CENT_OFF: tl.constexpr,
         KB: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SYM: tl.constexpr):
-    """Compress x into the outputs if the prepare kernel's symmetry flag equals SYM, else
-    return at once: the launcher starts both variants (symmetric codebook boundaries, or any),
-    since the host cannot read the flag without a sync and one loop with a branch inside
-    costs registers.
+    """Compress x into the outputs, with the operands of a `plan` at plan_ptr (uint8; sections
+    at byte offsets 0, QJL_OFF, BND_OFF, CENT_OFF: `_plan_layout`). SYM: the codebook is
+    symmetric about 0 (the launcher knows it from the shape of `centroids`).
 
     The n_tiles = BH * cdiv(S, BLOCK_M) tiles of BLOCK_M tokens are split into equal runs of
     consecutive tiles, one per program; tile t covers tokens [BLOCK_M * (t % cdiv(S, BLOCK_M)),
@@ -281,8 +283,10 @@ def _compress_kernel(
     projection in QBLOCK-column chunks likewise. With HAS_POS, token s goes to slot pos[s] of
     the (B, H, S_out, .) outputs; rows whose slot is outside [0, S_out) are not written.
     """
-    if (tl.load(bnd_ptr + (1 << BITS) - 1) != 0) != SYM:
-        return
+    rot_ptr = plan_ptr.to(tl.pointer_type(tl.float16))
+    qjl_ptr = (plan_ptr + QJL_OFF).to(tl.pointer_type(tl.float16))
+    bnd_ptr = (plan_ptr + BND_OFF).to(tl.pointer_type(tl.float32))
+    cent_ptr = (plan_ptr + CENT_OFF).to(tl.pointer_type(tl.float32))
     NCOL: tl.constexpr = 8 * SEG_P
     QCOL: tl.constexpr = 8 * QSEG_P
     tiles_s = tl.cdiv(S, BLOCK_M)
@@ -423,10 +427,6 @@ def _compress_kernel(
         s0, h, b = s0_n, h_n, b_n
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
@@ -438,59 +438,87 @@ _compress_tuned = triton.autotune(
     configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16", "SYM"])(_compress_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _plan_layout(dim: int, index_bits: int, qjl_dim: int | None) -> dict:
+    """(Cached: copy before changing it.) Sizes of the compress operands of one quantizer: the column grids, and the byte offsets of
+    the `plan` sections (each 16-byte aligned) and its total size in bytes."""
+    seg = dim // 8
+    seg_p = next_pow2(seg)
+    dim_p, ncol = next_pow2(dim), 8 * seg_p
+    m_qjl = qjl_dim or 0
+    qseg = -(-m_qjl // 8)
+    qseg_p = max(2, next_pow2(qseg))
+    qcol = 8 * qseg_p
+    align = lambda n: -(-n // 16) * 16  # noqa: E731
+    qjl_off = align(2 * dim_p * ncol * 2)
+    bnd_off = qjl_off + (align(2 * ncol * qcol * 2) if qjl_dim else 0)
+    cent_off = bnd_off + align(4 * max(1, (1 << index_bits) - 1))
+    return dict(D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
+                QJL_OFF=qjl_off, BND_OFF=bnd_off, CENT_OFF=cent_off,
+                nbytes=cent_off + 4 * (1 << index_bits))
+
+
+def plan_bytes(dim: int, index_bits: int, qjl_dim: int | None) -> int:
+    """Size in bytes of the `plan` of one quantizer."""
+    return _plan_layout(dim, index_bits, qjl_dim)["nbytes"]
+
+
+def build_plan(rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int) -> Tensor:
+    """What the compress kernel reads besides x, from one quantizer's constants (op arguments,
+    validated by the caller): uint8 (plan_bytes,) holding the fp16 hi/lo tensor-core operands
+    of Pi^T and Pi S^T in the kernel's column arrangement, then the codebook midpoints and all
+    2**index_bits centroids, fp32. Built once per quantizer and device, it makes each compress
+    one launch (plan/run)."""
+    dim = rotation.shape[0]
+    layout = dict(_plan_layout(dim, index_bits, None if qjl is None else qjl.shape[0]))
+    out = torch.empty(layout.pop("nbytes"), dtype=torch.uint8, device=rotation.device)
+    proj = qjl if qjl is not None else rotation
+    ncol = 8 * layout["SEG_P"]
+    block_c = min(16, ncol)
+    torch.library.wrap_triton(_plan_kernel)[(ncol // block_c,)](
+        rotation, rotation.stride(0), rotation.stride(1), proj, proj.stride(0), proj.stride(1),
+        full_table(centroids, index_bits).contiguous(), out, **layout, N=1 << index_bits,
+        HAS_QJL=qjl is not None, BLOCK_C=block_c)
+    return out
+
+
 def _launch(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
-            positions: Tensor | None, indices: Tensor, norms: Tensor, signs: Tensor | None,
-            residual_norms: Tensor | None) -> None:
-    """Prepare the operands, then compress x (B, H, S, D) into the (B, H, S_out, .) outputs."""
+            plan: Tensor | None, positions: Tensor | None, indices: Tensor, norms: Tensor,
+            signs: Tensor | None, residual_norms: Tensor | None) -> None:
+    """Compress x (B, H, S, D) into the (B, H, S_out, .) outputs, reading `plan` (a `build_plan`
+    of these constants; built here when None)."""
     batch, heads, seq, dim = x.shape
     if batch * heads * seq == 0:
         return
     if dim % 8 or dim < 16:
         raise NotImplementedError(f"the Triton compress kernel needs head_dim % 8 == 0 and >= 16, "
                                   f"got {dim}")
-    seg = dim // 8
-    seg_p = _next_pow2(seg)
-    dim_p, ncol = _next_pow2(dim), 8 * seg_p
-    m_qjl = 0 if qjl is None else qjl.shape[0]
-    qseg = -(-m_qjl // 8)
-    qseg_p = max(2, _next_pow2(qseg))
-    qcol = 8 * qseg_p
+    if plan is None:
+        plan = build_plan(rotation, centroids, qjl, index_bits)
+    layout = dict(_plan_layout(dim, index_bits, None if qjl is None else qjl.shape[0]))
+    layout.pop("nbytes")
+    dim_p, qcol = layout["D_P"], 8 * layout["QSEG_P"]
     widths = plane_widths(index_bits) + (0, 0, 0)
-    n_bounds = (1 << index_bits) - 1
-    dev = x.device
-    rot_ops = torch.empty((2, dim_p, ncol), dtype=torch.float16, device=dev)
-    qjl_ops = torch.empty((2, ncol, qcol) if qjl is not None else (0,), dtype=torch.float16,
-                          device=dev)
-    bounds = torch.empty((n_bounds + 1,), dtype=torch.float32, device=dev)
-    proj = qjl if qjl is not None else rotation
-    block_c = min(16, ncol)
-    torch.library.wrap_triton(_prepare_kernel)[(ncol // block_c,)](
-        rotation, rotation.stride(0), rotation.stride(1), proj, proj.stride(0), proj.stride(1),
-        centroids, rot_ops, qjl_ops, bounds,
-        D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
-        N_BOUNDS=n_bounds, N_BOUNDS_P=_next_pow2(max(1, n_bounds)), HAS_QJL=qjl is not None,
-        BLOCK_C=block_c)
     sgn = signs if signs is not None else indices
     res = residual_norms if residual_norms is not None else norms
-    programs = persistent_programs(dev)
-    tiles = lambda meta: batch * heads * triton.cdiv(seq, meta["BLOCK_M"])  # noqa: E731
+    programs = persistent_programs(x.device)
+    tiles = lambda meta: batch * heads * cdiv(seq, meta["BLOCK_M"])  # noqa: E731
     grid = lambda meta: (min(programs, tiles(meta)),)  # noqa: E731
-    for sym in (True, False):  # one of the two returns at once (see _compress_kernel)
-        torch.library.wrap_triton(_compress_tuned)[grid](
-            x, *x.stride(), rot_ops, qjl_ops, bounds, centroids,
-            positions if positions is not None else bounds,
-            indices, *indices.stride(), norms, *norms.stride()[:3], sgn, *sgn.stride(),
-            res, *res.stride()[:3],
-            batch * heads, heads, seq, indices.shape[2],
-            D=dim, D_P=dim_p, SEG=seg, SEG_P=seg_p, M_QJL=m_qjl, QSEG=qseg, QSEG_P=qseg_p,
-            BITS=index_bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
-            HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
-            KB=dim_p if dim_p <= 128 else 64,
-            QBLOCK=qcol if qcol <= 128 else max(qseg_p, 64), SYM=sym)
+    torch.library.wrap_triton(_compress_tuned)[grid](
+        x, *x.stride(), plan, positions if positions is not None else plan,
+        indices, *indices.stride(), norms, *norms.stride()[:3], sgn, *sgn.stride(),
+        res, *res.stride()[:3],
+        batch * heads, heads, seq, indices.shape[2], **layout,
+        BITS=index_bits, W0=widths[0], W1=widths[1], W2=widths[2], HAS_QJL=qjl is not None,
+        HAS_POS=positions is not None, X_FP16=x.dtype == torch.float16,
+        KB=dim_p if dim_p <= 128 else 64,
+        QBLOCK=qcol if qcol <= 128 else max(layout["QSEG_P"], 64),
+        SYM=index_bits > 0 and centroids.shape[0] != 1 << index_bits)
 
 
 def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
-             norm_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             norm_dtype: torch.dtype, plan: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (B, H, S, D) fp16/bf16/fp32 -> (indices uint8 (B, H, S, packed_bytes(D, index_bits)),
     norms (B, H, S, 1) norm_dtype, signs uint8 (B, H, S, ceil(M / 8)) or (B, H, S, 0),
     residual_norms (B, H, S, 1) or (B, H, S, 0) norm_dtype). rotation (D, D), centroids
@@ -505,15 +533,16 @@ def compress(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
     else:
         signs = x.new_empty(lead + (packed_bytes(qjl.shape[0], 1),), dtype=torch.uint8)
         residual_norms = x.new_empty(lead + (1,), dtype=norm_dtype)
-    _launch(x, rotation, centroids, qjl, index_bits, None, indices, norms,
+    _launch(x, rotation, centroids, qjl, index_bits, plan, None, indices, norms,
             signs if qjl is not None else None, residual_norms if qjl is not None else None)
     return indices, norms, signs, residual_norms
 
 
 def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | None,
                   index_bits: int, positions: Tensor, indices: Tensor, norms: Tensor,
-                  signs: Tensor | None, residual_norms: Tensor | None) -> None:
+                  signs: Tensor | None, residual_norms: Tensor | None,
+                  plan: Tensor | None = None) -> None:
     """Compress x (B, H, S, D) and write token s to slot positions[s] (int32/int64 (S,)) of the
     preallocated (B, H, S_max, .) buffers; slots outside [0, S_max) are never written."""
-    _launch(x, rotation, centroids, qjl, index_bits, positions, indices, norms, signs,
+    _launch(x, rotation, centroids, qjl, index_bits, plan, positions, indices, norms, signs,
             residual_norms)

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebook import full_table
 from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, sign_layout, tile_coords
-from .common import ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
+from .common import ROT_SCALE, UNIT_SCALE, cdiv, next_pow2, persistent_programs, split_f16
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     y = torch.empty(count, dim, device=out.device, dtype=torch.float32)
     sgn = torch.empty(count, m, device=out.device, dtype=torch.float32)
     block = 32
-    torch.library.wrap_triton(_unpack_kernel)[(triton.cdiv(count, block),)](
+    torch.library.wrap_triton(_unpack_kernel)[(cdiv(count, block),)](
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0), centroids, y, sgn, count,
         D=dim, M=max(m, 1), **prefixed("K_", k_layout), **s_layout, HAS_QJL=qjl is not None,
         BLOCK_N=block, num_warps=4)
@@ -126,11 +127,12 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
     """Packed (B, H, S, .) fields -> reconstruction (B, H, S, D) in `dtype`.
 
     indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
-    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D), centroids (2**index_bits,)
-    float32.
+    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D) float32, centroids
+    float32 (2**index_bits,) or a symmetric table's upper half.
     """
     lead = tuple(indices.shape[:3])
     dim = rotation.shape[0]
+    centroids = full_table(centroids, index_bits).contiguous()  # the kernel gathers c[idx]
     count = lead[0] * lead[1] * lead[2]
     out = torch.empty(lead + (dim,), device=indices.device, dtype=dtype)
     if count == 0:
@@ -149,9 +151,9 @@ def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, 
     # 64-row tiles keep the dots on wgmma (its B operand stays in shared memory); output
     # blocks of 128 (MSE) or 64 (Prod) columns fit 136-160 KB of shared memory and 255
     # registers without spills at head_dim 128 (bench/sass_stats.py-style offline builds).
-    block_n, out_block = 64, min(triton.next_power_of_2(dim), 64 if has_qjl else 128)
-    col_blocks = triton.cdiv(dim, out_block)
-    grid = (min(triton.cdiv(count, block_n),
+    block_n, out_block = 64, min(next_pow2(dim), 64 if has_qjl else 128)
+    col_blocks = cdiv(dim, out_block)
+    grid = (min(cdiv(count, block_n),
                 max(1, persistent_programs(indices.device) // col_blocks)), col_blocks)
     torch.library.wrap_triton(_decompress_kernel)[grid](
         flat_idx, flat_idx.stride(0), flat_signs, flat_signs.stride(0),

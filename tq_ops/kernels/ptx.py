@@ -18,36 +18,38 @@ def _half_bits(cent_ptr, i: tl.constexpr):
 
 
 @triton.jit
-def table_words(cent_ptr, N: tl.constexpr):
-    """The N (4, 8 or 16) fp32 centroids at cent_ptr as byte-permute table words, int32
-    scalars: the low bytes, then the high bytes, of their fp16 values, entry i in byte i % 4
-    of word i // 4 (N // 2 words). Read once per program, before the key loop."""
+def _entry_bits(cent_ptr, i: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr):
+    """fp16 bits of entry i of an N-entry table at cent_ptr, or, HALF, of the symmetric table
+    whose upper half (N // 2 entries) is at cent_ptr."""
+    if not HALF:
+        return _half_bits(cent_ptr, i)
+    if i >= N // 2:
+        return _half_bits(cent_ptr, i - N // 2)
+    return _half_bits(cent_ptr, N // 2 - 1 - i) ^ 0x8000
+
+
+@triton.jit
+def table_words(cent_ptr, N: tl.constexpr, HALF: tl.constexpr = False):
+    """The N (4, 8 or 16) fp32 centroids at cent_ptr (HALF: the N // 2 of the upper half of a
+    symmetric table, mirrored) as byte-permute table words, int32 scalars: the low bytes, then
+    the high bytes, of their fp16 values, entry i in byte i % 4 of word i // 4 (N // 2 words).
+    Read once per program, before the key loop."""
     lo = ()
     hi = ()
     for w in tl.static_range(N // 4):
-        h0 = _half_bits(cent_ptr, 4 * w)
-        h1 = _half_bits(cent_ptr, 4 * w + 1)
-        h2 = _half_bits(cent_ptr, 4 * w + 2)
-        h3 = _half_bits(cent_ptr, 4 * w + 3)
+        h0 = _entry_bits(cent_ptr, 4 * w, N, HALF)
+        h1 = _entry_bits(cent_ptr, 4 * w + 1, N, HALF)
+        h2 = _entry_bits(cent_ptr, 4 * w + 2, N, HALF)
+        h3 = _entry_bits(cent_ptr, 4 * w + 3, N, HALF)
         lo = lo + ((h0 & 0xFF) | (h1 & 0xFF) << 8 | (h2 & 0xFF) << 16 | (h3 & 0xFF) << 24,)
         hi = hi + ((h0 >> 8) | (h1 >> 8) << 8 | (h2 >> 8) << 16 | (h3 >> 8) << 24,)
     return lo + hi
 
 
-@triton.jit
-def symmetric_table(cent_ptr):
-    """Whether the 16 fp32 centroids at cent_ptr are, in fp16, symmetric (c[15 - k] == -c[k])
-    with a positive upper half: what `NIBBLE_PTX` decodes (every tq_ops codebook)."""
-    ok = _half_bits(cent_ptr, 15) < 0x8000
-    for k in tl.static_range(8):
-        ok = ok & (_half_bits(cent_ptr, 15 - k) == (_half_bits(cent_ptr, k) ^ 0x8000))
-        ok = ok & (_half_bits(cent_ptr, 8 + k) < 0x8000)
-    return ok
-
-
 # `nibble_values` PTX: 4 packed bytes ($4) -> fp16 centroids of their low nibbles ($0: bytes 0
-# and 1, $1: bytes 2 and 3) and of their high nibbles ($2, $3), for a `symmetric_table`;
-# $5, $9, $13, $17: the `table_words` of its upper half M = c[8:] (pack=4 repeats each).
+# and 1, $1: bytes 2 and 3) and of their high nibbles ($2, $3), for a 16-entry table symmetric
+# about 0 (c[15 - k] = -c[k]); $5, $9, $13, $17: the `table_words` of its upper half M = c[8:],
+# non-negative (pack=4 repeats each).
 # Code k reads M[k & 7] when bit 3 is set, else M[7 - k] with the sign bit set. One prmt
 # selector takes the 4 codes of 2 bytes as they lie (no packing): bit 3 of each nibble
 # becomes 7 in the positive nibbles (t - t >> 3) and an xnor makes the magnitude index; two
@@ -69,7 +71,7 @@ NIBBLE_PTX = tl.constexpr(
 @triton.jit
 def nibble_values(byte, words):
     """fp16 centroids of the low and high nibbles of uint8 `byte` (4-bit codes), two tensors;
-    words: the 4 `table_words` of the upper half of a `symmetric_table`."""
+    words: the 4 `table_words` of the non-negative upper half of a table symmetric about 0."""
     return tl.inline_asm_elementwise(
         NIBBLE_PTX, "=r,=r,=r,=r" + ",r" * 17, [byte, words[0], words[1], words[2], words[3]],
         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)

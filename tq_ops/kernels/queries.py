@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_pow2
+
 
 @triton.jit
 def _query_kernel(x_ptr, x_sb, x_sh, x_ss, x_sd, rot_ptr, out_ptr, HKV, R, scale,
@@ -47,9 +49,9 @@ def rotated_queries(x: torch.Tensor, rotation: torch.Tensor, kv_heads: int, scal
     rows = q_len * (q_heads // kv_heads)
     out = torch.empty(batch, kv_heads, rows, n, device=x.device, dtype=dtype)
     block = 16
-    torch.library.wrap_triton(_query_kernel)[(triton.cdiv(rows, block), batch * kv_heads)](
+    torch.library.wrap_triton(_query_kernel)[(cdiv(rows, block), batch * kv_heads)](
         x, *x.stride(), rotation.contiguous(), out, kv_heads, rows, scale,
-        G=q_heads // kv_heads, D=dim, D_PAD=max(16, triton.next_power_of_2(dim)), N=n,
-        N_PAD=max(16, triton.next_power_of_2(n)), BLOCK_R=block,
-        BLOCK=min(64, max(16, triton.next_power_of_2(min(dim, n)))), num_warps=4)
+        G=q_heads // kv_heads, D=dim, D_PAD=max(16, next_pow2(dim)), N=n,
+        N_PAD=max(16, next_pow2(n)), BLOCK_R=block,
+        BLOCK=min(64, max(16, next_pow2(min(dim, n)))), num_warps=4)
     return out

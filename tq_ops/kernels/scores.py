@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebook import full_table
 from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, sign_layout, tile_coords
-from .common import strided
+from .common import cdiv, strided
 from .queries import rotated_queries
 
 
@@ -68,6 +69,7 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = indices.shape[1], indices.shape[2]
+    centroids = full_table(centroids, index_bits).contiguous()  # the kernel gathers c[idx]
     rows = q_len * (q_heads // kv_heads)
     q_rot = rotated_queries(query, rotation, kv_heads, 1.0, torch.float32)
     has_qjl = qjl is not None
@@ -80,7 +82,7 @@ def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qj
         ks = kr = (indices, 0, 0, 0)
     out = torch.empty(batch, q_heads, q_len, kv_len, device=query.device, dtype=query.dtype)
     block_m, block_n = 16, 64
-    grid = (batch * kv_heads, triton.cdiv(rows, block_m), triton.cdiv(kv_len, block_n))
+    grid = (batch * kv_heads, cdiv(rows, block_m), cdiv(kv_len, block_n))
     torch.library.wrap_triton(_scores_kernel)[grid](
         q_rot, sq, out, out.stride(0), out.stride(1), out.stride(2),
         *strided(indices), *strided(norms), *ks, *kr, centroids,
