@@ -18,6 +18,7 @@ if os.environ.get("CI"):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tq_ops.codebook import full_table  # noqa: E402
 from tq_ops.quantizer import make_quantizers  # noqa: E402
 from tq_ops.packing import unpack  # noqa: E402
 
@@ -57,7 +58,8 @@ def float64_reconstruction(fields, rotation, centroids, qjl, index_bits):
     """norm * (c[idx] @ Pi + gamma sqrt(pi/2) / m * s @ S) in float64, straight from the bits
     of the packed (idx, norms, signs, residual_norms) fields (CPU tensors)."""
     idx, norms, signs, residual_norms = fields
-    unit = centroids.double()[unpack(idx, index_bits, rotation.shape[0])] @ rotation.double()
+    table = full_table(centroids, index_bits).double()
+    unit = table[unpack(idx, index_bits, rotation.shape[0])] @ rotation.double()
     if qjl is not None:
         m = qjl.shape[0]
         sign = unpack(signs, 1, m).double() * 2 - 1

@@ -12,13 +12,11 @@ loads, constant shifts, no repeated loads) and the segments are interleaved with
 nothing is ever shuffled back into coordinate order except the final output.
 """
 
-import functools
-
 import triton
 import triton.language as tl
 
 from ..packing import plane_widths
-from .common import next_pow2
+from .common import int_cache, next_pow2
 from .ptx import nibble_values, sign_segment, three_bit_values, two_bit_values
 
 TABLE = tl.constexpr(0)  # decode_tile MODE: codes -> centroids (fp32 gathers)
@@ -28,7 +26,7 @@ PLANES3 = tl.constexpr(5)  # decode_tile MODE: 3-bit codes (2 + 1 planes) -> fp1
 PAIRS = tl.constexpr(6)  # decode_tile MODE: 2-bit codes (one plane) -> fp16 by byte permutes
 
 
-@functools.lru_cache(maxsize=None)
+@int_cache
 def plane_layout(dim: int, bits: int) -> dict:
     """Constexpr description of `dim` codes of `bits` bits (bits = 1 also describes signs);
     cached (host time per launch): read it, do not modify it.
@@ -57,7 +55,7 @@ def prefixed(prefix: str, layout: dict) -> dict:
     return {prefix + key: value for key, value in layout.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@int_cache
 def sign_layout(qjl_dim: int) -> dict:
     """S_NSEG, S_SEGLEN, S_SEG_PAD of a plane of `qjl_dim` QJL signs (`plane_layout` of 1-bit
     codes): all a kernel reads of it, since one plane has no widths or offsets to choose."""

@@ -34,6 +34,17 @@ def supports(dim: int, index_bits: int, qjl_dim: int | None = None, *,
     return (index_bits > 0 or not compress) and all(d % 8 == 0 and 16 <= d <= 256 for d in dims)
 
 
+def int_cache(fn):
+    """Memoize a function of host ints (launch layouts: host time per eager launch); calls with
+    a symbolic size (tracing with dynamic shapes) are computed, not cached."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return cached(*args) if all(type(a) is int or a is None for a in args) else fn(*args)
+    return call
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints (plain Python: host code; `triton.cdiv` costs a constexpr-function
     call, tens of microseconds per eager launch)."""

@@ -35,8 +35,6 @@ Prod reads c[codes] from a register copy of the codebook (tl.gather): a load the
 address computed from a dot, feeding another dot, stops the Triton 3.6 pipeliner.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -44,8 +42,8 @@ from torch import Tensor
 
 from ..codebook import full_table
 from ..packing import packed_bytes, plane_widths
-from .common import (INTERPRET, ROT_SCALE, UNIT_SCALE, cdiv, next_pow2, persistent_programs,
-                     split_f16)
+from .common import (INTERPRET, ROT_SCALE, UNIT_SCALE, cdiv, int_cache, next_pow2,
+                     persistent_programs, split_f16)
 
 
 @triton.jit
@@ -438,7 +436,7 @@ _compress_tuned = triton.autotune(
     configs=_configs(), key=["D", "M_QJL", "BITS", "HAS_QJL", "X_FP16", "SYM"])(_compress_kernel)
 
 
-@functools.lru_cache(maxsize=None)
+@int_cache
 def _plan_layout(dim: int, index_bits: int, qjl_dim: int | None) -> dict:
     """(Cached: copy before changing it.) Sizes of the compress operands of one quantizer: the column grids, and the byte offsets of
     the `plan` sections (each 16-byte aligned) and its total size in bytes."""
