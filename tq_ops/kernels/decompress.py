@@ -17,6 +17,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from ..packed import PackedKeys
 
 from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, sign_layout, tile_coords
 from .common import ROT_SCALE, UNIT_SCALE, persistent_programs, split_f16
@@ -122,13 +125,14 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     return out
 
 
-def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits, dtype):
+def decompress(keys: PackedKeys, dtype: torch.dtype) -> Tensor:
     """Packed (B, H, S, .) fields -> reconstruction (B, H, S, D) in `dtype`.
 
-    indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
-    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D), centroids (2**index_bits,)
-    float32.
+    keys: indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
+    uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D), centroids
+    (2**index_bits,) float32.
     """
+    indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits = keys
     lead = tuple(indices.shape[:3])
     dim = rotation.shape[0]
     count = lead[0] * lead[1] * lead[2]
