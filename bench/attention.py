@@ -22,6 +22,8 @@ import sys
 import torch
 
 import harness
+from tq_ops.ops import attention_args
+from tq_ops.packed import PackedKeys, PackedValues
 from tq_ops.packing import packed_bytes
 from tq_ops.quantizer import make_quantizers
 
@@ -37,8 +39,9 @@ FULL_SHAPES = [(b, n) for b in (1, 8, 32) for n in (8192, 32768, 131072)]
 
 
 def fused_kernel():
-    """`tq_ops.kernels.attention.fused_attention(*op_args, tune=dict)`: the one entry into
-    kernel internals (tuning knobs). Raises RuntimeError naming what moved if kernels/ changed."""
+    """`tq_ops.kernels.attention.fused_attention(query, keys, values, ..., tune=dict)`: the one
+    entry into kernel internals (tuning knobs). Raises RuntimeError naming what moved if
+    kernels/ changed."""
     try:
         from tq_ops.kernels import attention as kernels
         return kernels.fused_attention
@@ -50,7 +53,7 @@ def fused_kernel():
 
 def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int):
     """Random packed K/V of (batch, KV_HEADS, length) with the constants of real quantizers
-    -> (key fields, value fields, bytes of the packed fields)."""
+    -> (PackedKeys, PackedValues, bytes of the packed fields)."""
     def u8(width):
         return torch.randint(0, 256, (batch, KV_HEADS, length, width), dtype=torch.uint8,
                              device=DEVICE)
@@ -60,33 +63,24 @@ def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int)
 
     kq, vq = make_quantizers(DIM, k_bits, v_bits, key_quantizer, seed=0)
     prod = kq.qjl is not None
-    k = dict(k_indices=u8(packed_bytes(DIM, kq.index_bits)), k_norms=norms(),
-             k_signs=u8(packed_bytes(kq.qjl.shape[0], 1)) if prod else None,
-             k_residual_norms=norms() if prod else None,
-             k_rotation=kq.rotation.to(DEVICE), k_centroids=kq.centroids.to(DEVICE),
-             k_qjl=kq.qjl.to(DEVICE) if prod else None, k_index_bits=kq.index_bits)
-    v = dict(v_indices=u8(packed_bytes(DIM, vq.index_bits)), v_norms=norms(),
-             v_rotation=vq.rotation.to(DEVICE), v_centroids=vq.centroids.to(DEVICE),
-             v_index_bits=vq.index_bits)
-    nbytes = sum(t.numel() * t.element_size() for t in (*k.values(), *v.values())
+    k = PackedKeys(u8(packed_bytes(DIM, kq.index_bits)), norms(),
+                   u8(packed_bytes(kq.qjl.shape[0], 1)) if prod else None,
+                   norms() if prod else None, kq.rotation.to(DEVICE), kq.centroids.to(DEVICE),
+                   kq.qjl.to(DEVICE) if prod else None, kq.index_bits)
+    v = PackedValues(u8(packed_bytes(DIM, vq.index_bits)), norms(), vq.rotation.to(DEVICE),
+                     vq.centroids.to(DEVICE), vq.index_bits)
+    nbytes = sum(t.numel() * t.element_size() for t in (*k, *v)
                  if isinstance(t, torch.Tensor) and t.dim() == 4)
     return k, v, nbytes
 
 
-def op_args(query, k, v, is_causal, kv_lens, mask=None) -> tuple:
-    """The argument list of `torch.ops.tq.attention` (the one place that spells it)."""
-    return (query, k["k_indices"], k["k_norms"], k["k_signs"], k["k_residual_norms"],
-            k["k_rotation"], k["k_centroids"], k["k_qjl"], k["k_index_bits"], v["v_indices"],
-            v["v_norms"], v["v_rotation"], v["v_centroids"], v["v_index_bits"], DIM ** -0.5,
-            is_causal, mask, kv_lens)
-
-
 def tq_call(query, k, v, is_causal, kv_lens, tune=None, mask=None):
     """A no-argument call of the public op (or of the fused kernel with `tune` overrides)."""
-    args = op_args(query, k, v, is_causal, kv_lens, mask)
+    packed = (query, k, v, DIM ** -0.5, is_causal, mask, kv_lens)
     if tune is not None:
         fused = fused_kernel()
-        return lambda: fused(*args, tune=tune)
+        return lambda: fused(*packed, tune=tune)
+    args = attention_args(*packed)
     return lambda: torch.ops.tq.attention(*args)
 
 
@@ -140,11 +134,8 @@ def decode_table(bw, shapes, configs, rows_out):
 def decompress_call(k, v):
     """Decompression of the whole K and V cache to fp16 (the first step of prefill)."""
     def run():
-        torch.ops.tq.decompress(k["k_indices"], k["k_norms"], k["k_signs"],
-                                k["k_residual_norms"], k["k_rotation"], k["k_centroids"],
-                                k["k_qjl"], k["k_index_bits"], torch.float16)
-        torch.ops.tq.decompress(v["v_indices"], v["v_norms"], None, None, v["v_rotation"],
-                                v["v_centroids"], None, v["v_index_bits"], torch.float16)
+        torch.ops.tq.decompress(*k, torch.float16)
+        torch.ops.tq.decompress(*v.as_keys(), torch.float16)
     return run
 
 

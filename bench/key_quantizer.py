@@ -73,10 +73,7 @@ def key_logits(kind: str, bits: int, seed: int, q, k):
     quant = make_quantizers(dim, bits, bits, "prod" if kind == "prod" else "mse", seed)[0]
     fields = reference.compress(k, quant.rotation, quant.centroids, quant.qjl,
                                 quant.index_bits, torch.float16)
-    if quant.qjl is None:
-        fields = (fields[0], fields[1], None, None)
-    logits = reference.scores(q, *fields, quant.rotation, quant.centroids, quant.qjl,
-                              quant.index_bits)
+    logits = reference.scores(q, quant.packed_keys(*fields))
     return logits / (1 - mse_distortion(dim, bits)) if kind == "mse_unbiased" else logits
 
 
@@ -93,8 +90,7 @@ def attend(logits, scale, mask, v):
 def compress_values(v, bits, seed):
     quant = TurboQuantMSE(v.shape[-1], bits, seed + 1000)
     fields = reference.compress(v, quant.rotation, quant.centroids, None, bits, torch.float16)
-    return reference.decompress(fields[0], fields[1], None, None, quant.rotation,
-                                quant.centroids, None, bits, torch.float32)
+    return reference.decompress(quant.packed_keys(*fields), torch.float32)
 
 
 def main():

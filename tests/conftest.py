@@ -30,13 +30,6 @@ def quantizer(kind: str, dim: int, bits: int, seed: int = 0):
     return make_quantizers(dim, bits, bits, kind, seed)[0]
 
 
-def key_fields(q, fields):
-    """The 4 key arguments of the ops (signs/residual_norms None for MSE) + constants."""
-    indices, norms, *rest = fields
-    signs, residual_norms = rest if q.qjl is not None else (None, None)
-    return (indices, norms, signs, residual_norms, q.rotation, q.centroids, q.qjl, q.index_bits)
-
-
 def compress(q, x):
     return torch.ops.tq.compress(x, q.rotation, q.centroids, q.qjl, q.index_bits, q.norm_dtype)
 
@@ -54,10 +47,10 @@ def _reset_dynamo():
     yield
 
 
-def float64_reconstruction(fields, rotation, centroids, qjl, index_bits):
+def float64_reconstruction(keys):
     """norm * (c[idx] @ Pi + gamma sqrt(pi/2) / m * s @ S) in float64, straight from the bits
-    of the packed (idx, norms, signs, residual_norms) fields (CPU tensors)."""
-    idx, norms, signs, residual_norms = fields
+    of packed keys (a PackedKeys of CPU tensors)."""
+    idx, norms, signs, residual_norms, rotation, centroids, qjl, index_bits = keys
     table = full_table(centroids, index_bits).double()
     unit = table[unpack(idx, index_bits, rotation.shape[0])] @ rotation.double()
     if qjl is not None:

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from conftest import compress, key_fields, quantizer, root_cause
+from conftest import compress, quantizer, root_cause
 from tq_ops import TurboQuantCompressorMSE, TurboQuantCompressorV2, TurboQuantProd, checks
+from tq_ops.ops import attention_args
 from tq_ops.packing import pack, packed_bytes
 from tq_ops.rotation import SEED_RANGE, haar_rotation, qjl_matrix
 
 QUANT = quantizer("prod", 16, 3)
 X = torch.randn(1, 2, 4, 16)
-FIELDS = key_fields(QUANT, compress(QUANT, X))
+FIELDS = QUANT.packed_keys(*compress(QUANT, X))
 Q = torch.randn(1, 2, 1, 16)
 
 
@@ -20,7 +21,7 @@ def compress_call(x=X, index_bits=QUANT.index_bits, centroids=QUANT.centroids, q
 
 
 def scores_call(query=Q, indices=FIELDS[0]):
-    return torch.ops.tq.scores(query, indices, *FIELDS[1:])
+    return torch.ops.tq.scores(query, *FIELDS._replace(indices=indices))
 
 
 CASES = [
@@ -143,10 +144,10 @@ def test_packing_refuses_bits_out_of_range(bits):
 def attention_call(kv_lens, kv_heads=2):
     vq = quantizer("mse", 16, 2, seed=1)
     x = torch.randn(2, kv_heads, 6, 16, generator=torch.Generator().manual_seed(0))
-    k_fields = key_fields(QUANT, compress(QUANT, x))
+    keys = QUANT.packed_keys(*compress(QUANT, x))
+    values = vq.packed_values(*compress(vq, x)[:2])
     query = torch.randn(2, 2 * kv_heads, 3, 16)
-    return torch.ops.tq.attention(query, *k_fields, *compress(vq, x)[:2], vq.rotation,
-                                  vq.centroids, vq.index_bits, 0.25, True, None, kv_lens)
+    return torch.ops.tq.attention(*attention_args(query, keys, values, 0.25, True, None, kv_lens))
 
 
 @pytest.mark.parametrize("kv_lens", [[7, 6], [6, -1]])

@@ -53,13 +53,10 @@ def test_update_writes_packed_tokens_and_returns_reference_decompression(key_qua
     v_all = torch.cat([c[1] for c in chunks], 2)
     kc = reference.compress(k_all, layer.k_rotation, layer.k_centroids, layer.k_qjl,
                             layer.k_index_bits, torch.float16)
-    k_fields = kc if layer.k_qjl is not None else (kc[0], kc[1], None, None)
-    want_k = reference.decompress(*k_fields, layer.k_rotation, layer.k_centroids, layer.k_qjl,
-                                  layer.k_index_bits, torch.float32)
+    want_k = reference.decompress(layer.k_quantizer.packed_keys(*kc), torch.float32)
     vc = reference.compress(v_all, layer.v_rotation, layer.v_centroids, None, layer.v_index_bits,
                             torch.float16)
-    want_v = reference.decompress(vc[0], vc[1], None, None, layer.v_rotation, layer.v_centroids,
-                                  None, layer.v_index_bits, torch.float32)
+    want_v = reference.decompress(layer.v_quantizer.packed_keys(*vc), torch.float32)
     torch.testing.assert_close(keys[:, :, :6], want_k)
     torch.testing.assert_close(values[:, :, :6], want_v)
     assert keys[:, :, 6:].abs().max() == 0 and values.shape == (2, 2, 10, 16)
@@ -93,8 +90,7 @@ def test_center_keys_stores_keys_minus_the_prefill_mean():
     centred = torch.cat([c[0] for c in chunks], 2) - layer.k_mean
     kc = reference.compress(centred, layer.k_rotation, layer.k_centroids, None, layer.k_index_bits,
                             torch.float16)
-    want = reference.decompress(kc[0], kc[1], None, None, layer.k_rotation, layer.k_centroids,
-                                None, layer.k_index_bits, torch.float32)
+    want = reference.decompress(layer.k_quantizer.packed_keys(*kc), torch.float32)
     torch.testing.assert_close(keys[:, :, :6], want)
     assert torch.equal(layer.k_indices[:, :, :6], kc[0])
     before = layer.k_mean.clone()
@@ -479,9 +475,8 @@ class _PackedLayer(torch.nn.Module):
         else:
             written = cache_position[-1] + 1
         keys, values = torch.ops.tq.read_cache(
-            self.k_indices, self.k_norms, None, None, self.keys.rotation, self.keys.centroids,
-            None, 4, self.v_indices, self.v_norms, self.values.rotation, self.values.centroids,
-            3, written, q.dtype)
+            *self.keys.packed_keys(self.k_indices, self.k_norms),
+            *self.values.packed_values(self.v_indices, self.v_norms), written, q.dtype)
         visible = (torch.arange(keys.shape[2]) < written).view(1, 1, 1, -1)  # unwritten: hidden
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values,
                                                                 attn_mask=visible,

@@ -45,11 +45,9 @@ class EagerSimulation(TorchFunctionMode):
         kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits,
                                 torch.float16)
         vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
-        k_extra = (kc[2], kc[3]) if kq.qjl is not None else (None, None)
         scale = a["scale"] if a["scale"] is not None else 1 / math.sqrt(q.shape[-1])
-        return reference.attention(q, kc[0], kc[1], *k_extra, kq.rotation, kq.centroids, kq.qjl,
-                                   kq.index_bits, vc[0], vc[1], vq.rotation, vq.centroids,
-                                   vq.index_bits, scale, a["is_causal"], a["attn_mask"], None)
+        return reference.attention(q, kq.packed_keys(*kc), vq.packed_values(*vc[:2]), scale,
+                                   a["is_causal"], a["attn_mask"], None)
 
 
 class TinyGPT(nn.Module):

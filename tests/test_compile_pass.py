@@ -36,10 +36,8 @@ def simulate(config, index, q, k, v, scale, is_causal=False, mask=None):
     k = k - k.mean(-2, keepdim=True) if config.center_keys else k
     kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, torch.float16)
     vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
-    k_extra = (kc[2], kc[3]) if kq.qjl is not None else (None, None)
-    return reference.attention(q, kc[0], kc[1], *k_extra, kq.rotation, kq.centroids, kq.qjl,
-                               kq.index_bits, vc[0], vc[1], vq.rotation, vq.centroids,
-                               vq.index_bits, scale, is_causal, mask, None)
+    return reference.attention(q, kq.packed_keys(*kc), vq.packed_values(*vc[:2]), scale,
+                               is_causal, mask, None)
 
 
 def rewrite_and_run(fn, *args, config=None):

@@ -22,6 +22,7 @@ from tq_ops.kernels import attention as attention_kernels
 from tq_ops.kernels import decompress as decompress_kernels
 from tq_ops.kernels import prefill
 from tq_ops.kernels import scores as scores_kernels
+from tq_ops.packed import PackedKeys, PackedValues, named
 from tq_ops.rotation import haar_rotation, qjl_matrix
 
 # tests/conftest.py turns the interpreter on when there is no GPU; tests/gpu covers a GPU.
@@ -58,8 +59,8 @@ def cuda_route():
         yield taken
 
 
-def packed(gen, batch, heads, length, dim, index_bits, prod, seed=0):
-    """Random vectors compressed by the reference: (fields, rotation, centroids, qjl).
+def packed(gen, batch, heads, length, dim, index_bits, prod, seed=0) -> PackedKeys:
+    """Random vectors compressed by the reference, with their constants.
 
     `index_bits` is the bit width of the codes; Prod keys add a QJL matrix with qjl_dim = dim.
     """
@@ -72,17 +73,22 @@ def packed(gen, batch, heads, length, dim, index_bits, prod, seed=0):
                                                    torch.float16)
     if not prod:
         signs = rnorms = None
-    return (idx, norms, signs, rnorms), rotation, centroids, qjl
+    return PackedKeys(idx, norms, signs, rnorms, rotation, centroids, qjl, index_bits)
+
+
+def packed_values(gen, batch, heads, length, dim, index_bits, seed=0) -> PackedValues:
+    """`packed` MSE vectors as values."""
+    return named(PackedValues, packed(gen, batch, heads, length, dim, index_bits, False,
+                                      seed)._asdict())
 
 
 @pytest.mark.parametrize("dim,index_bits,prod", [(64, 4, False), (64, 3, True), (80, 2, True),
                                            (64, 1, False), (96, 8, False)])
 def test_decompress(dim, index_bits, prod):
     gen = torch.Generator().manual_seed(dim * 10 + index_bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 5, dim, index_bits, prod)
-    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, index_bits,
-                                        torch.float32)
-    ref = reference.decompress(*fields, rotation, centroids, qjl, index_bits, torch.float32)
+    keys = packed(gen, 2, 2, 5, dim, index_bits, prod)
+    out = decompress_kernels.decompress(keys, torch.float32)
+    ref = reference.decompress(keys, torch.float32)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
 
@@ -95,9 +101,9 @@ def test_decompress_fuzz_against_float64(length, dim, index_bits, prod, dtype, s
     any length (several 64-row tiles per program from 129 rows on), head_dim, bit width and
     output dtype. (No shrinking: each interpreted example takes seconds.)"""
     gen = torch.Generator().manual_seed(seed)
-    fields, rotation, centroids, qjl = packed(gen, 1, 2, length, dim, index_bits, prod, seed)
-    out = decompress_kernels.decompress(*fields, rotation, centroids, qjl, index_bits, dtype)
-    truth = float64_reconstruction(fields, rotation, centroids, qjl, index_bits)
+    keys = packed(gen, 1, 2, length, dim, index_bits, prod, seed)
+    out = decompress_kernels.decompress(keys, dtype)
+    truth = float64_reconstruction(keys)
     assert out.shape == truth.shape and out.dtype == dtype
     assert within_an_ulp(out, truth)
 
@@ -107,10 +113,10 @@ def test_decompress_fuzz_against_float64(length, dim, index_bits, prod, dtype, s
                                                    (4, 2, True, torch.bfloat16)])
 def test_scores(group, index_bits, prod, dtype):
     gen = torch.Generator().manual_seed(group * 100 + index_bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 70, 64, index_bits, prod)
+    keys = packed(gen, 2, 2, 70, 64, index_bits, prod)
     query = torch.randn(2, 2 * group, 3, 64, generator=gen).to(dtype)
-    out = scores_kernels.scores(query, *fields, rotation, centroids, qjl, index_bits)
-    ref = reference.scores(query.float(), *fields, rotation, centroids, qjl, index_bits)
+    out = scores_kernels.scores(query, keys)
+    ref = reference.scores(query.float(), keys)
     assert out.shape == ref.shape and out.dtype == dtype
     tol = 1e-3 if dtype == torch.float32 else 4e-3  # output rounding of fp16 / bf16 logits
     assert rel_err(out, ref) < tol
@@ -119,13 +125,12 @@ def test_scores(group, index_bits, prod, dtype):
 def attention_case(gen, *, batch=2, kv_heads=2, group=4, q_len=1, kv_len=150, dim=64,
                    k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
                    is_causal=False, mask=None, kv_lens=None, tune=None):
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_index_bits, False, 2)
+    keys = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
+    values = packed_values(gen, batch, kv_heads, kv_len, dim, v_index_bits, 2)
     query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
-    args = (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
-            v_index_bits, dim ** -0.5, is_causal, mask, kv_lens)
-    out = attention_kernels.fused_attention(*args, tune=tune)
-    ref = reference.attention(query.float(), *args[1:])
+    args = (keys, values, dim ** -0.5, is_causal, mask, kv_lens)
+    out = attention_kernels.fused_attention(query, *args, tune=tune)
+    ref = reference.attention(query.float(), *args)
     assert out.shape == ref.shape and out.dtype == dtype
     return out, ref
 
@@ -144,15 +149,14 @@ def test_attention_op_runs_decode_fused():
     """`tq::attention`'s CUDA route sends decode (4 query rows per KV head) to the fused
     kernel, with the op's arguments in place."""
     gen = torch.Generator().manual_seed(23)
-    keys, k_rot, k_cent, k_qjl = packed(gen, 1, 2, 40, 32, 3, True, 1)
-    values, v_rot, v_cent, _ = packed(gen, 1, 2, 40, 32, 2, False, 2)
+    keys = packed(gen, 1, 2, 40, 32, 3, True, 1)
+    values = packed_values(gen, 1, 2, 40, 32, 2, 2)
     query = torch.randn(1, 8, 1, 32, generator=gen).half()
-    args = (query, *keys, k_rot, k_cent, k_qjl, 3, values[0], values[1], v_rot, v_cent, 2,
-            0.2, False, None, torch.tensor([33]))
+    args = (keys, values, 0.2, False, None, torch.tensor([33]))
     with cuda_route() as taken:
-        out = torch.ops.tq.attention(*args)
+        out = torch.ops.tq.attention(*ops.attention_args(query, *args))
     assert taken == ["fused"]
-    assert rel_err(out, reference.attention(query.float(), *args[1:])) < 2e-3
+    assert rel_err(out, reference.attention(query.float(), *args)) < 2e-3
 
 
 def test_attention_many_splits_merge_in_blocks():
@@ -226,16 +230,15 @@ def test_flash_prefill(batch, group, q_len, is_causal, dim, k_index_bits, k_prod
     reference on random shapes, code widths and query dtypes."""
     gen = torch.Generator().manual_seed(seed)
     kv_len = q_len if is_causal else int(torch.randint(1, 60, (), generator=gen))
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, 2, kv_len, dim, k_index_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, dim, v_index_bits, False, 2)
+    keys = packed(gen, batch, 2, kv_len, dim, k_index_bits, k_prod, 1)
+    values = packed_values(gen, batch, 2, kv_len, dim, v_index_bits, 2)
     query = (torch.randn(batch, 2 * group, q_len, dim, generator=gen) * 2).to(dtype)
-    args = (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
-            v_index_bits, dim ** -0.5, is_causal, None, None)
-    assert prefill.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot, None, None)
+    args = (keys, values, dim ** -0.5, is_causal, None, None)
+    assert prefill.flash_prefill_applies(query, keys, values, None, None)
     with cuda_route() as taken:
-        out = torch.ops.tq.attention(*args)
+        out = torch.ops.tq.attention(*ops.attention_args(query, *args))
     assert taken == ["prefill"]
-    ref = reference.attention(query.float(), *args[1:])
+    ref = reference.attention(query.float(), *args)
     slack = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 0.0}[dtype]
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel_err(out, ref) < 3e-3 + slack
@@ -247,10 +250,12 @@ def test_flash_prefill_serves_prefills_with_bool_or_no_mask():
     decompression + SDPA."""
     query = torch.zeros(1, 8, 32, 64, dtype=torch.float16)
     idx, norms = torch.zeros(1, 2, 32, 24, dtype=torch.uint8), torch.ones(1, 2, 32, 1).half()
-    rot = torch.eye(64)
+    rot, cent = torch.eye(64), torch.zeros(8)
+    values = PackedValues(idx, norms, rot, cent, 3)
 
     def applies(q=query, k_norms=norms, mask=None, kv_lens=None):
-        return prefill.flash_prefill_applies(q, idx, k_norms, norms, rot, mask, kv_lens)
+        keys = PackedKeys(idx, k_norms, None, None, rot, cent, None, 3)
+        return prefill.flash_prefill_applies(q, keys, values, mask, kv_lens)
     assert applies() and applies(mask=torch.ones(32, 32, dtype=torch.bool))
     assert applies(q=query[:, :, :17], kv_lens=torch.tensor([32]))  # 32 < 2 x 17 slots
     assert not applies(q=query[:, :, :16], kv_lens=torch.tensor([32]))
@@ -271,8 +276,8 @@ def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys,
     bottom-right; rows that see no key give zeros."""
     gen = torch.Generator().manual_seed(seed)
     kv_len = q_len + extra_keys
-    keys, k_rot, k_cent, _ = packed(gen, batch, 2, kv_len, 32, 3, False, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, 2, kv_len, 32, 2, False, 2)
+    keys = packed(gen, batch, 2, kv_len, 32, 3, False, 1)
+    values = packed_values(gen, batch, 2, kv_len, 32, 2, 2)
     query = (torch.randn(batch, 2 * group, q_len, 32, generator=gen) * 2).to(dtype)
     heads = 2 * group if mask_kind == "per-head" else 1
     mask = None
@@ -280,14 +285,12 @@ def test_flash_prefill_masks_lengths_and_chunks(batch, group, q_len, extra_keys,
         mask = torch.rand(batch, heads, q_len, kv_len, generator=gen) > 0.3
         mask[..., 0, :] = False  # an empty row
     kv_lens = torch.randint(0, kv_len + 1, (batch,), generator=gen) if ragged else None
-    args = (query, keys[0], keys[1], None, None, k_rot, k_cent, None, 3, values[0], values[1],
-            v_rot, v_cent, 2, 32 ** -0.5, is_causal, mask, kv_lens)
-    assert prefill.flash_prefill_applies(query, keys[0], keys[1], values[1], v_rot, mask,
-                                         kv_lens)
+    args = (keys, values, 32 ** -0.5, is_causal, mask, kv_lens)
+    assert prefill.flash_prefill_applies(query, *args[:2], mask, kv_lens)
     with cuda_route() as taken:
-        out = torch.ops.tq.attention(*args)
+        out = torch.ops.tq.attention(*ops.attention_args(query, *args))
     assert taken == ["prefill"]
-    ref = reference.attention(query.float(), *args[1:])
+    ref = reference.attention(query.float(), *args)
     assert out.dtype == dtype and out.shape == ref.shape
     empty = (ref == 0).all(-1)
     assert (out[empty] == 0).all()

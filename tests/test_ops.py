@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import compress, key_fields, quantizer
+from conftest import compress, quantizer
 from tq_ops import ops, reference
 from tq_ops.codebook import full_table
 from tq_ops.kernels.compress import plan_bytes
@@ -25,9 +25,14 @@ def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def packed(kq, vq, k, v):
+    """(PackedKeys, PackedValues) of k and v compressed by kq and vq."""
+    return kq.packed_keys(*compress(kq, k)), vq.packed_values(*compress(vq, v)[:2])
+
+
 def attention_args(q, kq, vq, k, v, scale=0.3, causal=False, mask=None, kv_lens=None):
-    return (q, *key_fields(kq, compress(kq, k)), *compress(vq, v)[:2], vq.rotation,
-            vq.centroids, vq.index_bits, scale, causal, mask, kv_lens)
+    """The flat `tq::attention` arguments of k and v compressed by kq and vq."""
+    return ops.attention_args(q, *packed(kq, vq, k, v), scale, causal, mask, kv_lens)
 
 
 # ---------------------------------------------------------------- opcheck
@@ -40,7 +45,7 @@ def test_opcheck_compress_decompress_scores(kind, bits, dtype):
     torch.library.opcheck(torch.ops.tq.compress.default,
                           (x, quant.rotation, quant.centroids, quant.qjl, quant.index_bits,
                            torch.float16))
-    fields = key_fields(quant, compress(quant, x))
+    fields = quant.packed_keys(*compress(quant, x))
     torch.library.opcheck(torch.ops.tq.decompress.default, fields + (dtype,))
     query = randn(2, 4, 3, 16, dtype=dtype, seed=1)
     torch.library.opcheck(torch.ops.tq.scores.default, (query,) + fields)
@@ -113,13 +118,12 @@ def test_a_symmetric_codebook_whole_or_as_its_upper_half_gives_the_same_results(
 def test_read_cache_is_two_decompressions(kind, dtype):
     """tq::read_cache: opcheck, and its outputs equal tq::decompress of keys and of values."""
     kq, vq = quantizer(kind, 16, 3), quantizer("mse", 16, 2, seed=1)
-    keys = key_fields(kq, compress(kq, randn(2, 2, 6, 16)))
-    values = key_fields(vq, compress(vq, randn(2, 2, 6, 16, seed=1)))
-    args = keys + (values[0], values[1], values[4], values[5], values[7], torch.tensor(4), dtype)
+    keys, values = packed(kq, vq, randn(2, 2, 6, 16), randn(2, 2, 6, 16, seed=1))
+    args = (*keys, *values, torch.tensor(4), dtype)
     torch.library.opcheck(torch.ops.tq.read_cache.default, args)
     got_k, got_v = torch.ops.tq.read_cache(*args)
     assert torch.equal(got_k, torch.ops.tq.decompress(*keys, dtype))
-    assert torch.equal(got_v, torch.ops.tq.decompress(*values, dtype))
+    assert torch.equal(got_v, torch.ops.tq.decompress(*values.as_keys(), dtype))
     with pytest.raises(TypeError, match="written must have dtype"):
         torch.ops.tq.read_cache(*args[:-2], torch.tensor(4.0), dtype)
 
@@ -142,7 +146,7 @@ def test_compress_decompress_contract(kind, bits, dim, batch, heads, seq, dtype,
     has_qjl = kind == "prod"
     assert fields[2].shape == lead + ((packed_bytes(dim, 1),) if has_qjl else (0,))
     assert fields[3].shape == lead + ((1,) if has_qjl else (0,))
-    x_hat = torch.ops.tq.decompress(*key_fields(quant, fields), out_dtype)
+    x_hat = torch.ops.tq.decompress(*quant.packed_keys(*fields), out_dtype)
     assert x_hat.shape == x.shape and x_hat.dtype == out_dtype
     with torch._subclasses.FakeTensorMode() as mode:
         fake = torch.ops.tq.compress(mode.from_tensor(x), mode.from_tensor(quant.rotation),
@@ -163,7 +167,7 @@ def test_scores_equal_inner_products_with_the_reconstruction(kind, bits, dim, gr
     quant = quantizer(kind, dim, bits)
     k = randn(2, 2, kv_len, dim, seed=1)
     q = randn(2, 2 * group, q_len, dim, dtype=dtype, seed=2)
-    fields = key_fields(quant, compress(quant, k))
+    fields = quant.packed_keys(*compress(quant, k))
     got = torch.ops.tq.scores(q, *fields)
     assert got.shape == (2, 2 * group, q_len, kv_len) and got.dtype == dtype
     k_hat = torch.ops.tq.decompress(*fields, torch.float32).double()
@@ -212,8 +216,8 @@ def test_attention_matches_float64_attention_on_reconstructions(causal, mask_kin
     kv_lens = torch.tensor([9, 5]) if ragged else None
     args = attention_args(q, kq, vq, k, v, 0.2, causal, mask, kv_lens)
     got = torch.ops.tq.attention(*args)
-    k_hat = torch.ops.tq.decompress(*key_fields(kq, compress(kq, k)), torch.float32).double()
-    v_hat = torch.ops.tq.decompress(*key_fields(vq, compress(vq, v)), torch.float32).double()
+    k_hat = torch.ops.tq.decompress(*kq.packed_keys(*compress(kq, k)), torch.float32).double()
+    v_hat = torch.ops.tq.decompress(*vq.packed_keys(*compress(vq, v)), torch.float32).double()
     expected = attention_float64(q, k_hat, v_hat, 0.2, causal, mask, kv_lens)
     assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
 
@@ -245,12 +249,13 @@ def test_gqa_equals_repeated_key_heads(kind, bits, kv_heads, group, q_len, kv_le
     kq, vq = quantizer(kind, 16, bits), quantizer("mse", 16, 4, seed=1)
     q = randn(1, kv_heads * group, q_len, 16, seed=seed)
     k, v = randn(1, kv_heads, kv_len, 16, seed=seed + 1), randn(1, kv_heads, kv_len, 16, seed=2)
-    grouped = attention_args(q, kq, vq, k, v, 0.25, causal)
-    repeated = attention_args(q, kq, vq, k.repeat_interleave(group, 1),
-                              v.repeat_interleave(group, 1), 0.25, causal)
-    torch.testing.assert_close(torch.ops.tq.attention(*grouped), torch.ops.tq.attention(*repeated))
-    torch.testing.assert_close(torch.ops.tq.scores(q, *grouped[1:9]),
-                               torch.ops.tq.scores(q, *repeated[1:9]))
+    grouped = packed(kq, vq, k, v)
+    repeated = packed(kq, vq, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+    torch.testing.assert_close(
+        torch.ops.tq.attention(*ops.attention_args(q, *grouped, 0.25, causal)),
+        torch.ops.tq.attention(*ops.attention_args(q, *repeated, 0.25, causal)))
+    torch.testing.assert_close(torch.ops.tq.scores(q, *grouped[0]),
+                               torch.ops.tq.scores(q, *repeated[0]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -278,12 +283,12 @@ def test_chunked_attention_matches_dense_float64_attention(data, key_kind, batch
     kv_lens = data.draw(st.none() | st.lists(st.integers(0, kv_len), min_size=batch,
                                                max_size=batch), label="kv_lens")
     kv_lens = None if kv_lens is None else torch.tensor(kv_lens)
-    args = attention_args(q, kq, vq, k, v, 0.4, causal, mask, kv_lens)
+    keys, values = packed(kq, vq, k, v)
     with mock.patch.object(reference, "CHUNK_ELEMENTS", chunk_elements):
-        got = torch.ops.tq.attention(*args)
-    k_hat = torch.ops.tq.decompress(*args[1:9], torch.float32).double()
-    v_hat = torch.ops.tq.decompress(args[9], args[10], None, None, args[11], args[12], None,
-                                    args[13], torch.float32).double()
+        got = torch.ops.tq.attention(*ops.attention_args(q, keys, values, 0.4, causal, mask,
+                                                         kv_lens))
+    k_hat = torch.ops.tq.decompress(*keys, torch.float32).double()
+    v_hat = torch.ops.tq.decompress(*values.as_keys(), torch.float32).double()
     expected = attention_float64(q, k_hat, v_hat, 0.4, causal, mask, kv_lens)
     assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
 
@@ -312,16 +317,15 @@ def test_attention_reads_only_up_to_kv_lens(causal):
     capacity, written = 1 << 20, 5
     k, v, (ki, kn, ks, kr, vi, vn) = written_cache(capacity, written, kq, vq)
     q = randn(1, 4, 2, 16, seed=3)
-    args = (q, ki, kn, ks, kr, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, vi, vn,
-            vq.rotation, vq.centroids, vq.index_bits, 0.3, causal, None, torch.tensor([written]))
+    args = (q, kq.packed_keys(ki, kn, ks, kr), vq.packed_values(vi, vn), 0.3, causal, None,
+            torch.tensor([written]))
     with PeakMemory(args) as tracker:
         got = reference.attention(*args)
     assert tracker.peak < capacity, tracker.peak
-    k_hat = reference.decompress(ki[:, :, :written], kn[:, :, :written], ks[:, :, :written],
-                                 kr[:, :, :written], kq.rotation, kq.centroids, kq.qjl,
-                                 kq.index_bits, torch.float64)
-    v_hat = reference.decompress(vi[:, :, :written], vn[:, :, :written], None, None,
-                                 vq.rotation, vq.centroids, None, vq.index_bits, torch.float64)
+    k_hat = reference.decompress(kq.packed_keys(*(t[:, :, :written] for t in (ki, kn, ks, kr))),
+                                 torch.float64)
+    v_hat = reference.decompress(vq.packed_keys(vi[:, :, :written], vn[:, :, :written]),
+                                 torch.float64)
     expected = attention_float64(q, k_hat, v_hat, 0.3, causal, None, None)
     assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
 
@@ -334,7 +338,7 @@ def test_attention_memory_does_not_grow_with_the_keys():
     peaks = []
     for kv_len in (4096, 32768):
         k, v = randn(1, 2, kv_len, 32, seed=1), randn(1, 2, kv_len, 32, seed=2)
-        args = attention_args(q, kq, vq, k, v, 0.2, True)
+        args = (q, *packed(kq, vq, k, v), 0.2, True, None, None)
         with PeakMemory(args) as tracker:
             out = reference.attention(*args)
         peaks.append(tracker.peak)
@@ -348,7 +352,7 @@ def test_zero_vectors_round_trip_to_zero():
     for kind in ("mse", "prod"):
         quant = quantizer(kind, 32, 3)
         x = torch.zeros(1, 1, 3, 32)
-        x_hat = torch.ops.tq.decompress(*key_fields(quant, compress(quant, x)), torch.float32)
+        x_hat = torch.ops.tq.decompress(*quant.packed_keys(*compress(quant, x)), torch.float32)
         assert torch.equal(x_hat, x)
 
 
@@ -360,7 +364,7 @@ def test_non_contiguous_inputs_match_contiguous():
     for a, b in zip(compress(quant, x), compress(quant, x.contiguous())):
         assert torch.equal(a, b)
     q = randn(2, 4, 6, 32, seed=1).transpose(1, 2)
-    fields = key_fields(quant, compress(quant, x))
+    fields = quant.packed_keys(*compress(quant, x))
     assert torch.equal(torch.ops.tq.scores(q, *fields), torch.ops.tq.scores(q.contiguous(), *fields))
 
 
@@ -421,7 +425,7 @@ def test_scoring_memory_stays_within_twice_the_output_plus_compressed_keys():
     fields = compress(quant, k)
     compressed_bytes = sum(t.numel() * t.element_size() for t in fields)
     with PeakMemory() as tracker:
-        out = reference.scores(q, *key_fields(quant, fields))
+        out = reference.scores(q, quant.packed_keys(*fields))
     output_bytes = out.numel() * out.element_size()
     assert tracker.peak >= output_bytes  # the tracker sees the output itself
     assert tracker.peak <= 2 * output_bytes + compressed_bytes, tracker.peak / 2**20
@@ -434,9 +438,9 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiling():
 
     def step(q, k, v):
         kf, vf = compress(kq, k), compress(vq, v)
-        scores = torch.ops.tq.scores(q, *key_fields(kq, kf))
-        out = torch.ops.tq.attention(q, *key_fields(kq, kf), vf[0], vf[1], vq.rotation,
-                                     vq.centroids, vq.index_bits, 0.2, True, None, None)
+        scores = torch.ops.tq.scores(q, *kq.packed_keys(*kf))
+        out = torch.ops.tq.attention(*ops.attention_args(q, kq.packed_keys(*kf),
+                                                         vq.packed_values(*vf[:2]), 0.2, True))
         return scores, out
 
     counter = CompileCounterWithBackend("inductor")

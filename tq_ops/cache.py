@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
 from .norms import vector_norms
+from .packed import PackedKeys, PackedValues
 from .packing import packed_bytes
 from .quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
                         make_quantizers)
@@ -104,6 +105,18 @@ class TurboQuantLayer(CacheLayerMixin):
             return []
         names = _BUFFERS + (_PER_SEQUENCE if per_sequence else ())
         return [t for t in (getattr(self, name) for name in names) if t is not None]
+
+    @property
+    def packed_keys(self) -> PackedKeys:
+        """The key buffers and constants, as the ops read them (once allocated)."""
+        return PackedKeys(self.k_indices, self.k_norms, self.k_signs, self.k_residual_norms,
+                          self.k_rotation, self.k_centroids, self.k_qjl, self.k_index_bits)
+
+    @property
+    def packed_values(self) -> PackedValues:
+        """The value buffers and constants, as the ops read them (once allocated)."""
+        return PackedValues(self.v_indices, self.v_norms, self.v_rotation, self.v_centroids,
+                            self.v_index_bits)
 
     def constants(self) -> list[Tensor]:
         """Rotation, codebook, QJL and compress-plan tensors of keys and values on the buffers'
@@ -200,12 +213,8 @@ class TurboQuantLayer(CacheLayerMixin):
             self.errors.bitwise_or_((~fits).long() * CAPACITY
                                     + (fits & ~stored[0]).long() * KEY_NORMS
                                     + (fits & ~stored[1]).long() * VALUE_NORMS)
-        return torch.ops.tq.read_cache(self.k_indices, self.k_norms, self.k_signs,
-                                       self.k_residual_norms, self.k_rotation, self.k_centroids,
-                                       self.k_qjl, self.k_index_bits, self.v_indices,
-                                       self.v_norms, self.v_rotation, self.v_centroids,
-                                       self.v_index_bits, self.cumulative_length,
-                                       key_states.dtype)
+        return torch.ops.tq.read_cache(*self.packed_keys, *self.packed_values,
+                                       self.cumulative_length, key_states.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the attention mask: every slot, from 0."""

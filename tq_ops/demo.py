@@ -14,6 +14,7 @@ from torch import nn
 
 from . import checks
 from .compile import backend
+from .ops import attention_args
 from .packing import packed_bytes
 from .quantizer import make_quantizers
 
@@ -66,13 +67,12 @@ def evaluate(q, k, v, k_bits: int, v_bits: int, key_mode: str) -> dict:
     dim = k.shape[-1]
     keys, values = make_quantizers(dim, k_bits, v_bits, key_mode, seed=1)
     ck, cv = keys.quantize(k), values.quantize(v)
-    k_fields = ck if key_mode == "prod" else (ck[0], ck[1], None, None)
     est = keys.scores(q, *ck)
     true = q @ k.transpose(-1, -2)
     v_hat = values.dequantize(*cv)
-    out = torch.ops.tq.attention(q, *k_fields, keys.rotation, keys.centroids, keys.qjl,
-                                 keys.index_bits, *cv, values.rotation, values.centroids,
-                                 values.index_bits, 1 / math.sqrt(dim), True, None, None)
+    out = torch.ops.tq.attention(*attention_args(q, keys.packed_keys(*ck),
+                                                 values.packed_values(*cv), 1 / math.sqrt(dim),
+                                                 True))
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return {"ip": _rel(est - true, true), "v_mse": _rel(v_hat - v, v) ** 2,
             "attn": _rel(out - ref, ref)}

@@ -4,6 +4,11 @@ Each public op is a `triton_op`: its body validates the arguments, then runs the
 launcher for CUDA tensors (Inductor sees into those kernels) or the opaque
 `tq::<name>_reference` custom op for any other device. The body doubles as the fake
 implementation, so validation also runs at trace time. Semantics: ARCHITECTURE.md.
+
+This module alone spells the readers' flat schemas that torch.library needs: each reader op
+groups its arguments into `PackedKeys` / `PackedValues` (`packed.py`) once, and everything
+below it (reference, kernels) takes the tuples; `attention_args` flattens them again for
+callers of `tq::attention` (the compile pass, the demo).
 """
 
 import torch
@@ -13,6 +18,7 @@ from torch.library import custom_op, triton_op
 from . import checks, reference
 from .norms import vector_norms
 from .kernels.common import supports
+from .packed import PackedKeys, PackedValues, named
 from .packing import packed_bytes
 
 
@@ -46,20 +52,33 @@ _reference_op("compress", reference.compress,
               _compress_outputs(x, qjl, index_bits, norm_dtype))
 _reference_op("compress_into", reference.compress_into,
               mutates_args=("indices", "norms", "signs", "residual_norms"))
-_reference_op("decompress", reference.decompress,
-              lambda indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits,
-              dtype:
-              norms.new_empty(tuple(norms.shape[:-1]) + (rotation.shape[0],), dtype=dtype))
-_reference_op("scores", reference.scores,
-              lambda query, indices, *_: query.new_empty(tuple(query.shape[:-1]) + (indices.shape[2],)))
 
 
-def _attention_output(query: Tensor, *keys_and_values) -> Tensor:
-    v_rotation = keys_and_values[10]  # after the 8 key arguments, v_indices and v_norms
-    return query.new_empty(tuple(query.shape[:-1]) + (v_rotation.shape[0],))
+def _grouped(arguments: dict) -> dict:
+    """A reader's arguments by name with the packed fields grouped: `keys` (names `k_*`, or
+    unprefixed) and `values` (`v_*`), the signature of the `reference` readers."""
+    prefix = "k_" if "k_indices" in arguments else ""
+    packed = {"keys": named(PackedKeys, arguments, prefix)}
+    names = {prefix + field for field in PackedKeys._fields}
+    if "v_indices" in arguments:
+        packed["values"] = named(PackedValues, arguments, "v_")
+        names |= {"v_" + field for field in PackedValues._fields}
+    return dict(packed, **{k: v for k, v in arguments.items() if k not in names})
 
 
-_reference_op("attention", reference.attention, _attention_output)
+def _reader_twin(name: str, body, fake) -> None:
+    """Register `tq::<name>_reference`, the opaque CPU twin of the reader `tq::<name>`: the same
+    flat schema; `body` (a `reference` function) and `fake` take the arguments `_grouped`."""
+    schema = getattr(torch.ops.tq, name).default._schema
+    names = [argument.name for argument in schema.arguments]
+
+    def grouped(fn):
+        return lambda *args, **kwargs: fn(**_grouped(dict(zip(names, args), **kwargs)))
+
+    flat = str(schema)
+    op = custom_op(f"tq::{name}_reference", grouped(body), mutates_args=(),
+                   schema=flat[flat.index("("):])
+    op.register_fake(grouped(fake))
 
 
 def _check_input(name: str, x: Tensor) -> None:
@@ -154,18 +173,32 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
                                          indices, norms, signs, residual_norms)
 
 
-def _check_keys(prefix: str, indices: Tensor, norms: Tensor, signs: Tensor | None,
-                residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-                qjl: Tensor | None, index_bits: int) -> None:
-    checks.tensor(f"{prefix}indices", indices, ndim=4)
-    checks.tensor(f"{prefix}rotation", rotation, ndim=2)
-    dim = rotation.shape[0]
-    checks.quantizer(prefix, rotation, centroids, qjl, index_bits, dim)
-    checks.compressed(prefix, tuple(indices.shape[:3]), dim, index_bits, qjl, indices, norms, signs,
-                      residual_norms)
-    checks.same_device(indices, **{f"{prefix}{k}": v for k, v in dict(
-        norms=norms, signs=signs, residual_norms=residual_norms, rotation=rotation,
-        centroids=centroids, qjl=qjl).items()})
+def _check_keys(prefix: str, keys: PackedKeys) -> None:
+    checks.tensor(f"{prefix}indices", keys.indices, ndim=4)
+    checks.tensor(f"{prefix}rotation", keys.rotation, ndim=2)
+    dim = keys.rotation.shape[0]
+    checks.quantizer(prefix, keys.rotation, keys.centroids, keys.qjl, keys.index_bits, dim)
+    checks.compressed(prefix, tuple(keys.indices.shape[:3]), dim, keys.index_bits, keys.qjl,
+                      keys.indices, keys.norms, keys.signs, keys.residual_norms)
+    tensors = keys._asdict()
+    del tensors["indices"], tensors["index_bits"]
+    checks.same_device(keys.indices, **{prefix + k: v for k, v in tensors.items()})
+
+
+def _check_pair(keys: PackedKeys, values: PackedValues) -> None:
+    _check_keys("k_", keys)
+    _check_keys("v_", values.as_keys())
+    checks.shape("v_norms", values.norms, tuple(keys.norms.shape))
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+
+
+def _reads_on_triton(t: Tensor, keys: PackedKeys) -> bool:
+    """`_use_triton` for reading `keys` (or values `as_keys`) next to tensor t."""
+    return _use_triton(t, keys.rotation.shape[0], keys.index_bits, keys.qjl)
 
 
 @triton_op("tq::decompress", mutates_args=())
@@ -173,23 +206,22 @@ def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None, residual_no
                rotation: Tensor, centroids: Tensor, qjl: Tensor | None, index_bits: int,
                dtype: torch.dtype) -> Tensor:
     """Packed fields of (B, H, S) vectors -> reconstruction (B, H, S, D) in `dtype`."""
-    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
-    if dtype not in checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    return _decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits,
-                       dtype)
+    keys = PackedKeys(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
+    _check_keys("", keys)
+    _check_dtype(dtype)
+    return _decompress(keys, dtype)
 
 
-def _decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
-                residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-                qjl: Tensor | None, index_bits: int, dtype: torch.dtype) -> Tensor:
+def _decompress(keys: PackedKeys, dtype: torch.dtype) -> Tensor:
     """Device dispatch of decompress (arguments already checked)."""
-    if _use_triton(indices, rotation.shape[0], index_bits, qjl):
+    if _reads_on_triton(keys.indices, keys):
         from .kernels import decompress as kernels
-        return kernels.decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl,
-                                  index_bits, dtype)
-    return torch.ops.tq.decompress_reference(indices, norms, signs, residual_norms, rotation,
-                                             centroids, qjl, index_bits, dtype)
+        return kernels.decompress(keys, dtype)
+    return torch.ops.tq.decompress_reference(*keys, dtype)
+
+
+_reader_twin("decompress", reference.decompress, lambda keys, dtype: keys.norms.new_empty(
+    tuple(keys.norms.shape[:-1]) + (keys.rotation.shape[0],), dtype=dtype))
 
 
 @triton_op("tq::read_cache", mutates_args=())
@@ -205,19 +237,14 @@ def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
     its two outputs becomes one `tq::attention` on the packed fields that stops at `written`
     (kv_lens) wherever a mask hides the unwritten slots.
     """
-    _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                k_qjl, k_index_bits)
-    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_index_bits)
-    checks.shape("v_norms", v_norms, tuple(k_norms.shape))
+    keys = PackedKeys(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                      k_qjl, k_index_bits)
+    values = PackedValues(v_indices, v_norms, v_rotation, v_centroids, v_index_bits)
+    _check_pair(keys, values)
     checks.tensor("written", written, ndim=0, dtypes=(torch.int32, torch.int64))
     checks.same_device(k_indices, v_indices=v_indices, written=written)
-    if dtype not in checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    keys = _decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                       k_qjl, k_index_bits, dtype)
-    values = _decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None,
-                         v_index_bits, dtype)
-    return keys, values
+    _check_dtype(dtype)
+    return _decompress(keys, dtype), _decompress(values.as_keys(), dtype)
 
 
 def _check_query(query: Tensor, indices: Tensor, dim) -> None:
@@ -235,14 +262,17 @@ def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
            residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
            qjl: Tensor | None, index_bits: int) -> Tensor:
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype for query (B, Hq, Lq, D)."""
-    _check_keys("", indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
+    keys = PackedKeys(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits)
+    _check_keys("", keys)
     _check_query(query, indices, rotation.shape[0])
-    if _use_triton(query, rotation.shape[0], index_bits, qjl):
+    if _reads_on_triton(query, keys):
         from .kernels import scores as kernels
-        return kernels.scores(query, indices, norms, signs, residual_norms, rotation, centroids,
-                              qjl, index_bits)
-    return torch.ops.tq.scores_reference(query, indices, norms, signs, residual_norms, rotation,
-                                         centroids, qjl, index_bits)
+        return kernels.scores(query, keys)
+    return torch.ops.tq.scores_reference(query, *keys)
+
+
+_reader_twin("scores", reference.scores, lambda query, keys: query.new_empty(
+    tuple(query.shape[:-1]) + (keys.indices.shape[2],)))
 
 
 def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -> None:
@@ -272,28 +302,35 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
               v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, scale: float,
               is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
     """softmax(scale * q.k_hat + mask) @ v_hat -> (B, Hq, Lq, Dv) in the query dtype."""
-    _check_keys("k_", k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
-                k_qjl, k_index_bits)
-    _check_keys("v_", v_indices, v_norms, None, None, v_rotation, v_centroids, None, v_index_bits)
-    checks.shape("v_norms", v_norms, tuple(k_norms.shape))
+    keys = PackedKeys(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
+                      k_qjl, k_index_bits)
+    values = PackedValues(v_indices, v_norms, v_rotation, v_centroids, v_index_bits)
+    _check_pair(keys, values)
     _check_query(query, k_indices, k_rotation.shape[0])
     checks.same_device(query, v_indices=v_indices, attn_mask=attn_mask, kv_lens=kv_lens)
     full = (query.shape[0], query.shape[1], query.shape[2], k_indices.shape[2])
     _check_mask(attn_mask, kv_lens, full)
-    args = (query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
-            k_index_bits, v_indices, v_norms, v_rotation, v_centroids, v_index_bits, float(scale),
-            bool(is_causal), attn_mask, kv_lens)
-    if not (_use_triton(query, k_rotation.shape[0], k_index_bits, k_qjl)
-            and _use_triton(query, v_rotation.shape[0], v_index_bits)):
-        return torch.ops.tq.attention_reference(*args)
+    scale, is_causal = float(scale), bool(is_causal)
+    if not (_reads_on_triton(query, keys) and _reads_on_triton(query, values.as_keys())):
+        return torch.ops.tq.attention_reference(
+            *attention_args(query, keys, values, scale, is_causal, attn_mask, kv_lens))
     from .kernels import attention as fused, decompress as unpack, prefill
     # Prefills run faster as fp16 SDPA over decompressed K and V (prefill.py); the rest fused.
-    if prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
-                                     kv_lens):
-        keys = unpack.decompress(k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
-                                 k_centroids, k_qjl, k_index_bits, torch.float16)
-        values = unpack.decompress(v_indices, v_norms, None, None, v_rotation, v_centroids, None,
-                                   v_index_bits, torch.float16)
-        return prefill.flash_prefill(query, keys, values, float(scale), bool(is_causal),
-                                     attn_mask, kv_lens)
-    return fused.fused_attention(*args)
+    if prefill.flash_prefill_applies(query, keys, values, attn_mask, kv_lens):
+        return prefill.flash_prefill(query, unpack.decompress(keys, torch.float16),
+                                     unpack.decompress(values.as_keys(), torch.float16), scale,
+                                     is_causal, attn_mask, kv_lens)
+    return fused.fused_attention(query, keys, values, scale, is_causal, attn_mask, kv_lens)
+
+
+_reader_twin("attention", reference.attention,
+             lambda query, keys, values, scale, is_causal, attn_mask, kv_lens: query.new_empty(
+                 tuple(query.shape[:-1]) + (values.rotation.shape[0],)))
+
+
+def attention_args(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
+                   is_causal: bool, attn_mask: Tensor | None = None,
+                   kv_lens: Tensor | None = None) -> tuple:
+    """The flat arguments of `tq::attention` (the schema above) from the packed tuples; the
+    tuples may hold FX nodes (the compile pass builds its call with them)."""
+    return (query, *keys, *values, scale, is_causal, attn_mask, kv_lens)

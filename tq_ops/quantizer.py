@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import checks, ops  # noqa: F401  (ops registers torch.ops.tq)
 from .codebook import half_table, lloyd_max
+from .packed import PackedKeys, PackedValues
 from .rotation import check_seed, haar_rotation, qjl_matrix
 
 
@@ -112,13 +113,15 @@ class TurboQuantizer(nn.Module):
         return torch.ops.tq.compress(x, *self.constants_for(x), self.index_bits, self.norm_dtype,
                                      self.plan_for(x))
 
-    def _decompress(self, fields: tuple, dtype: torch.dtype) -> Tensor:
-        return torch.ops.tq.decompress(*fields, *self.constants_for(fields[0]), self.index_bits,
-                                       dtype)
-
-    def _scores(self, query: Tensor, fields: tuple) -> Tensor:
-        return torch.ops.tq.scores(query, *fields, *self.constants_for(fields[0]),
-                                   self.index_bits)
+    def packed_keys(self, indices: Tensor, norms: Tensor, signs: Tensor | None = None,
+                    residual_norms: Tensor | None = None) -> PackedKeys:
+        """Fields of `quantize` or `tq::compress` with the constants on their device: what
+        `tq::decompress`, `tq::scores` and `tq::attention` read as keys. MSE keys carry no
+        signs or residual_norms (the zero-width ones of `tq::compress` are dropped)."""
+        if self.qjl is None:
+            signs = residual_norms = None
+        return PackedKeys(indices, norms, signs, residual_norms, *self.constants_for(indices),
+                          self.index_bits)
 
 
 class TurboQuantMSE(TurboQuantizer):
@@ -138,11 +141,17 @@ class TurboQuantMSE(TurboQuantizer):
     def dequantize(self, indices: Tensor, norms: Tensor,
                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Packed fields -> (B, H, S, dim) in `dtype`."""
-        return self._decompress((indices, norms, None, None), dtype)
+        return torch.ops.tq.decompress(*self.packed_keys(indices, norms), dtype)
 
     def scores(self, query: Tensor, indices: Tensor, norms: Tensor) -> Tensor:
         """Unscaled <query, x_hat> logits (B, Hq, Lq, S) in the query dtype (biased by 1 - D_b)."""
-        return self._scores(query, (indices, norms, None, None))
+        return torch.ops.tq.scores(query, *self.packed_keys(indices, norms))
+
+    def packed_values(self, indices: Tensor, norms: Tensor) -> PackedValues:
+        """Fields of `quantize` with the constants on their device: what `tq::attention`
+        reads as values."""
+        rotation, centroids, _ = self.constants_for(indices)
+        return PackedValues(indices, norms, rotation, centroids, self.index_bits)
 
 
 class TurboQuantProd(TurboQuantizer):
@@ -164,12 +173,13 @@ class TurboQuantProd(TurboQuantizer):
     def dequantize(self, indices: Tensor, norms: Tensor, signs: Tensor, residual_norms: Tensor,
                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Packed fields -> (B, H, S, dim): MSE part + sqrt(pi/2)/m * gamma * S^T signs."""
-        return self._decompress((indices, norms, signs, residual_norms), dtype)
+        return torch.ops.tq.decompress(*self.packed_keys(indices, norms, signs, residual_norms),
+                                       dtype)
 
     def scores(self, query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor,
                residual_norms: Tensor) -> Tensor:
         """Unbiased unscaled <query, x> estimates (B, Hq, Lq, S) in the query dtype."""
-        return self._scores(query, (indices, norms, signs, residual_norms))
+        return torch.ops.tq.scores(query, *self.packed_keys(indices, norms, signs, residual_norms))
 
 
 KEY_QUANTIZERS = ("mse", "prod")

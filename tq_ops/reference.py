@@ -1,6 +1,7 @@
 """Plain-torch reference of every `tq::` op: the CPU implementation and the test oracle.
 
-Signatures and semantics are those of ARCHITECTURE.md. Keys and values are processed in
+Semantics are those of ARCHITECTURE.md; the readers take the packed fields as `PackedKeys` /
+`PackedValues` (`packed.py`), compress as the op does. Keys and values are processed in
 chunks along the sequence, so temporaries stay within CHUNK_ELEMENTS per tensor (or one key's
 worth of rows): `scores` holds nothing of q_len x kv_len beyond its output, and `attention`
 nothing of it at all (an online softmax over key chunks, stopping at max(kv_lens)).
@@ -14,6 +15,7 @@ from torch import Tensor
 from . import checks, masks
 from .codebook import full_table
 from .norms import unit_and_norm
+from .packed import PackedKeys, PackedValues
 from .packing import pack, unpack
 
 CHUNK_ELEMENTS = 1 << 18  # decoded (batch x heads x tokens x dim) elements per chunk
@@ -66,17 +68,15 @@ def compress_into(x: Tensor, rotation: Tensor, centroids: Tensor, qjl: Tensor | 
             buffer.index_copy_(2, positions[inside], new.to(buffer.dtype))
 
 
-def decompress(indices: Tensor, norms: Tensor, signs: Tensor | None,
-               residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-               qjl: Tensor | None, index_bits: int, dtype: torch.dtype) -> Tensor:
+def decompress(keys: PackedKeys, dtype: torch.dtype) -> Tensor:
     """Reconstruct (B, H, S, D) in `dtype`: norm * (Pi^T c[idx] + QJL term)."""
-    dim = rotation.shape[0]
-    unit = _codes_to_unit(indices, centroids, index_bits, dim) @ rotation
-    if qjl is not None:
-        rows = qjl.shape[0]
-        scale = residual_norms.float() * (math.sqrt(math.pi / 2) / rows)
-        unit = unit + scale * (_signs(signs, rows) @ qjl)
-    return (norms.float() * unit).to(dtype).contiguous()
+    dim = keys.rotation.shape[0]
+    unit = _codes_to_unit(keys.indices, keys.centroids, keys.index_bits, dim) @ keys.rotation
+    if keys.qjl is not None:
+        rows = keys.qjl.shape[0]
+        scale = keys.residual_norms.float() * (math.sqrt(math.pi / 2) / rows)
+        unit = unit + scale * (_signs(keys.signs, rows) @ keys.qjl)
+    return (keys.norms.float() * unit).to(dtype).contiguous()
 
 
 def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
@@ -90,17 +90,17 @@ def _queries(query: Tensor, kv_heads: int, rotation: Tensor,
     return grouped @ rotation.T, sketch
 
 
-def _key_logits(q_rotated: Tensor, q_sketch: Tensor | None, part: slice, indices: Tensor,
-                norms: Tensor, signs: Tensor | None, residual_norms: Tensor | None,
-                centroids: Tensor, index_bits: int) -> Tensor:
+def _key_logits(q_rotated: Tensor, q_sketch: Tensor | None, part: slice,
+                keys: PackedKeys) -> Tensor:
     """Unscaled q.k estimates of the keys in `part`: float32 (B, Hkv, G * Lq, len(part))."""
-    keys = _codes_to_unit(indices[:, :, part], centroids, index_bits, q_rotated.shape[-1])
-    logits = q_rotated @ keys.transpose(-1, -2)
+    units = _codes_to_unit(keys.indices[:, :, part], keys.centroids, keys.index_bits,
+                           q_rotated.shape[-1])
+    logits = q_rotated @ units.transpose(-1, -2)
     if q_sketch is not None:
-        sign = _signs(signs[:, :, part], q_sketch.shape[-1])
-        gamma = residual_norms[:, :, part].float().transpose(-1, -2)
+        sign = _signs(keys.signs[:, :, part], q_sketch.shape[-1])
+        gamma = keys.residual_norms[:, :, part].float().transpose(-1, -2)
         logits += gamma * (q_sketch @ sign.transpose(-1, -2))
-    return logits * norms[:, :, part].float().transpose(-1, -2)
+    return logits * keys.norms[:, :, part].float().transpose(-1, -2)
 
 
 def _rows_per_key(query: Tensor, kv_heads: int, *dims: int) -> int:
@@ -110,25 +110,23 @@ def _rows_per_key(query: Tensor, kv_heads: int, *dims: int) -> int:
                query.shape[0] * kv_heads * max(dims))
 
 
-def scores(query: Tensor, indices: Tensor, norms: Tensor, signs: Tensor | None,
-           residual_norms: Tensor | None, rotation: Tensor, centroids: Tensor,
-           qjl: Tensor | None, index_bits: int) -> Tensor:
+def _qjl_rows(keys: PackedKeys) -> int:
+    return 0 if keys.qjl is None else keys.qjl.shape[0]
+
+
+def scores(query: Tensor, keys: PackedKeys) -> Tensor:
     """Unscaled attention logits (B, Hq, Lq, Lk) in the query dtype."""
-    kv_heads, kv_len = indices.shape[1], indices.shape[2]
-    q_rotated, q_sketch = _queries(query, kv_heads, rotation, qjl)
+    kv_heads, kv_len = keys.indices.shape[1], keys.indices.shape[2]
+    q_rotated, q_sketch = _queries(query, kv_heads, keys.rotation, keys.qjl)
     out = query.new_empty(tuple(query.shape[:-1]) + (kv_len,))
-    rows = _rows_per_key(query, kv_heads, rotation.shape[0], 0 if qjl is None else qjl.shape[0])
+    rows = _rows_per_key(query, kv_heads, keys.rotation.shape[0], _qjl_rows(keys))
     for part in _chunks(rows, kv_len):
-        logits = _key_logits(q_rotated, q_sketch, part, indices, norms, signs, residual_norms,
-                             centroids, index_bits)
+        logits = _key_logits(q_rotated, q_sketch, part, keys)
         out[..., part] = logits.view(out.shape[:-1] + (-1,))
     return out
 
 
-def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
-              k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
-              k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
-              v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, scale: float,
+def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
               is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
     """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype.
 
@@ -138,26 +136,24 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
     being captured). Rows that see no key give 0.
     """
     batch, q_heads, q_len, _ = query.shape
-    kv_heads, kv_len = v_indices.shape[1], v_indices.shape[2]
+    kv_heads, kv_len = values.indices.shape[1], values.indices.shape[2]
     lengths = masks.lengths(batch, kv_len, kv_lens, query.device)
     stop = kv_len
     if kv_lens is not None and checks.can_sync(kv_lens):
         stop = min(kv_len, int(lengths.max())) if batch else 0
-    q_rotated, q_sketch = _queries(query, kv_heads, k_rotation, k_qjl)
+    q_rotated, q_sketch = _queries(query, kv_heads, keys.rotation, keys.qjl)
     mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, q_len, kv_len)
-    v_dim = v_rotation.shape[0]
+    v_dim = values.rotation.shape[0]
     grid = (batch, kv_heads, q_heads // kv_heads, q_len)  # the rows (B, Hkv, G * Lq) unflattened
     rows = grid + (1,)
     peak = q_rotated.new_full(rows, -math.inf)  # running max of the logits seen so far
     total = q_rotated.new_zeros(rows)  # running sum of exp(logit - peak)
     acc = q_rotated.new_zeros(rows[:-1] + (v_dim,))  # running sum of exp(logit - peak) * v
-    qjl_rows = 0 if k_qjl is None else k_qjl.shape[0]
-    for part in _chunks(_rows_per_key(query, kv_heads, k_rotation.shape[0], v_dim, qjl_rows),
-                        stop):
-        logits = _key_logits(q_rotated, q_sketch, part, k_indices, k_norms, k_signs,
-                             k_residual_norms, k_centroids, k_index_bits).view(grid + (-1,)) * scale
-        keys = torch.arange(part.start, part.stop, device=query.device)
-        keep = masks.visible_keys(lengths, q_len, keys, is_causal)[:, None, None]  # B,1,1,Lq,chunk
+    rows_per_key = _rows_per_key(query, kv_heads, keys.rotation.shape[0], v_dim, _qjl_rows(keys))
+    for part in _chunks(rows_per_key, stop):
+        logits = _key_logits(q_rotated, q_sketch, part, keys).view(grid + (-1,)) * scale
+        slots = torch.arange(part.start, part.stop, device=query.device)
+        keep = masks.visible_keys(lengths, q_len, slots, is_causal)[:, None, None]  # B,1,1,Lq,chunk
         if mask is not None and mask.dtype == torch.bool:
             keep = keep & mask[..., part].unflatten(1, (kv_heads, -1))
         elif mask is not None:
@@ -167,10 +163,10 @@ def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor
         shift = torch.where(new_peak == -math.inf, 0.0, new_peak)  # rows with no key yet
         probs = torch.exp(logits - shift)
         decay = torch.exp(peak - shift)
-        values = _codes_to_unit(v_indices[:, :, part], v_centroids, v_index_bits, v_dim)
-        values = values * v_norms[:, :, part].float()
+        decoded = _codes_to_unit(values.indices[:, :, part], values.centroids, values.index_bits,
+                                 v_dim) * values.norms[:, :, part].float()
         total = total * decay + probs.sum(-1, keepdim=True)
-        acc = acc * decay + (probs.flatten(2, 3) @ values).view(acc.shape)
+        acc = acc * decay + (probs.flatten(2, 3) @ decoded).view(acc.shape)
         peak = new_peak
-    out = torch.where(total > 0, acc / torch.where(total > 0, total, 1.0), 0.0) @ v_rotation
+    out = torch.where(total > 0, acc / torch.where(total > 0, total, 1.0), 0.0) @ values.rotation
     return out.flatten(1, 2).to(query.dtype).contiguous()

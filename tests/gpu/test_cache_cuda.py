@@ -68,9 +68,8 @@ def test_simulate_mode_matches_reference_on_cuda():
                             torch.float16)
     vc = reference.compress(v.cpu(), vq.rotation, vq.centroids, None, vq.index_bits,
                             torch.float16)
-    want = reference.attention(q.cpu(), kc[0], kc[1], None, None, kq.rotation, kq.centroids,
-                               None, kq.index_bits, vc[0], vc[1], vq.rotation, vq.centroids,
-                               vq.index_bits, 1 / math.sqrt(64), True, None, None)
+    want = reference.attention(q.cpu(), kq.packed_keys(*kc), vq.packed_values(*vc[:2]),
+                               1 / math.sqrt(64), True, None, None)
     assert len(compiler.sites) == 1
     error = ((out.cpu() - want).norm() / want.norm()).item()
     assert error < 1e-2, error

@@ -13,9 +13,12 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from torch.utils._pytree import tree_map  # noqa: E402
+
 from conftest import cuda_graph, float64_reconstruction, within_an_ulp  # noqa: E402
-from tq_ops import reference  # noqa: E402
+from tq_ops import ops, reference  # noqa: E402
 from tq_ops.codebook import full_table, half_table, lloyd_max  # noqa: E402
+from tq_ops.packed import PackedKeys, PackedValues, named  # noqa: E402
 from tq_ops.rotation import haar_rotation, qjl_matrix  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -36,39 +39,41 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def packed(gen, batch, heads, length, dim, index_bits, prod, seed):
-    """Reference-compressed random vectors: ((idx, norms, signs, rnorms), rot, cent, qjl), CPU;
-    cent: the codebook's upper half, as quantizers pass it."""
+def packed(gen, batch, heads, length, dim, index_bits, prod, seed) -> PackedKeys:
+    """Reference-compressed random vectors with their constants, CPU; the codebook as its
+    upper half, as quantizers pass it."""
     x = torch.randn(batch, heads, length, dim, generator=gen)
     x = x * (0.5 + 2 * torch.rand(batch, heads, length, 1, generator=gen))
     rotation, centroids = haar_rotation(dim, seed), half_table(lloyd_max(dim, index_bits).float())
     qjl = qjl_matrix(dim, dim, seed) if prod else None
     idx, norms, signs, rnorms = reference.compress(x, rotation, centroids, qjl, index_bits,
                                                    torch.float16)
-    return ((idx, norms, signs if prod else None, rnorms if prod else None),
-            rotation, centroids, qjl)
+    return PackedKeys(idx, norms, signs if prod else None, rnorms if prod else None, rotation,
+                      centroids, qjl, index_bits)
 
 
-def cuda(args):
-    return tuple(a.to(CUDA) if isinstance(a, torch.Tensor) else a for a in args)
+def to(obj, device=CUDA):
+    """obj (a tensor, or tuples and packed tuples of them) with every tensor on `device`."""
+    return tree_map(lambda a: a.to(device) if isinstance(a, torch.Tensor) else a, obj)
 
 
-def attention_args(seed, *, batch, kv_heads, group, q_len, kv_len, dim, k_index_bits, k_prod,
+def attention_case(seed, *, batch, kv_heads, group, q_len, kv_len, dim, k_index_bits, k_prod,
                    v_index_bits, dtype, is_causal, mask=None, kv_lens=None):
+    """(query, PackedKeys, PackedValues, scale, is_causal, mask, kv_lens), CPU."""
     gen = torch.Generator().manual_seed(seed)
-    keys, k_rot, k_cent, k_qjl = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
-    values, v_rot, v_cent, _ = packed(gen, batch, kv_heads, kv_len, dim, v_index_bits, False, 2)
+    keys = packed(gen, batch, kv_heads, kv_len, dim, k_index_bits, k_prod, 1)
+    values = named(PackedValues, packed(gen, batch, kv_heads, kv_len, dim, v_index_bits, False,
+                                        2)._asdict())
     query = (torch.randn(batch, kv_heads * group, q_len, dim, generator=gen) * 2).to(dtype)
-    return (query, *keys, k_rot, k_cent, k_qjl, k_index_bits, values[0], values[1], v_rot, v_cent,
-            v_index_bits, dim ** -0.5, is_causal, mask, kv_lens)
+    return (query, keys, values, dim ** -0.5, is_causal, mask, kv_lens)
 
 
-def check_attention(args, tol=2e-3):
-    ref = reference.attention(args[0].float(), *args[1:])
+def check_attention(case, tol=2e-3):
+    ref = reference.attention(case[0].float(), *case[1:])
     poison()
-    out = torch.ops.tq.attention(*cuda(args))
-    assert out.dtype == args[0].dtype and out.shape == ref.shape
-    slack = {torch.float32: 0, torch.float16: 1e-3, torch.bfloat16: 4e-3}[args[0].dtype]
+    out = torch.ops.tq.attention(*ops.attention_args(*to(case)))
+    assert out.dtype == case[0].dtype and out.shape == ref.shape
+    slack = {torch.float32: 0, torch.float16: 1e-3, torch.bfloat16: 4e-3}[case[0].dtype]
     err = rel_err(out, ref)
     assert err < tol + slack, err
 
@@ -79,20 +84,20 @@ def check_attention(args, tol=2e-3):
     (256, 4, 4, False, 3), (256, 8, 3, True, 4)])
 def test_decode_ragged(dim, group, k_index_bits, k_prod, v_index_bits):
     lens = torch.tensor([1500, 37, 0, 801])
-    args = attention_args(dim + group + k_index_bits, batch=4, kv_heads=2, group=group, q_len=1,
+    case = attention_case(dim + group + k_index_bits, batch=4, kv_heads=2, group=group, q_len=1,
                           kv_len=1500, dim=dim, k_index_bits=k_index_bits, k_prod=k_prod,
                           v_index_bits=v_index_bits, dtype=torch.float16, is_causal=False,
                           kv_lens=lens)
-    check_attention(args)
+    check_attention(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("q_len", [4, 200])
 def test_causal_chunk_with_offset(dtype, q_len):
-    args = attention_args(q_len, batch=2, kv_heads=2, group=4, q_len=q_len, kv_len=700,
+    case = attention_case(q_len, batch=2, kv_heads=2, group=4, q_len=q_len, kv_len=700,
                           dim=128, k_index_bits=3, k_prod=True, v_index_bits=4, dtype=dtype,
                           is_causal=True, kv_lens=torch.tensor([700, 333]))
-    check_attention(args)
+    check_attention(case)
 
 
 @pytest.mark.parametrize("whole", [False, True])
@@ -101,15 +106,21 @@ def test_other_4bit_codebooks(custom, whole):
     """The 4-bit PTX decodes any symmetric codebook given as its upper half, from words built
     in the kernel (a rescaled Lloyd-Max half here); a whole, asymmetric table takes the gather
     path (a wrong decode would fail the comparison)."""
-    args = list(attention_args(20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128,
-                               k_index_bits=4, k_prod=False, v_index_bits=4, dtype=torch.float16,
-                               is_causal=False, kv_lens=torch.tensor([900, 417])))
-    slot = 6 if custom == "keys" else 12
-    if whole:
-        args[slot] = full_table(args[slot], 4) * torch.linspace(0.8, 1.2, 16)
+    query, keys, values, *rest = attention_case(
+        20, batch=2, kv_heads=2, group=4, q_len=1, kv_len=900, dim=128, k_index_bits=4,
+        k_prod=False, v_index_bits=4, dtype=torch.float16, is_causal=False,
+        kv_lens=torch.tensor([900, 417]))
+
+    def custom_table(half):
+        if whole:
+            return full_table(half, 4) * torch.linspace(0.8, 1.2, 16)
+        return half * torch.linspace(0.9, 1.3, 8)
+
+    if custom == "keys":
+        keys = keys._replace(centroids=custom_table(keys.centroids))
     else:
-        args[slot] = args[slot] * torch.linspace(0.9, 1.3, 8)
-    check_attention(tuple(args))
+        values = values._replace(centroids=custom_table(values.centroids))
+    check_attention((query, keys, values, *rest))
 
 
 @pytest.mark.parametrize("dim", [64, 80, 128])
@@ -117,15 +128,14 @@ def test_prefill_causal(dim):
     """The op (decompression + SDPA for such a prefill) and the fused kernel both match."""
     from tq_ops.kernels import attention as kernels
     from tq_ops.kernels import prefill
-    args = attention_args(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
+    case = attention_case(dim, batch=1, kv_heads=2, group=4, q_len=512, kv_len=512, dim=dim,
                           k_index_bits=3, k_prod=False, v_index_bits=3, dtype=torch.float16,
                           is_causal=True)
-    query, k_indices, k_norms, v_norms, v_rotation = (args[i] for i in (0, 1, 2, 10, 11))
-    assert prefill.flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, None,
-                                         None)  # the op's route for this call
-    check_attention(args)
-    ref = reference.attention(args[0].float(), *args[1:])
-    assert rel_err(kernels.fused_attention(*cuda(args)), ref) < 3e-3
+    query, keys, values = case[:3]
+    assert prefill.flash_prefill_applies(query, keys, values, None, None)  # the op's route
+    check_attention(case)
+    ref = reference.attention(query.float(), *case[1:])
+    assert rel_err(kernels.fused_attention(*to(case)), ref) < 3e-3
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -135,10 +145,10 @@ def test_explicit_masks(kind):
     keep[0, 1, 2] = False
     mask = keep if kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=gen),
                                                    -math.inf)
-    args = attention_args(6, batch=2, kv_heads=2, group=4, q_len=3, kv_len=300, dim=128,
+    case = attention_case(6, batch=2, kv_heads=2, group=4, q_len=3, kv_len=300, dim=128,
                           k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float32,
                           is_causal=False, mask=mask)
-    check_attention(args)
+    check_attention(case)
 
 
 @pytest.mark.parametrize("dim,index_bits,prod", [(128, 3, True), (64, 4, False), (96, 2, True),
@@ -146,23 +156,21 @@ def test_explicit_masks(kind):
 @pytest.mark.parametrize("group", [1, 4])
 def test_scores(dim, index_bits, prod, group):
     gen = torch.Generator().manual_seed(dim + index_bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 2, 333, dim, index_bits, prod, 3)
+    keys = packed(gen, 2, 2, 333, dim, index_bits, prod, 3)
     query = torch.randn(2, 2 * group, 5, dim, generator=gen)
-    args = (query, *fields, rotation, centroids, qjl, index_bits)
-    ref = reference.scores(*args)
+    ref = reference.scores(query, keys)
     poison()
-    out = torch.ops.tq.scores(*cuda(args))
+    out = torch.ops.tq.scores(*to((query, *keys)))
     assert rel_err(out, ref) < 1e-3
 
 
 @pytest.mark.parametrize("dim,index_bits,prod", [(128, 3, True), (64, 4, False), (80, 8, False)])
 def test_decompress(dim, index_bits, prod):
     gen = torch.Generator().manual_seed(dim * index_bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 3, 257, dim, index_bits, prod, 4)
-    args = (*fields, rotation, centroids, qjl, index_bits, torch.float32)
-    ref = reference.decompress(*args)
+    keys = packed(gen, 2, 3, 257, dim, index_bits, prod, 4)
+    ref = reference.decompress(keys, torch.float32)
     poison()
-    out = torch.ops.tq.decompress(*cuda(args))
+    out = torch.ops.tq.decompress(*to((*keys, torch.float32)))
     assert rel_err(out, ref) < 1e-5
 
 
@@ -175,10 +183,10 @@ def test_decompress_within_an_ulp_of_float64(dim, index_bits, prod, dtype):
     """Several tiles per program and every output dtype: within one output ulp of the float64
     reconstruction (`within_an_ulp`)."""
     gen = torch.Generator().manual_seed(dim + index_bits)
-    fields, rotation, centroids, qjl = packed(gen, 2, 4, 3000, dim, index_bits, prod, 6)
-    truth = float64_reconstruction(fields, rotation, centroids, qjl, index_bits)
+    keys = packed(gen, 2, 4, 3000, dim, index_bits, prod, 6)
+    truth = float64_reconstruction(keys)
     poison()
-    out = torch.ops.tq.decompress(*cuda((*fields, rotation, centroids, qjl, index_bits, dtype)))
+    out = torch.ops.tq.decompress(*to((*keys, dtype)))
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert within_an_ulp(out, truth)
 
@@ -187,62 +195,58 @@ def test_head_dim_above_256_runs_the_reference_on_the_gpu():
     """head_dim 512 is outside the kernels' range (`ops._use_triton`): the ops still answer,
     through the reference on the GPU, and agree with it on the CPU."""
     gen = torch.Generator().manual_seed(512)
-    fields, rotation, centroids, qjl = packed(gen, 1, 2, 40, 512, 3, True, 8)
-    args = (*fields, rotation, centroids, qjl, 3, torch.float32)
-    assert rel_err(torch.ops.tq.decompress(*cuda(args)), reference.decompress(*args)) < 1e-5
+    keys = packed(gen, 1, 2, 40, 512, 3, True, 8)
+    assert rel_err(torch.ops.tq.decompress(*to((*keys, torch.float32))),
+                   reference.decompress(keys, torch.float32)) < 1e-5
     query = torch.randn(1, 4, 1, 512, generator=gen)
-    key = (*fields, rotation, centroids, qjl, 3)
-    assert rel_err(torch.ops.tq.scores(*cuda((query,) + key)),
-                   reference.scores(query, *key)) < 1e-5
+    assert rel_err(torch.ops.tq.scores(*to((query, *keys))),
+                   reference.scores(query, keys)) < 1e-5
 
 
 def test_opcheck():
     gen = torch.Generator().manual_seed(9)
-    fields, rotation, centroids, qjl = packed(gen, 1, 2, 70, 64, 3, True, 5)
-    key = cuda((*fields, rotation, centroids, qjl, 3))
+    key = tuple(to(packed(gen, 1, 2, 70, 64, 3, True, 5)))
     query = torch.randn(1, 4, 2, 64, generator=gen).to(CUDA)
     torch.library.opcheck(torch.ops.tq.decompress.default, key + (torch.float16,))
     torch.library.opcheck(torch.ops.tq.scores.default, (query,) + key)
-    args = attention_args(10, batch=1, kv_heads=2, group=2, q_len=2, kv_len=70, dim=64,
+    case = attention_case(10, batch=1, kv_heads=2, group=2, q_len=2, kv_len=70, dim=64,
                           k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
                           is_causal=True, kv_lens=torch.tensor([50]))
-    torch.library.opcheck(torch.ops.tq.attention.default, cuda(args))
+    torch.library.opcheck(torch.ops.tq.attention.default, ops.attention_args(*to(case)))
 
 
 def test_inductor_sees_the_kernels():
     from torch._inductor.utils import run_and_get_code
 
-    args = cuda(attention_args(11, batch=2, kv_heads=2, group=4, q_len=1, kv_len=2048, dim=128,
-                               k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
-                               is_causal=False, kv_lens=torch.tensor([2048, 1000])))
-    key = args[1:9]
+    case = attention_case(11, batch=2, kv_heads=2, group=4, q_len=1, kv_len=2048, dim=128,
+                          k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
+                          is_causal=False, kv_lens=torch.tensor([2048, 1000]))
 
-    def step(query, *rest):
-        logits = torch.ops.tq.scores(query, *key)
-        return torch.ops.tq.attention(query * 1.0, *rest), logits.sum()
+    def step(query, keys, values, *rest):
+        logits = torch.ops.tq.scores(query, *keys)
+        return (torch.ops.tq.attention(*ops.attention_args(query * 1.0, keys, values, *rest)),
+                logits.sum())
 
     compiled = torch.compile(step, fullgraph=True)
-    (out, _), codes = run_and_get_code(compiled, *args)
+    (out, _), codes = run_and_get_code(compiled, *to(case))
     source = "\n".join(codes)
     for name in ("_attention_kernel", "_merge_kernel", "_scores_kernel"):
         assert name in source, name
-    ref = reference.attention(args[0].float().cpu(), *(a.cpu() if isinstance(a, torch.Tensor)
-                                                       else a for a in args[1:]))
+    ref = reference.attention(case[0].float(), *case[1:])
     assert rel_err(out, ref) < 3e-3
 
 
 def test_cuda_graph_replay_with_new_lengths():
-    args = list(cuda(attention_args(12, batch=3, kv_heads=2, group=4, q_len=1, kv_len=3000,
-                                    dim=128, k_index_bits=3, k_prod=True, v_index_bits=4,
-                                    dtype=torch.float16, is_causal=True,
-                                    kv_lens=torch.tensor([10, 10, 10]))))
-    lens = args[-1]
-    graph, out = cuda_graph(torch.ops.tq.attention, *args)
+    case = to(attention_case(12, batch=3, kv_heads=2, group=4, q_len=1, kv_len=3000, dim=128,
+                             k_index_bits=3, k_prod=True, v_index_bits=4, dtype=torch.float16,
+                             is_causal=True, kv_lens=torch.tensor([10, 10, 10])))
+    lens = case[-1]
+    graph, out = cuda_graph(torch.ops.tq.attention, *ops.attention_args(*case))
     for new in ([3000, 1, 1234], [7, 2999, 0]):
         lens.copy_(torch.tensor(new))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-        ref = reference.attention(cpu[0].float(), *cpu[1:])
+        host = to(case, "cpu")
+        ref = reference.attention(host[0].float(), *host[1:])
         assert rel_err(out, ref) < 3e-3

@@ -51,6 +51,8 @@ from torch.fx.node import map_arg
 
 from .. import checks
 from ..codebook import MAX_DIM, MIN_DIM
+from ..ops import attention_args
+from ..packed import PackedKeys, PackedValues, named
 from ..quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
                          make_quantizers)
 from . import patterns
@@ -214,19 +216,22 @@ def _erase_if_dead(graph: torch.fx.Graph, node: Node, also: set) -> None:
         _erase_if_dead(graph, parent, also)
 
 
-def _field(build: _Builder, source: Compressed, name: str):
-    node = source.fields.get(name)
-    if node is None or source.length is None or not isinstance(node, Node):
-        return node
+def _packed(build: _Builder, source: Compressed) -> PackedKeys:
+    """The source's packed tuple, its per-token fields cut to the first `length` tokens where
+    the site reads only those."""
+    if source.length is None:
+        return source.packed
     full = slice(None, None, None)
-    if name in ("rotation", "centroids", "qjl"):
-        return node
-    return build.call(operator.getitem, node, (full, full, slice(None, source.length, None)))
+    cut = (full, full, slice(None, source.length, None))
+    tokens = {name: getattr(source.packed, name)
+              for name in ("indices", "norms", "signs", "residual_norms")}
+    return source.packed._replace(**{name: build.call(operator.getitem, node, cut)
+                                     for name, node in tokens.items() if isinstance(node, Node)})
 
 
 def _user_bits(source: Compressed) -> tuple[int, str]:
-    prod = source.fields.get("qjl") is not None
-    return source.fields["index_bits"] + (1 if prod else 0), "prod" if prod else "mse"
+    prod = source.packed.qjl is not None
+    return source.packed.index_bits + (1 if prod else 0), "prod" if prod else "mse"
 
 
 @dataclass
@@ -252,25 +257,21 @@ def _mask(build: _Builder, site: Attention) -> Node | None:
 def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     """tq::attention straight on the packed fields the two decompress nodes read."""
     ks, vs = site.key_source, site.value_source
-    if vs.fields.get("qjl") is not None or vs.fields.get("signs") is not None:
+    if vs.packed.qjl is not None or vs.packed.signs is not None:
         return "values carry QJL fields; tq::attention reads MSE values only"
     if ks.length != vs.length:
         return "key and value are cut to different lengths"
     build = _Builder(gm, site.output)
-    k = {n: _field(build, ks, n) for n in ("indices", "norms", "signs", "residual_norms",
-                                          "rotation", "centroids", "qjl")}
-    v = {n: _field(build, vs, n) for n in ("indices", "norms", "rotation", "centroids")}
+    keys = _packed(build, ks)
+    values = named(PackedValues, _packed(build, vs)._asdict())
     kv_lens = None  # stop at the written slots (the mask hides the rest anyway): decode and
     # prefill then cost the cache's fill, not its capacity
     if (site.attn_mask is not None and ks.length is None and ks.written is not None
             and ks.decompress is vs.decompress):
         kv_lens = build.call(torch.ops.aten.repeat.default, ks.written,
-                             [value_of(k["indices"]).shape[0]])
-    out = build.call(torch.ops.tq.attention.default, site.query, k["indices"], k["norms"],
-                     k["signs"], k["residual_norms"], k["rotation"], k["centroids"], k["qjl"],
-                     ks.fields["index_bits"], v["indices"], v["norms"], v["rotation"],
-                     v["centroids"], vs.fields["index_bits"], site.scale, site.is_causal,
-                     _mask(build, site), kv_lens)
+                             [value_of(keys.indices).shape[0]])
+    out = build.call(torch.ops.tq.attention.default, *attention_args(
+        site.query, keys, values, site.scale, site.is_causal, _mask(build, site), kv_lens))
     k_bits, key_quantizer = _user_bits(ks)
     return _Replacement(out, build, "cache", k_bits, _user_bits(vs)[0], key_quantizer,
                         (ks.decompress, vs.decompress))
@@ -301,10 +302,11 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
                     vq.index_bits, config.norm_dtype)
     k_fields = [build.call(operator.getitem, kc, i) for i in range(4 if kq.qjl is not None else 2)]
     k_fields += [None] * (4 - len(k_fields))
-    v_fields = [build.call(operator.getitem, vc, i) for i in range(2)]
-    out = build.call(torch.ops.tq.attention.default, site.query, *k_fields, k_rot, k_cent, k_qjl,
-                     kq.index_bits, *v_fields, v_rot, v_cent, vq.index_bits, site.scale,
-                     site.is_causal, _mask(build, site), None)
+    keys = PackedKeys(*k_fields, k_rot, k_cent, k_qjl, kq.index_bits)
+    values = PackedValues(*[build.call(operator.getitem, vc, i) for i in range(2)], v_rot, v_cent,
+                          vq.index_bits)
+    out = build.call(torch.ops.tq.attention.default, *attention_args(
+        site.query, keys, values, site.scale, site.is_causal, _mask(build, site)))
     return _Replacement(out, build, "simulate", config.k_bits, config.v_bits,
                         config.key_quantizer)
 

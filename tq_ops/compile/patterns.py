@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..packed import PackedKeys, named
+
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                 "enable_gqa")
@@ -34,7 +36,7 @@ class Compressed:
     of filled slots) is then set."""
 
     decompress: Node
-    fields: dict  # decompress-style names: indices, norms, signs, residual_norms, rotation, ...
+    packed: PackedKeys  # of nodes and constants; values from a read_cache have no QJL fields
     length: int | None = None
     written: Node | None = None
 
@@ -184,17 +186,17 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int, list]:
     return base, n, [node, expand, inserted]
 
 
-_FIELDS = ("indices", "norms", "signs", "residual_norms", "rotation", "centroids", "qjl",
-           "index_bits")
+def _arguments(node: Node, op) -> dict:
+    """The arguments by name of `node`, a call of `op` (a `torch.ops.tq` packet)."""
+    names = [a.name for a in op.default._schema.arguments]
+    return dict(zip(names, node.args), **node.kwargs)
 
 
 def _read_cache_source(node: Node, which: int, length: int | None) -> Compressed:
-    """Output `which` (0 keys, 1 values) of a `tq::read_cache` node, as decompress fields."""
-    names = [a.name for a in torch.ops.tq.read_cache.default._schema.arguments]
-    args = dict(zip(names, node.args), **node.kwargs)
-    prefix = "k_" if which == 0 else "v_"
-    fields = {name: args.get(prefix + name) for name in _FIELDS}
-    return Compressed(node, fields, length, args["written"])
+    """Output `which` (0 keys, 1 values) of a `tq::read_cache` node, as `PackedKeys`."""
+    args = _arguments(node, torch.ops.tq.read_cache)
+    return Compressed(node, named(PackedKeys, args, "k_" if which == 0 else "v_"), length,
+                      args["written"])
 
 
 def compressed_source(node: Node) -> Compressed | None:
@@ -220,10 +222,7 @@ def compressed_source(node: Node) -> Compressed | None:
     decompress = torch.ops.tq.decompress
     if not _is_function(node, decompress.default, decompress):
         return None
-    names = [a.name for a in decompress.default._schema.arguments]
-    fields = dict(zip(names, node.args))
-    fields.update(node.kwargs)
-    return Compressed(node, fields, length)
+    return Compressed(node, named(PackedKeys, _arguments(node, decompress)), length)
 
 
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul,

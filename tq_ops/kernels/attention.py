@@ -18,6 +18,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from ..packed import PackedKeys, PackedValues
 
 from ..codebook import full_table
 from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_logits,
@@ -340,17 +343,20 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
     return dict(cfg, splits=cdiv(max(kv_len, 1), chunk), chunk=chunk)
 
 
-def fused_attention(query, k_indices, k_norms, k_signs, k_residual_norms, k_rotation,
-                    k_centroids, k_qjl, k_index_bits, v_indices, v_norms, v_rotation, v_centroids,
-                    v_index_bits, scale, is_causal, attn_mask, kv_lens, tune: dict | None = None):
+def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
+                    is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None,
+                    tune: dict | None = None) -> Tensor:
     """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics) by
     the fused kernel (split-KV for decode), any shape and mask.
 
-    query (B, Hq, Lq, DK) float16/bfloat16/float32; packed K/V fields (B, Hkv, Lk, .);
-    attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,) int or None (the
-    arguments of `tq::attention`). Returns (B, Hq, Lq, DV) in the query dtype. `tune`
+    query (B, Hq, Lq, DK) float16/bfloat16/float32; keys, values: packed (B, Hkv, Lk, .)
+    fields and constants; attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,)
+    int or None (as `tq::attention`). Returns (B, Hq, Lq, DV) in the query dtype. `tune`
     overrides `config` (benchmarks).
     """
+    (k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
+     k_index_bits) = keys
+    v_indices, v_norms, v_rotation, v_centroids, v_index_bits = values
     batch, q_heads, q_len, dk = query.shape
     kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
     dv = v_rotation.shape[0]

@@ -17,8 +17,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ..codebook import full_table
+from ..packed import PackedKeys
 from .codes import SIGNS, TABLE, decode_tile, plane_layout, prefixed, sign_layout, tile_coords
 from .common import ROT_SCALE, UNIT_SCALE, cdiv, next_pow2, persistent_programs, split_f16
 
@@ -123,13 +125,14 @@ def _unpack_and_rotate(flat_idx, flat_signs, norms, residual_norms, rotation, ce
     return out
 
 
-def decompress(indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits, dtype):
+def decompress(keys: PackedKeys, dtype: torch.dtype) -> Tensor:
     """Packed (B, H, S, .) fields -> reconstruction (B, H, S, D) in `dtype`.
 
-    indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
+    keys: indices (B, H, S, P) uint8, norms (B, H, S, 1); Prod adds signs (B, H, S, ceil(M/8))
     uint8, residual_norms (B, H, S, 1) and qjl (M, D). rotation (D, D) float32, centroids
     float32 (2**index_bits,) or a symmetric table's upper half.
     """
+    indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits = keys
     lead = tuple(indices.shape[:3])
     dim = rotation.shape[0]
     centroids = full_table(centroids, index_bits).contiguous()  # the kernel gathers c[idx]

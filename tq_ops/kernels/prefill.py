@@ -14,21 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import visible
+from ..packed import PackedKeys, PackedValues
 
 
-def flash_prefill_applies(query, k_indices, k_norms, v_norms, v_rotation, attn_mask,
-                          kv_lens) -> bool:
-    """Whether prefill by decompression serves this `tq::attention` call (same arguments):
+def flash_prefill_applies(query: Tensor, keys: PackedKeys, values: PackedValues,
+                          attn_mask: Tensor | None, kv_lens: Tensor | None) -> bool:
+    """Whether prefill by decompression serves this `tq::attention` call (its arguments):
     more than 16 query rows per KV head, no mask or a bool one, equal K/V head dims, fp16
     norms (decompressed values then fit in fp16), and not a cache with kv_lens and at least
     twice as many slots as queries (a prefill into a preallocated cache): the fused kernel
     reads only the kv_lens slots there, while decompression reads and scores all of them."""
     _, q_heads, q_len, dk = query.shape
-    kv_heads, kv_len = k_indices.shape[1], k_indices.shape[2]
+    kv_heads, kv_len = keys.indices.shape[1], keys.indices.shape[2]
     return (q_len * (q_heads // kv_heads) > 16 and kv_len > 0
             and (kv_lens is None or kv_len < 2 * q_len)
             and (attn_mask is None or attn_mask.dtype == torch.bool)
-            and v_rotation.shape[0] == dk and k_norms.dtype == v_norms.dtype == torch.float16)
+            and values.rotation.shape[0] == dk
+            and keys.norms.dtype == values.norms.dtype == torch.float16)
 
 
 def flash_prefill(query: Tensor, keys: Tensor, values: Tensor, scale: float, is_causal: bool,

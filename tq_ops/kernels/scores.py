@@ -10,6 +10,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from ..packed import PackedKeys
 
 from ..codebook import full_table
 from .codes import SIGNS, TABLE, key_logits, plane_layout, prefixed, sign_layout, tile_coords
@@ -61,12 +64,13 @@ def _scores_kernel(
              mask=key_ok[:, None] & row_ok[None, :])
 
 
-def scores(query, indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits):
+def scores(query: Tensor, keys: PackedKeys) -> Tensor:
     """Unscaled logits (B, Hq, Lq, Lk) in the query dtype.
 
-    query (B, Hq, Lq, D) float; indices (B, Hkv, Lk, P) uint8; norms (B, Hkv, Lk, 1); Prod
-    keys add signs (B, Hkv, Lk, ceil(M/8)) uint8 and residual_norms (B, Hkv, Lk, 1).
+    query (B, Hq, Lq, D) float; keys: indices (B, Hkv, Lk, P) uint8, norms (B, Hkv, Lk, 1);
+    Prod keys add signs (B, Hkv, Lk, ceil(M/8)) uint8 and residual_norms (B, Hkv, Lk, 1).
     """
+    indices, norms, signs, residual_norms, rotation, centroids, qjl, index_bits = keys
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = indices.shape[1], indices.shape[2]
     centroids = full_table(centroids, index_bits).contiguous()  # the kernel gathers c[idx]
