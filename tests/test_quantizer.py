@@ -25,6 +25,8 @@ def test_equal_constants_are_one_tensor_object_per_device():
     assert all(t.device.type == "meta" for t in on_meta)
     assert all(x is y for x, y in zip(on_meta, constants(16, 2, 5, 16, torch.device("meta"))))
     assert constants(16, 2, 5, 16, "cpu")[0] is a.rotation
+    # contiguous: the launchers pass them as they are (a strided QR factor was copied per call)
+    assert all(t.is_contiguous() for t in constants(128, 3, 0, 128))
 
 
 def test_meta_input_gives_meta_outputs_and_leaves_the_buffers_where_they_were():

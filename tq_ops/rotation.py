@@ -23,12 +23,13 @@ def check_seed(seed) -> None:
 
 
 def haar_rotation(dim: int, seed: int) -> torch.Tensor:
-    """Haar-random orthogonal Pi (dim, dim) float32: QR of a Gaussian with the sign fix."""
+    """Haar-random orthogonal Pi (dim, dim) float32, contiguous (kernels read it in place): QR
+    of a Gaussian with the sign fix."""
     check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     gauss = torch.randn(dim, dim, dtype=torch.float64, generator=gen)
     q, r = torch.linalg.qr(gauss)
-    return (q * torch.sign(torch.diagonal(r))).float()
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous()
 
 
 def qjl_matrix(rows: int, dim: int, seed: int) -> torch.Tensor:

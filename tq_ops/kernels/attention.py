@@ -26,7 +26,7 @@ from ..codebook import full_table
 from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_logits,
                     nibble_halves, plane_layout, prefixed, qjl_logits, segments, sign_layout,
                     tile_coords)
-from .common import INTERPRET, cdiv, next_pow2, num_sms, strided
+from .common import INTERPRET, cdiv, dense, next_pow2, num_sms, strided
 from .ptx import table_words
 from .queries import rotated_queries
 
@@ -301,8 +301,8 @@ def _table(centroids: torch.Tensor, index_bits: int) -> tuple[torch.Tensor, bool
     half = centroids.shape[0] != 1 << index_bits
     ptx = half and index_bits == 4 and not INTERPRET
     if half and not ptx and _mode(index_bits) == TABLE.value:
-        return full_table(centroids, index_bits).contiguous(), False, False
-    return centroids.contiguous(), half, ptx
+        return dense(full_table(centroids, index_bits)), False, False
+    return dense(centroids), half, ptx
 
 
 DEEP_DECODE = dict(BLOCK_N=64, num_stages=3, DEFER_SUM=True)  # decode when `deep_pipeline`
@@ -400,11 +400,12 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
     else:
         part_o, part_ml = out, out
     grid = (batch * kv_heads, cdiv(rows, cfg["BLOCK_M"]), splits)
+    v_rot = dense(v_rotation)
     k_table, k_half, k_ptx = _table(k_centroids, k_index_bits)
     v_table, v_half, v_ptx = _table(v_centroids, v_index_bits)
     torch.library.wrap_triton(_attention_kernel)[grid](
         q_rot, sq, part_o, *out.stride()[:3], part_ml, *ki, *kn, *ks, *kr, k_table, *vi, *vn,
-        v_table, v_rotation.contiguous(), *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
+        v_table, v_rot, *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
         G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
         M=m, **prefixed("K_", plane_layout(dk, k_index_bits)),
         **prefixed("V_", plane_layout(dv, v_index_bits)),
@@ -417,7 +418,7 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
         K_PTX=k_ptx, V_PTX=v_ptx, K_HALF=k_half, V_HALF=v_half, **cfg)
     if split:
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](
-            part_o, part_ml, v_rotation.contiguous(), out, *out.stride()[:3], kv_heads, rows,
+            part_o, part_ml, v_rot, out, *out.stride()[:3], kv_heads, rows,
             splits, G=q_heads // kv_heads, DV=dv, DV_PAD=dv_pad,
             BLOCK_S=min(32, next_pow2(splits)), OUT_BLOCK=min(32, dv_pad))
     return out

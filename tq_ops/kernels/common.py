@@ -70,6 +70,11 @@ def persistent_programs(device: torch.device) -> int:
     return 2 * num_sms(device) if device.type == "cuda" else 2
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t if it is contiguous (no dispatcher call: host time per eager launch), else a copy."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def strided(t: torch.Tensor) -> tuple:
     """(tensor with unit last stride, stride_b, stride_h, stride_s) of a (B, H, S, .) tensor."""
     if t.stride(-1) != 1:

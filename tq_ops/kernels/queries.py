@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_pow2
+from .common import cdiv, dense, next_pow2
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def rotated_queries(x: torch.Tensor, rotation: torch.Tensor, kv_heads: int, scal
     out = torch.empty(batch, kv_heads, rows, n, device=x.device, dtype=dtype)
     block = 16
     torch.library.wrap_triton(_query_kernel)[(cdiv(rows, block), batch * kv_heads)](
-        x, *x.stride(), rotation.contiguous(), out, kv_heads, rows, scale,
+        x, *x.stride(), dense(rotation), out, kv_heads, rows, scale,
         G=q_heads // kv_heads, D=dim, D_PAD=max(16, next_pow2(dim)), N=n,
         N_PAD=max(16, next_pow2(n)), BLOCK_R=block,
         BLOCK=min(64, max(16, next_pow2(min(dim, n)))), num_warps=4)
