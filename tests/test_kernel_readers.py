@@ -172,6 +172,32 @@ def test_attention_many_splits_merge_in_blocks():
     assert rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("lengths", [[300, 0], [17, 1111]])
+def test_splits_past_the_length_write_nothing_and_the_merge_skips_them(monkeypatch, lengths):
+    """Decode programs whose key split starts past their row's kv_lens return at once; the merge
+    reads only the cdiv(length, chunk) splits that were written. Every buffer the launcher
+    allocates starts as NaN, so reading an unwritten partial would poison the output."""
+    gen = torch.Generator().manual_seed(6)
+    keys = packed(gen, 2, 2, 1111, 64, 4, False, 1)
+    values = packed_values(gen, 2, 2, 1111, 64, 3, 2)
+    query = torch.randn(2, 8, 1, 64, generator=gen).half()
+    args = (keys, values, 0.125, False, None, torch.tensor(lengths))
+    empty = torch.empty
+
+    def nan_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    out = attention_kernels.fused_attention(query, *args, tune=dict(BLOCK_N=16, resident=1000))
+    monkeypatch.undo()
+    ref = reference.attention(query.float(), *args)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3
+    assert torch.equal(out[lengths.index(min(lengths))].float().abs().sum() == 0,
+                       torch.tensor(min(lengths) == 0))
+
+
 @pytest.mark.parametrize("batch,length,splits", [(1, 131072, 64), (3, 32768, 22), (8, 8192, 8),
                                                  (8, 131072, 8), (16, 32768, 4), (22, 32768, 3),
                                                  (32, 32768, 2), (64, 8192, 1), (100, 8192, 1)])

@@ -64,7 +64,7 @@ def _attention_kernel(
     The rotated-domain accumulator is rotated back (@ Pi_v) at the end. SPLIT=False: o
     (B, Hq, Lq, DV), strides o_s*, gets the output. SPLIT=True: o (B, HKV, S, R, DV) float32
     gets the unnormalised rotated-back accumulator and ml (B, HKV, S, R, 2) the running max
-    and sum, for `_merge_kernel`.
+    and sum, for `_merge_kernel`; a split that starts past the row's length writes nothing.
     K_*, V_*: `plane_layout` of key and value codes, S_*: `sign_layout` of the QJL signs;
     K_MODE, V_MODE: `decode_tile` modes of keys and values; S_MODE: how the QJL signs are
     decoded (SIGNS, or SIGN_BITS on a GPU). 4-bit keys or values are decoded as two column halves
@@ -77,6 +77,17 @@ def _attention_kernel(
     """
     K_HALVES: tl.constexpr = K_W0 == 4 and K_W1 == 0
     V_HALVES: tl.constexpr = V_W0 == 4 and V_W1 == 0
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // HKV).to(tl.int64)  # int64: cache offsets can pass 2**31
+    h = pid_bh % HKV
+    length = Lk
+    if HAS_LENS:
+        length = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), Lk)
+    start = split * CHUNK
+    if SPLIT and start >= length:  # past the written keys: `_merge_kernel` reads no partial
+        return
     k_words = None
     if K_PTX:
         k_words = table_words(kc_ptr, 8)
@@ -87,20 +98,11 @@ def _attention_kernel(
         v_words = table_words(vc_ptr, 8)
     elif V_MODE == PAIRS or V_MODE == PLANES3:
         v_words = table_words(vc_ptr, 1 << V_W0 << V_W1, V_HALF)
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    b = (pid_bh // HKV).to(tl.int64)  # int64: cache offsets can pass 2**31
-    h = pid_bh % HKV
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     qi = rows // G
     head = h * G + rows % G
-    length = Lk
-    if HAS_LENS:
-        length = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), Lk)
-    start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)
     if IS_CAUSAL:
         last = length - Lq + qi  # last visible key of each row
@@ -246,22 +248,27 @@ def _attention_kernel(
 
 
 @triton.jit
-def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, HKV, R, NSPLIT,
-                  G: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                  BLOCK_S: tl.constexpr, OUT_BLOCK: tl.constexpr):
-    """Merge the NSPLIT rotated-domain partials (o, ml as in _attention_kernel) of row
-    program_id(0) of KV head program_id(1), BLOCK_S splits per step, rotate the row back
-    (@ Pi_v, rot (DV, DV) fp32, fp32 products, OUT_BLOCK columns per step) and write it to
-    out (B, Hq, Lq, DV), strides out_s*."""
+def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_ptr, HKV, R,
+                  NSPLIT, Lk, CHUNK, G: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                  HAS_LENS: tl.constexpr, BLOCK_S: tl.constexpr, OUT_BLOCK: tl.constexpr):
+    """Merge the rotated-domain partials (o, ml as in _attention_kernel) of row program_id(0)
+    of KV head program_id(1), BLOCK_S splits per step, rotate the row back (@ Pi_v, rot
+    (DV, DV) fp32, fp32 products, OUT_BLOCK columns per step) and write it to out
+    (B, Hq, Lq, DV), strides out_s*. Only the splits holding keys below the row's length
+    (lens, or Lk) were written: cdiv(length, CHUNK) of the NSPLIT."""
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    live = NSPLIT
+    if HAS_LENS:
+        length = tl.minimum(tl.load(lens_ptr + pid_bh // HKV).to(tl.int32), Lk)
+        live = tl.minimum(tl.cdiv(length, CHUNK), NSPLIT)
     coords = tl.arange(0, DV_PAD)
     m_all = tl.full([1], -float("inf"), tl.float32)
     l_all = tl.zeros([1], tl.float32)
     acc = tl.zeros([DV_PAD], tl.float32)
-    for s0 in range(0, NSPLIT, BLOCK_S):
+    for s0 in range(0, live, BLOCK_S):
         splits = s0 + tl.arange(0, BLOCK_S)
-        ok = splits < NSPLIT
+        ok = splits < live
         part = (pid_bh * NSPLIT + splits) * R + row
         m = tl.load(ml_ptr + part * 2, mask=ok, other=-float("inf"))
         l_s = tl.load(ml_ptr + part * 2 + 1, mask=ok, other=0.0)
@@ -418,7 +425,7 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
         K_PTX=k_ptx, V_PTX=v_ptx, K_HALF=k_half, V_HALF=v_half, **cfg)
     if split:
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](
-            part_o, part_ml, v_rot, out, *out.stride()[:3], kv_heads, rows,
-            splits, G=q_heads // kv_heads, DV=dv, DV_PAD=dv_pad,
-            BLOCK_S=min(32, next_pow2(splits)), OUT_BLOCK=min(32, dv_pad))
+            part_o, part_ml, v_rot, out, *out.stride()[:3], lens, kv_heads, rows, splits,
+            kv_len, chunk, G=q_heads // kv_heads, DV=dv, DV_PAD=dv_pad,
+            HAS_LENS=kv_lens is not None, BLOCK_S=min(32, next_pow2(splits)), OUT_BLOCK=min(32, dv_pad))
     return out
