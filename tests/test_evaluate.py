@@ -66,7 +66,7 @@ def test_center_lever_keeps_the_bits_and_reports_the_mean_apart(run):
         assert centred["center_keys"] and not plain["center_keys"]
         for key in ("k_bits_per_element", "v_bits_per_element", "bytes_per_token"):
             assert centred[key] == plain[key]
-        assert centred["mean_bytes"] == 2 * 2 * 64 * 4 and plain["mean_bytes"] == 0
+        assert centred["sequence_bytes"] == 2 * 2 * 64 * 4 and plain["sequence_bytes"] == 0
         assert centred["kl_mean"] > 0 and centred["kl_mean"] != plain["kl_mean"]
 
 

@@ -11,7 +11,8 @@ Schemes (K and V bits per coordinate given per scheme):
 * "tq": TurboQuant through `torch.compile(model, backend=tq_ops.backend(mode="simulate"))`:
   every attention call compresses its K and V, MSE or Prod keys; with the lever "center"
   (`center_keys=True`, the backend's default) each (batch, kv head)'s key mean is subtracted
-  first.
+  first; with "scale" (`scale_keys=True`) each key channel is divided by its spread and the
+  query multiplied by it.
 * "rtn": per-token asymmetric integer round-to-nearest, min/max over head_dim per token and
   head, fp16 scale and zero.
 * "kivi": KIVI-style: keys per channel over groups of `group` tokens, values per token, fp16
@@ -24,8 +25,8 @@ Bits per element count what is stored per head, metadata included (d = head_dim,
 tq MSE b + 16/d (fp16 norm), tq Prod b + 32/d (norm and residual norm), RTN b + 32/d,
 KIVI keys b + 32/G and values b + 32/d (the fp16 residual of fewer than G tokens is not
 counted). Bytes per token sum K and V over all layers and KV heads. A key mean is stored
-once per sequence, not per token: `mean_bytes` reports it apart (fp32, D per layer and KV
-head), outside the bits per element.
+once per sequence, not per token, as is a key scale: `sequence_bytes` reports them apart (fp32,
+D per layer and KV head each), outside the bits per element.
 """
 
 import argparse
@@ -42,22 +43,23 @@ from .quantizer import DEFAULT_CENTER_KEYS
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
-LEVERS = ("center",)
+LEVERS = ("center", "scale")
 FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
 class Scheme:
     """One row of the table: method (one of METHODS), user bits per coordinate for K and V
-    (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod") and whether "tq"
+    (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod"), whether "tq"
     centres the keys (the lever "center"; None: the backend's default for "tq", off for the
-    other methods)."""
+    other methods) and scales their channels (the lever "scale")."""
 
     method: str
     k_bits: int | None = None
     v_bits: int | None = None
     key_quantizer: str = "mse"
     center_keys: bool | None = None
+    scale_keys: bool = False
 
     def __post_init__(self):
         if self.center_keys is None:
@@ -67,8 +69,9 @@ class Scheme:
         if self.method != "uncompressed":
             for name in ("k_bits", "v_bits"):
                 checks.int_range(name, getattr(self, name), 1, 8)
-        if self.center_keys and self.method != "tq":
-            raise ValueError(f"center_keys applies to method 'tq' only, got {self.method!r}")
+        for lever in ("center_keys", "scale_keys"):
+            if getattr(self, lever) and self.method != "tq":
+                raise ValueError(f"{lever} applies to method 'tq' only, got {self.method!r}")
 
     @property
     def name(self) -> str:
@@ -77,6 +80,7 @@ class Scheme:
         label = {"tq": "tq", "rtn": "per-token RTN", "kivi": "KIVI-style"}[self.method]
         suffix = f" {self.key_quantizer}" if self.method == "tq" else ""
         suffix += " +center" if self.center_keys else ""
+        suffix += " +scale" if self.scale_keys else ""
         return f"{label} K{self.k_bits}/V{self.v_bits}{suffix}"
 
 
@@ -92,7 +96,9 @@ def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers
     for k, v in bits:
         for kq in key_quantizers:
             centring = (False, True) if "center" in levers else (DEFAULT_CENTER_KEYS,)
-            schemes += [Scheme("tq", k, v, kq, center_keys=c) for c in centring]
+            scaling = (False, True) if "scale" in levers else (False,)
+            schemes += [Scheme("tq", k, v, kq, center_keys=c, scale_keys=s)
+                        for c in centring for s in scaling]
         schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)] if baselines else []
     return schemes
 
@@ -226,7 +232,8 @@ class _Compiled:
     def __init__(self, model, scheme: Scheme, layers: int):
         self.compiler = backend(k_bits=scheme.k_bits, v_bits=scheme.v_bits,
                                 key_quantizer=scheme.key_quantizer, mode="simulate",
-                                center_keys=scheme.center_keys)
+                                center_keys=scheme.center_keys,
+                                scale_keys=scheme.scale_keys)
         self.compiled = torch.compile(model, backend=self.compiler, dynamic=False)
         self.scheme, self.layers = scheme, layers
 
@@ -316,8 +323,9 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     model: a transformers causal LM using attn_implementation "sdpa", in eval mode.
     ids: (n,) token ids on the model's device. stride defaults to max_length // 2.
     Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer, center_keys,
-    k_bits_per_element, v_bits_per_element, bytes_per_token (K + V, all layers and KV heads),
-    mean_bytes (per sequence: the fp32 key means of "center", else 0), perplexity,
+    scale_keys, k_bits_per_element, v_bits_per_element, bytes_per_token (K + V, all layers and
+    KV heads), sequence_bytes (per sequence: the fp32 key means of "center" and scales of
+    "scale"), perplexity,
     delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
     (fraction), tokens (scored).
     """
@@ -354,10 +362,11 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
             "scheme": scheme.name, "method": scheme.method, "k_bits": scheme.k_bits,
             "v_bits": scheme.v_bits,
             "key_quantizer": scheme.key_quantizer if scheme.method == "tq" else None,
-            "center_keys": scheme.center_keys,
+            "center_keys": scheme.center_keys, "scale_keys": scheme.scale_keys,
             "k_bits_per_element": k_bpe, "v_bits_per_element": v_bpe,
             "bytes_per_token": layers * kv_heads * head_dim * (k_bpe + v_bpe) / 8,
-            "mean_bytes": layers * kv_heads * head_dim * 4 if scheme.center_keys else 0,
+            "sequence_bytes": layers * kv_heads * head_dim * 4 * (scheme.center_keys
+                                                                  + scheme.scale_keys),
             "perplexity": math.exp(tally.nll / count), "kl_mean": float(kl.mean()),
             "kl_p90": float(torch.quantile(kl, 0.9)), "top1_agreement": tally.top1 / count,
             "tokens": count})
@@ -475,7 +484,8 @@ def main(argv=None) -> int:
                         help="tq key quantizers, comma-separated: mse, prod or mse,prod")
     parser.add_argument("--levers", default="",
                         help="tq quality levers to show both off and on, comma-separated: "
-                        "center (default: one row per tq scheme, levers at their defaults)")
+                        "center, scale (default: one row per tq scheme, levers at their "
+                        "defaults)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the per-token RTN and KIVI-style rows")
     parser.add_argument("--group", type=int, default=32, help="KIVI key group size (tokens)")
