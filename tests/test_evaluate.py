@@ -215,6 +215,28 @@ def test_eager_tq_rows_equal_the_backend_without_eager_levers():
     assert (eager - exact).abs().mean() > 0.1
 
 
+def test_swapped_attention_gets_the_sliding_window_mask():
+    """An attention function swapped in by the tool sees the masks "sdpa" sees: on a random
+    Gemma 3 with a sliding window of 4 over 12 tokens, passing sdpa through unchanged gives the
+    model's logits (without the mask function, sliding layers got no mask and attended to all
+    earlier tokens)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"],
+                              attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+        swapped = ev._AttentionSwap(model, "tq_eval_passthrough", sdpa_attention_forward)(ids)
+    torch.testing.assert_close(swapped, exact, rtol=0, atol=1e-6)
+
+
 def test_eager_levers_count_their_bits():
     d, layers = 64, 4
     edges = ev.Scheme("tq", 3, 2, edge_bits=1)

@@ -299,11 +299,15 @@ def tq_attention(scheme: Scheme, layers: int):
 # ----------------------------------------------------------------------------- runners
 
 class _AttentionSwap:
-    """Runs the model with a registered attention function, then restores "sdpa"."""
+    """Runs the model with a registered attention function, then restores "sdpa". The
+    function gets the masks "sdpa" gets (a name without a mask function of its own gets None
+    for sliding-window layers, as flash kernels that window by themselves do)."""
 
     def __init__(self, model, name: str, function):
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
         AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
         self.model, self.name = model, name
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
