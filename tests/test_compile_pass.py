@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from tq_ops import reference
+from tq_ops.quantizer import key_channel_scale
 from tq_ops.compile import (
     TurboQuantConfig,
     TurboQuantPass,
@@ -29,11 +30,23 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def channel_scale(k):
+    """key_channel_scale in float64: per-channel RMS over the sequence, floored at 1/32 of the
+    largest channel's, ones where all channels are 0."""
+    rms = k.double().pow(2).mean(-2, keepdim=True).sqrt()
+    top = rms.max(-1, keepdim=True).values
+    return torch.where(top > 0, rms.clamp(min=0).maximum(top / 32), torch.ones_like(rms))
+
+
 def simulate(config, index, q, k, v, scale, is_causal=False, mask=None):
     """Eager TurboQuant attention of one site with the reference ops (K/V heads may be fewer);
-    keys minus their mean over the sequence when config.center_keys."""
+    keys minus their mean over the sequence when config.center_keys; with config.scale_keys
+    keys divided by `channel_scale` and queries multiplied by it."""
     kq, vq = site_quantizers(config, index, k.shape[-1], v.shape[-1])
     k = k - k.mean(-2, keepdim=True) if config.center_keys else k
+    if config.scale_keys:
+        s = channel_scale(k).to(k.dtype)
+        k, q = k / s, q * s.repeat_interleave(q.shape[1] // k.shape[1], 1)
     kc = reference.compress(k, kq.rotation, kq.centroids, kq.qjl, kq.index_bits, torch.float16)
     vc = reference.compress(v, vq.rotation, vq.centroids, None, vq.index_bits, torch.float16)
     return reference.attention(q, kq.packed_keys(*kc), vq.packed_values(*vc[:2]), scale,
@@ -158,6 +171,39 @@ def test_center_keys_compresses_keys_minus_their_mean(form):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         errors.append(((out - exact).norm() / exact.norm()).item())
     assert errors[0] < errors[1] / 2, errors
+
+
+@pytest.mark.parametrize("form", ["causal", "float_mask_scale", "enable_gqa", "repeat_kv"])
+@pytest.mark.parametrize("center", [False, True])
+def test_scale_keys_compresses_scaled_keys_and_scales_the_query(form, center):
+    """With scale_keys the site compresses k / s and attends with q * s (s per batch, KV head
+    and channel, repeated over the GQA group), as the oracle does; the keys' channel spreads
+    differ 100-fold, and without the quantizer the rescaling is exact."""
+    fn, kv_heads, mask_kind, causal, scale = SDPA_FORMS[form]
+    q, k, v = qkv(kv_heads)
+    k = k * torch.logspace(-1, 1, D) + 3 * randn(B, kv_heads, 1, D, seed=4)
+    mask = randn(B, 1, L, L, seed=3)
+    used_mask = {"bool": mask > 0, "float": mask, None: None}[mask_kind]
+    config = TurboQuantConfig(k_bits=3, v_bits=4, center_keys=center, scale_keys=True)
+    out, sites, _ = rewrite_and_run(fn, q, k, v, mask, config=config)
+    expected = simulate(config, 0, q, k, v, scale or 1 / math.sqrt(D), causal, used_mask)
+    assert len(sites) == 1
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    s = channel_scale(k - k.mean(-2, keepdim=True) if center else k)
+    group = q.shape[1] // kv_heads
+    qd, kd, vd = q.double(), k.double(), v.double()
+    torch.testing.assert_close(fn(qd * s.repeat_interleave(group, 1), kd / s, vd, mask.double()),
+                               fn(qd, kd, vd, mask.double()), rtol=1e-10, atol=1e-10)
+
+
+def test_key_channel_scale_against_float64():
+    """RMS per channel over the sequence, floored at 1/32 of the largest, ones for zero keys."""
+    k = randn(2, 3, 9, 16) * torch.logspace(-3, 1, 16)
+    k[1, 2] = 0
+    got = key_channel_scale(k)
+    assert got.shape == (2, 3, 1, 16) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), channel_scale(k), rtol=1e-6, atol=0)
+    assert (got[1, 2] == 1).all() and (got[0, 0, 0, :4] == got[0, 0, 0].max() / 32).all()
 
 
 def gpt2_style(q, k, v, mask):
@@ -406,6 +452,7 @@ BAD_SETTINGS = [
     ({"mode": "cache", "key_quantizer": "prod"}, ValueError, "key_quantizer would be ignored"),
     ({"mode": "cache", "norm_dtype": torch.float32}, ValueError, "norm_dtype would be ignored"),
     ({"center_keys": 1}, TypeError, "center_keys must be a bool"),
+    ({"scale_keys": None}, TypeError, "scale_keys must be a bool"),
     ({"mode": "cache", "center_keys": False}, ValueError, "center_keys would be ignored"),
 ]
 

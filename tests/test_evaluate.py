@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tq_ops import evaluate as ev
+from tq_ops.quantizer import make_quantizers
 
 pytest.importorskip("transformers")
 
@@ -66,7 +67,7 @@ def test_center_lever_keeps_the_bits_and_reports_the_mean_apart(run):
         assert centred["center_keys"] and not plain["center_keys"]
         for key in ("k_bits_per_element", "v_bits_per_element", "bytes_per_token"):
             assert centred[key] == plain[key]
-        assert centred["mean_bytes"] == 2 * 2 * 64 * 4 and plain["mean_bytes"] == 0
+        assert centred["sequence_bytes"] == 2 * 2 * 64 * 4 and plain["sequence_bytes"] == 0
         assert centred["kl_mean"] > 0 and centred["kl_mean"] != plain["kl_mean"]
 
 
@@ -156,6 +157,103 @@ def test_kivi_attention_reads_exact_keys_of_the_open_group():
                                    atol=1e-5)
 
 
+def test_exact_for_query_marks_sinks_and_the_recent_window():
+    for q_len, k_len, window, sinks in ((5, 9, 3, 2), (1, 7, 1, 0), (4, 4, 0, 1), (3, 6, 9, 0)):
+        got = ev.exact_for_query(q_len, k_len, window, sinks, "cpu")
+        for i in range(q_len):
+            position = k_len - q_len + i
+            want = [j < sinks or position - window < j for j in range(k_len)]
+            assert got[i].tolist() == want
+
+
+@pytest.mark.parametrize("center,scale", [(False, False), (True, True)])
+def test_tq_attention_reads_compressed_keys_outside_window_and_sinks(center, scale):
+    """Query i attends causally to exact K/V of the sink tokens and of its window and to the
+    round-tripped (centred, scaled) K/V of the rest; checked row by row in float64 against the
+    quantizers of site 1, in layer 1 of 3 (the edge bit not applied) and layer 2 (applied)."""
+    length, dim, window, sinks = 12, 16, 3, 2
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, length, dim, generator=g)
+    k, v = (torch.randn(1, 2, length, dim, generator=g) for _ in range(2))
+    for layer, extra in ((1, 0), (2, 1)):
+        scheme = ev.Scheme("tq", 3, 2, center_keys=center, scale_keys=scale, window=window,
+                           sinks=sinks, edge_bits=1)
+        module = SimpleNamespace(num_key_value_groups=2, is_causal=True, layer_idx=layer)
+        out, _ = ev.tq_attention(scheme, 3)(module, q, k, v, None)
+        kq, vq = make_quantizers(dim, 3 + extra, 2 + extra, seed=2 * layer)
+        kc = k.double() - k.double().mean(-2, keepdim=True) if center else k.double()
+        s = kc.pow(2).mean(-2, keepdim=True).sqrt() if scale else torch.ones(1, 2, 1, dim)
+        s = s.maximum(s.max(-1, keepdim=True).values / 32).double()
+        kc = (kc / s).float()
+        k_hat, v_hat = ev.round_trip(kq, kc).double(), ev.round_trip(vq, v).double()
+        qs = q.double() * s.repeat_interleave(2, 1)
+        for i in range(length):
+            exact = [j < sinks or i - window < j for j in range(i + 1)]
+            keys = torch.stack([kc.double()[:, :, j] if e else k_hat[:, :, j]
+                                for j, e in enumerate(exact)], 2).repeat_interleave(2, 1)
+            values = torch.stack([v.double()[:, :, j] if e else v_hat[:, :, j]
+                                  for j, e in enumerate(exact)], 2).repeat_interleave(2, 1)
+            p = torch.softmax(qs[:, :, i:i + 1] @ keys.mT / math.sqrt(dim), -1)
+            torch.testing.assert_close(out[:, i].double(), (p @ values)[:, :, 0], rtol=0,
+                                       atol=1e-5)
+
+
+def test_eager_tq_rows_equal_the_backend_without_eager_levers():
+    """tq_attention (the eager path of the window / sinks / edges rows) with none of those
+    levers gives the logits of the compiled backend in simulate mode (same quantizers, same
+    centring and scaling)."""
+    model = ev.random_llama()
+    ids = torch.randint(512, (1, 40), generator=torch.Generator().manual_seed(3))
+    scheme = ev.Scheme("tq", 4, 3, scale_keys=True)
+    with torch.no_grad():
+        eager = ev._AttentionSwap(model, "tq_eval_test", ev.tq_attention(scheme, 2))(ids)
+        compiled = ev._Compiled(model, scheme, 2)(ids)
+        exact = model(input_ids=ids).logits
+    # a key on a codebook boundary may round either way in the two float paths (one code of
+    # ~10^4 flips): compare the mean change, a thousandth of what quantization does
+    assert (eager - compiled).abs().mean() < 1e-3 * (eager - exact).abs().mean()
+    assert (eager - exact).abs().mean() > 0.1
+
+
+def test_swapped_attention_gets_the_sliding_window_mask():
+    """An attention function swapped in by the tool sees the masks "sdpa" sees: on a random
+    Gemma 3 with a sliding window of 4 over 12 tokens, passing sdpa through unchanged gives the
+    model's logits (without the mask function, sliding layers got no mask and attended to all
+    earlier tokens)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"],
+                              attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+        swapped = ev._AttentionSwap(model, "tq_eval_passthrough", sdpa_attention_forward)(ids)
+    torch.testing.assert_close(swapped, exact, rtol=0, atol=1e-6)
+
+
+def test_eager_levers_count_their_bits():
+    d, layers = 64, 4
+    edges = ev.Scheme("tq", 3, 2, edge_bits=1)
+    assert edges.eager and edges.name == "tq K3/V2 mse +center +edges1"
+    assert ev.bits_per_element(edges, d, 32, layers) == pytest.approx(
+        (3.5 + 16 / d, 2.5 + 16 / d))
+    assert ev.default_schemes([(4, 3)], levers=("edges",), baselines=False, windows=(0, 8),
+                              sinks=2)[1:] == [
+        ev.Scheme("tq", 4, 3), ev.Scheme("tq", 4, 3, edge_bits=1),
+        ev.Scheme("tq", 4, 3, window=8, sinks=2),
+        ev.Scheme("tq", 4, 3, window=8, sinks=2, edge_bits=1)]
+    with pytest.raises(ValueError, match="edge_bits"):
+        ev.Scheme("tq", 8, 4, edge_bits=1)
+    with pytest.raises(ValueError, match="window"):
+        ev.Scheme("kivi", 4, 4, window=8)
+
+
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="stride"):
         list(ev.windows(100, 10, 11))
@@ -166,7 +264,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="float16 range"):  # scale 1e5 / 15 fits, zero doesn't
         ev.fake_quantize(torch.tensor([[-1e5, 0.0]]), 4, -1)
     for argv in (["--bits", "4-4"], ["--text", "prose.txt"], ["--key-quantizer", "int"],
-                 ["--levers", "sinks"]):
+                 ["--levers", "sinks"], ["--fp-window", "a"]):
         with pytest.raises(SystemExit):
             ev.main(argv)
 

@@ -11,21 +11,27 @@ Schemes (K and V bits per coordinate given per scheme):
 * "tq": TurboQuant through `torch.compile(model, backend=tq_ops.backend(mode="simulate"))`:
   every attention call compresses its K and V, MSE or Prod keys; with the lever "center"
   (`center_keys=True`, the backend's default) each (batch, kv head)'s key mean is subtracted
-  first.
+  first; with "scale" (`scale_keys=True`) each key channel is divided by its spread and the
+  query multiplied by it. Levers the backend does not have yet are simulated here, eagerly,
+  with the same quantizers (site l's seeds) on the same centred / scaled keys: a window of
+  the W most recent and the S first ("sink") tokens that each query reads exact, and "edges"
+  (one more bit for K and V in the first and last layers).
 * "rtn": per-token asymmetric integer round-to-nearest, min/max over head_dim per token and
   head, fp16 scale and zero.
 * "kivi": KIVI-style: keys per channel over groups of `group` tokens, values per token, fp16
   scale and zero. A query sees the keys and values of its own, not yet full, group in full
   precision, as KIVI keeps the tokens of an incomplete group unquantized (its residual).
-RTN and KIVI fake-quantize K and V inside the model's attention (an `AttentionInterface`
-wrapper around transformers' "sdpa").
+RTN, KIVI and the eager tq rows fake-quantize K and V inside the model's attention (an
+`AttentionInterface` wrapper around transformers' "sdpa").
 
 Bits per element count what is stored per head, metadata included (d = head_dim, G = group):
 tq MSE b + 16/d (fp16 norm), tq Prod b + 32/d (norm and residual norm), RTN b + 32/d,
 KIVI keys b + 32/G and values b + 32/d (the fp16 residual of fewer than G tokens is not
-counted). Bytes per token sum K and V over all layers and KV heads. A key mean is stored
-once per sequence, not per token: `mean_bytes` reports it apart (fp32, D per layer and KV
-head), outside the bits per element.
+counted); "edges" rows average over layers. Bytes per token sum K and V over all layers and
+KV heads. A key mean is stored once per sequence, not per token, as are a key scale and the
+window and sink tokens: `sequence_bytes` reports them apart (fp32 means and scales, D per layer
+and KV head each; fp16 K and V of W + S tokens), and "bits @32k" counts everything over a
+32,768-token sequence.
 """
 
 import argparse
@@ -38,26 +44,34 @@ import torch
 
 from . import checks
 from .compile import backend
-from .quantizer import DEFAULT_CENTER_KEYS
+from .quantizer import DEFAULT_CENTER_KEYS, key_channel_scale, make_quantizers
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
-LEVERS = ("center",)
+LEVERS = ("center", "scale", "edges")
+CONTEXT = 32768  # the sequence length of the "bits @32k" column
 FP16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
 class Scheme:
     """One row of the table: method (one of METHODS), user bits per coordinate for K and V
-    (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod") and whether "tq"
+    (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod"), whether "tq"
     centres the keys (the lever "center"; None: the backend's default for "tq", off for the
-    other methods)."""
+    other methods) and scales their channels (the lever "scale"). Simulated in the eval tool
+    only (no backend option yet): `window` most recent and `sinks` first tokens read in full
+    precision by each query, and `edge_bits` more bits for K and V of the first and last
+    layers (the lever "edges": 1)."""
 
     method: str
     k_bits: int | None = None
     v_bits: int | None = None
     key_quantizer: str = "mse"
     center_keys: bool | None = None
+    scale_keys: bool = False
+    window: int = 0
+    sinks: int = 0
+    edge_bits: int = 0
 
     def __post_init__(self):
         if self.center_keys is None:
@@ -67,8 +81,18 @@ class Scheme:
         if self.method != "uncompressed":
             for name in ("k_bits", "v_bits"):
                 checks.int_range(name, getattr(self, name), 1, 8)
-        if self.center_keys and self.method != "tq":
-            raise ValueError(f"center_keys applies to method 'tq' only, got {self.method!r}")
+        for lever in ("center_keys", "scale_keys", "window", "sinks", "edge_bits"):
+            if getattr(self, lever) and self.method != "tq":
+                raise ValueError(f"{lever} applies to method 'tq' only, got {self.method!r}")
+        for name in ("window", "sinks"):
+            checks.int_range(name, getattr(self, name), 0)
+        if self.method == "tq":
+            checks.int_range("edge_bits", self.edge_bits, 0, 8 - max(self.k_bits, self.v_bits))
+
+    @property
+    def eager(self) -> bool:
+        """Whether the scheme needs levers the backend does not have (window, sinks, edges)."""
+        return bool(self.window or self.sinks or self.edge_bits)
 
     @property
     def name(self) -> str:
@@ -77,14 +101,19 @@ class Scheme:
         label = {"tq": "tq", "rtn": "per-token RTN", "kivi": "KIVI-style"}[self.method]
         suffix = f" {self.key_quantizer}" if self.method == "tq" else ""
         suffix += " +center" if self.center_keys else ""
+        suffix += " +scale" if self.scale_keys else ""
+        suffix += f" +window{self.window}" if self.window else ""
+        suffix += f" +sinks{self.sinks}" if self.sinks else ""
+        suffix += f" +edges{self.edge_bits}" if self.edge_bits else ""
         return f"{label} K{self.k_bits}/V{self.v_bits}{suffix}"
 
 
 def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers=(),
-                    baselines: bool = True) -> list[Scheme]:
+                    baselines: bool = True, windows=(0,), sinks: int = 0) -> list[Scheme]:
     """Uncompressed, then for each (k_bits, v_bits): tq with each key quantizer at the
-    backend's defaults (with each lever of `levers` both off and on instead), then RTN and
-    KIVI unless baselines=False."""
+    backend's defaults (with each lever of `levers` both off and on instead; one row per
+    full-precision window of `windows`, 0 = none, with `sinks` sink tokens where the window
+    is not 0), then RTN and KIVI unless baselines=False."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"levers must be among {LEVERS}, got {sorted(unknown)}")
@@ -92,22 +121,38 @@ def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers
     for k, v in bits:
         for kq in key_quantizers:
             centring = (False, True) if "center" in levers else (DEFAULT_CENTER_KEYS,)
-            schemes += [Scheme("tq", k, v, kq, center_keys=c) for c in centring]
+            scaling = (False, True) if "scale" in levers else (False,)
+            edges = (0, 1) if "edges" in levers else (0,)
+            schemes += [Scheme("tq", k, v, kq, center_keys=c, scale_keys=s, window=w,
+                               sinks=sinks if w else 0, edge_bits=e)
+                        for c in centring for s in scaling for w in windows for e in edges]
         schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)] if baselines else []
     return schemes
 
 
-def bits_per_element(scheme: Scheme, head_dim: int, group: int) -> tuple[float, float]:
-    """(key, value) stored bits per K/V element, metadata included."""
+def layer_bits(scheme: Scheme, layer: int, layers: int) -> tuple[int, int]:
+    """(k_bits, v_bits) of "tq" in `layer` of `layers`: edge_bits more in the first and last."""
+    extra = scheme.edge_bits if layer in (0, layers - 1) else 0
+    return scheme.k_bits + extra, scheme.v_bits + extra
+
+
+def bits_per_element(scheme: Scheme, head_dim: int, group: int,
+                     layers: int = 1) -> tuple[float, float]:
+    """(key, value) stored bits per compressed K/V element, metadata included (tq: the mean
+    over `layers` layers)."""
     d = head_dim
     if scheme.method == "uncompressed":
         return 16.0, 16.0
     if scheme.method == "tq":
-        if scheme.key_quantizer == "prod":  # (b-1)-bit codes, d QJL signs, two fp16 norms
-            key = 8 * (packed_bytes(d, scheme.k_bits - 1) + packed_bytes(d, 1)) + 32
-        else:
-            key = 8 * packed_bytes(d, scheme.k_bits) + 16
-        return key / d, (8 * packed_bytes(d, scheme.v_bits) + 16) / d
+        key = value = 0.0
+        for layer in range(layers):
+            k_bits, v_bits = layer_bits(scheme, layer, layers)
+            if scheme.key_quantizer == "prod":  # (b-1)-bit codes, d QJL signs, two fp16 norms
+                key += 8 * (packed_bytes(d, k_bits - 1) + packed_bytes(d, 1)) + 32
+            else:
+                key += 8 * packed_bytes(d, k_bits) + 16
+            value += 8 * packed_bytes(d, v_bits) + 16
+        return key / d / layers, value / d / layers
     value = scheme.v_bits + 32 / d  # per-token fp16 scale and zero
     key = scheme.k_bits + (32 / d if scheme.method == "rtn" else 32 / group)
     return key, value
@@ -177,26 +222,76 @@ def rtn_attention(bits: tuple[int, int]):
     return attend
 
 
-def kivi_attention(bits: tuple[int, int], group: int):
-    """An attention function (AttentionInterface signature) for KIVI-style K/V: quantized keys
-    and values are appended after the exact ones along the key axis, and the mask shows each
-    query the quantized copy of keys in full groups and the exact copy of the others."""
+def mixed_attention(module, query, key, value, key_read, value_read, read, attention_mask,
+                    **kwargs):
+    """transformers' "sdpa" where query i reads key and value j from `key_read` / `value_read`
+    (quantized copies, shaped as key / value) where read[i, j] ((q_len, k_len) bool) and exact
+    elsewhere: both copies are appended along the key axis and the mask shows each query one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    q_len, k_len = query.shape[2], key.shape[2]
+    visible = _visible(attention_mask, q_len, k_len, query.device)
+    choose = torch.cat([~read, read], dim=-1)
+    visible = torch.cat([visible, visible], dim=-1)
+    if visible.dtype == torch.bool:
+        mask = visible & choose
+    else:
+        mask = visible.masked_fill(~choose, float("-inf"))
+    kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, torch.cat([key, key_read], dim=2),
+                                  torch.cat([value, value_read], dim=2), mask, **kwargs)
+
+
+def kivi_attention(bits: tuple[int, int], group: int):
+    """An attention function (AttentionInterface signature) for KIVI-style K/V: each query
+    reads the quantized copy of keys in full groups and the exact copy of the others."""
+
     def attend(module, query, key, value, attention_mask, **kwargs):
-        q_len, k_len = query.shape[2], key.shape[2]
-        old = quantized_for_query(q_len, k_len, group, query.device)
-        visible = _visible(attention_mask, q_len, k_len, query.device)
-        choose = torch.cat([~old, old], dim=-1)
-        visible = torch.cat([visible, visible], dim=-1)
-        if visible.dtype == torch.bool:
-            mask = visible & choose
-        else:
-            mask = visible.masked_fill(~choose, float("-inf"))
-        key = torch.cat([key, kivi_keys(key, bits[0], group)], dim=2)
-        value = torch.cat([value, fake_quantize(value, bits[1], -1)], dim=2)
-        kwargs["is_causal"] = False
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+        old = quantized_for_query(query.shape[2], key.shape[2], group, query.device)
+        return mixed_attention(module, query, key, value, kivi_keys(key, bits[0], group),
+                               fake_quantize(value, bits[1], -1), old, attention_mask, **kwargs)
+
+    return attend
+
+
+def exact_for_query(q_len: int, k_len: int, window: int, sinks: int, device) -> torch.Tensor:
+    """(q_len, k_len) bool: True where query i (at position k_len - q_len + i) reads key j in
+    full precision: one of the first `sinks` tokens or of the `window` most recent (the query's
+    own token included)."""
+    position = torch.arange(q_len, device=device) + k_len - q_len
+    key = torch.arange(k_len, device=device)[None, :]
+    return (key < sinks) | (key > position[:, None] - window)
+
+
+def round_trip(quantizer, x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, D) compressed by a TurboQuantMSE / TurboQuantProd and decompressed, in x's
+    dtype."""
+    constants = quantizer.constants_for(x)
+    fields = torch.ops.tq.compress(x, *constants, quantizer.index_bits, quantizer.norm_dtype)
+    fields = fields if quantizer.qjl is not None else (*fields[:2], None, None)
+    return torch.ops.tq.decompress(*fields, *constants, quantizer.index_bits, x.dtype)
+
+
+def tq_attention(scheme: Scheme, layers: int):
+    """An attention function (AttentionInterface signature) for "tq" with the levers the
+    backend lacks (`Scheme.eager`). K and V of layer l go through the quantizers of the
+    backend's simulate site l (seed 2l, bits `layer_bits`), the keys centred and scaled as the
+    backend does; each query reads its window and sink tokens exact (`exact_for_query`)."""
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        k_bits, v_bits = layer_bits(scheme, module.layer_idx, layers)
+        kq, vq = make_quantizers(key.shape[-1], k_bits, v_bits, scheme.key_quantizer,
+                                 2 * module.layer_idx, v_head_dim=value.shape[-1])
+        if scheme.center_keys:
+            key = key - key.mean(-2, keepdim=True)
+        if scheme.scale_keys:
+            scale = key_channel_scale(key).to(key.dtype)
+            key = key / scale
+            query = query * scale.repeat_interleave(query.shape[1] // key.shape[1], 1)
+        exact = exact_for_query(query.shape[2], key.shape[2], scheme.window, scheme.sinks,
+                                query.device)
+        return mixed_attention(module, query, key, value, round_trip(kq, key),
+                               round_trip(vq, value), ~exact, attention_mask, **kwargs)
 
     return attend
 
@@ -204,11 +299,15 @@ def kivi_attention(bits: tuple[int, int], group: int):
 # ----------------------------------------------------------------------------- runners
 
 class _AttentionSwap:
-    """Runs the model with a registered attention function, then restores "sdpa"."""
+    """Runs the model with a registered attention function, then restores "sdpa". The
+    function gets the masks "sdpa" gets (a name without a mask function of its own gets None
+    for sliding-window layers, as flash kernels that window by themselves do)."""
 
     def __init__(self, model, name: str, function):
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
         AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
         self.model, self.name = model, name
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -226,7 +325,8 @@ class _Compiled:
     def __init__(self, model, scheme: Scheme, layers: int):
         self.compiler = backend(k_bits=scheme.k_bits, v_bits=scheme.v_bits,
                                 key_quantizer=scheme.key_quantizer, mode="simulate",
-                                center_keys=scheme.center_keys)
+                                center_keys=scheme.center_keys,
+                                scale_keys=scheme.scale_keys)
         self.compiled = torch.compile(model, backend=self.compiler, dynamic=False)
         self.scheme, self.layers = scheme, layers
 
@@ -240,6 +340,9 @@ class _Compiled:
 
 
 def _runner(model, scheme: Scheme, layers: int, group: int):
+    if scheme.method == "tq" and scheme.eager:
+        name = "".join(c if c.isalnum() else "_" for c in scheme.name)
+        return _AttentionSwap(model, f"tq_eval_{name}", tq_attention(scheme, layers))
     if scheme.method == "tq":
         return _Compiled(model, scheme, layers)
     bits = (scheme.k_bits, scheme.v_bits)
@@ -316,8 +419,11 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     model: a transformers causal LM using attn_implementation "sdpa", in eval mode.
     ids: (n,) token ids on the model's device. stride defaults to max_length // 2.
     Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer, center_keys,
-    k_bits_per_element, v_bits_per_element, bytes_per_token (K + V, all layers and KV heads),
-    mean_bytes (per sequence: the fp32 key means of "center", else 0), perplexity,
+    scale_keys, window, sinks, edge_bits, k_bits_per_element, v_bits_per_element (of compressed
+    tokens, mean over layers), bytes_per_token (K + V, all layers and KV heads),
+    sequence_bytes (per sequence: the fp32 key means of "center" and scales of "scale", the
+    fp16 K and V of window and sink tokens), bits_32k (bits per K/V element of a CONTEXT-token
+    sequence, all of these included), perplexity,
     delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
     (fraction), tokens (scored).
     """
@@ -349,15 +455,21 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     for scheme, tally in tallies.items():
         kl = torch.cat(tally.kl)
         count = kl.numel()
-        k_bpe, v_bpe = bits_per_element(scheme, head_dim, group)
+        k_bpe, v_bpe = bits_per_element(scheme, head_dim, group, layers)
+        elements = layers * kv_heads * head_dim  # of K (or of V) per token
+        exact = scheme.window + scheme.sinks  # tokens kept in fp16 (K and V)
+        sequence_bytes = elements * (4 * (scheme.center_keys + scheme.scale_keys) + 4 * exact)
         results.append({
             "scheme": scheme.name, "method": scheme.method, "k_bits": scheme.k_bits,
             "v_bits": scheme.v_bits,
             "key_quantizer": scheme.key_quantizer if scheme.method == "tq" else None,
-            "center_keys": scheme.center_keys,
+            "center_keys": scheme.center_keys, "scale_keys": scheme.scale_keys,
             "k_bits_per_element": k_bpe, "v_bits_per_element": v_bpe,
             "bytes_per_token": layers * kv_heads * head_dim * (k_bpe + v_bpe) / 8,
-            "mean_bytes": layers * kv_heads * head_dim * 4 if scheme.center_keys else 0,
+            "sequence_bytes": sequence_bytes,
+            "bits_32k": ((k_bpe + v_bpe) / 2 * (CONTEXT - exact) + 8 * sequence_bytes
+                         / (2 * elements)) / CONTEXT,
+            "window": scheme.window, "sinks": scheme.sinks, "edge_bits": scheme.edge_bits,
             "perplexity": math.exp(tally.nll / count), "kl_mean": float(kl.mean()),
             "kl_p90": float(torch.quantile(kl, 0.9)), "top1_agreement": tally.top1 / count,
             "tokens": count})
@@ -369,12 +481,13 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
 
 def table(results: list[dict]) -> str:
     """The results as one Markdown table."""
-    lines = ["| scheme | bits/element K / V | bytes/token | perplexity | Δ ppl | mean KL | "
-             "p90 KL | top-1 agree |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| scheme | bits/element K / V | bits @32k | bytes/token | perplexity | Δ ppl | "
+             "mean KL | p90 KL | top-1 agree |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         delta = "" if r["delta_ppl_pct"] is None else f"{r['delta_ppl_pct']:+.2f}%"
         lines.append(f"| {r['scheme']} | {r['k_bits_per_element']:.3g} / "
-                     f"{r['v_bits_per_element']:.3g} | {r['bytes_per_token']:,.0f} | "
+                     f"{r['v_bits_per_element']:.3g} | {r['bits_32k']:.3f} | "
+                     f"{r['bytes_per_token']:,.0f} | "
                      f"{r['perplexity']:.3f} | {delta} | {r['kl_mean']:.4f} | "
                      f"{r['kl_p90']:.4f} | {100 * r['top1_agreement']:.1f}% |")
     return "\n".join(lines)
@@ -475,7 +588,13 @@ def main(argv=None) -> int:
                         help="tq key quantizers, comma-separated: mse, prod or mse,prod")
     parser.add_argument("--levers", default="",
                         help="tq quality levers to show both off and on, comma-separated: "
-                        "center (default: one row per tq scheme, levers at their defaults)")
+                        "center, scale, edges (default: one row per tq scheme, levers at their "
+                        "defaults)")
+    parser.add_argument("--fp-window", type=_int_list, default=[0],
+                        help="tq rows with each of these full-precision windows of recent "
+                        "tokens, comma-separated (0: none; simulated eagerly)")
+    parser.add_argument("--sinks", type=int, default=0,
+                        help="first tokens kept in full precision in the --fp-window rows")
     parser.add_argument("--no-baselines", action="store_true",
                         help="leave out the per-token RTN and KIVI-style rows")
     parser.add_argument("--group", type=int, default=32, help="KIVI key group size (tokens)")
@@ -514,7 +633,8 @@ def main(argv=None) -> int:
     ids = ids[:args.tokens] if args.tokens else ids
     model = model.to(args.device, DTYPES[args.dtype])
     schemes = default_schemes(args.bits or [(4, 4), (4, 3), (3, 3)], key_quantizers, levers,
-                              baselines=not args.no_baselines)
+                              baselines=not args.no_baselines, windows=args.fp_window,
+                              sinks=args.sinks)
     results = evaluate(model, ids.to(args.device), schemes, args.max_length, args.stride,
                        args.group, progress=not args.no_progress)
     print(f"{name}: {results[0]['tokens']} tokens scored, windows of {args.max_length}, "

@@ -185,6 +185,18 @@ class TurboQuantProd(TurboQuantizer):
 KEY_QUANTIZERS = ("mse", "prod")
 DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
 DEFAULT_CENTER_KEYS = True  # subtract the keys' mean (exact for attention); measured: see README, "Quality evaluation"
+KEY_SCALE_FLOOR = 1 / 32  # a channel's key scale is at least this fraction of the largest one
+KEY_SCALE_POWER = 1.0
+
+
+def key_channel_scale(keys: Tensor) -> Tensor:
+    """Per-channel key scales (B, H, 1, D) float32 of keys (B, H, S, D): each channel's RMS
+    over S (of centred keys: its spread), raised to KEY_SCALE_POWER, at least KEY_SCALE_FLOOR
+    times the largest channel's (all ones where every channel is 0). Keys divided by it and
+    queries multiplied by it give the same logits."""
+    rms = keys.float().square().mean(-2, keepdim=True).sqrt()
+    floor = rms.amax(-1, keepdim=True) * KEY_SCALE_FLOOR
+    return torch.where(floor > 0, torch.maximum(rms, floor), 1.0) ** KEY_SCALE_POWER
 
 
 def check_key_quantizer(key_quantizer: str, qjl_dim: int | None = None) -> None:

@@ -29,6 +29,8 @@ cent_v stand for new buffers `_tq_const_<i>_k_rotation`, ... holding its quantiz
     out = sdpa(q, k, v, mask, scale)
 ->
     k0 = k - k.mean(-2, keepdim=True)                # with center_keys only; else k0 = k
+    s = key_channel_scale(k0)                        # with scale_keys only: (B, Hkv, 1, D)
+    k0, q = k0 / s, q * s.repeat_interleave(Hq // Hkv, 1)              # (else unchanged)
     kc = tq.compress(k0, rot_k, cent_k, qjl_k, k_index_bits, norm_dtype)
     vc = tq.compress(v, rot_v, cent_v, None, v_index_bits, norm_dtype)
     out = tq.attention(q, kc[0], kc[1], kc[2], kc[3], rot_k, cent_k, qjl_k, k_index_bits,
@@ -54,7 +56,7 @@ from ..codebook import MAX_DIM, MIN_DIM
 from ..ops import attention_args
 from ..packed import PackedKeys, PackedValues, named
 from ..quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
-                         make_quantizers)
+                         key_channel_scale, make_quantizers)
 from . import patterns
 from .patterns import Attention, Compressed, value_of
 
@@ -78,6 +80,9 @@ class TurboQuantConfig:
     (float16, bfloat16 or float32). center_keys: subtract each (batch, kv head)'s key mean over
     the sequence before compressing (attention is unchanged by it: softmax is invariant to the
     q.mean added to every logit of a row), so the quantizer codes only the spread of the keys.
+    scale_keys: divide each key channel by its scale over the sequence (`key_channel_scale`)
+    before compressing and multiply the query by it (q.k = (q s).(k / s)), so channels of
+    small spread keep resolution after the rotation.
     """
 
     k_bits: int = 4
@@ -88,6 +93,7 @@ class TurboQuantConfig:
     qjl_dim: int | None = None
     norm_dtype: torch.dtype = torch.float16
     center_keys: bool = DEFAULT_CENTER_KEYS
+    scale_keys: bool = False
 
     def __post_init__(self):
         check_key_quantizer(self.key_quantizer)
@@ -108,8 +114,9 @@ class TurboQuantConfig:
         if self.norm_dtype not in checks.NORM_DTYPES:
             raise TypeError(f"norm_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
                             f"got {self.norm_dtype!r}")
-        if not isinstance(self.center_keys, bool):
-            raise TypeError(f"center_keys must be a bool, got {self.center_keys!r}")
+        for name in ("center_keys", "scale_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.mode == "cache":
             ignored = [f.name for f in fields(self) if getattr(self, f.name) != f.default
                        and f.name != "mode"]
@@ -293,9 +300,15 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
     k_rot, k_cent = const("k_rotation", kq.rotation), const("k_centroids", kq.centroids)
     k_qjl = const("k_qjl", kq.qjl)
     v_rot, v_cent = const("v_rotation", vq.rotation), const("v_centroids", vq.centroids)
-    key = site.key
+    key, query = site.key, site.query
     if config.center_keys:  # (B, Hkv, S, D) minus its (B, Hkv, 1, D) mean over S
         key = build.call(torch.sub, key, build.call(torch.mean, key, -2, True))
+    if config.scale_keys:  # k / s and q * s, s (B, Hkv, 1, D) repeated over each GQA group
+        groups = value_of(site.query).shape[1] // value_of(site.key).shape[1]
+        scale = build.call(torch.Tensor.to, build.call(key_channel_scale, key),
+                           value_of(site.key).dtype)
+        key = build.call(torch.div, key, scale)
+        query = build.call(torch.mul, query, build.call(torch.repeat_interleave, scale, groups, 1))
     kc = build.call(torch.ops.tq.compress.default, key, k_rot, k_cent, k_qjl, kq.index_bits,
                     config.norm_dtype)
     vc = build.call(torch.ops.tq.compress.default, site.value, v_rot, v_cent, None,
@@ -306,7 +319,7 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
     values = PackedValues(*[build.call(operator.getitem, vc, i) for i in range(2)], v_rot, v_cent,
                           vq.index_bits)
     out = build.call(torch.ops.tq.attention.default, *attention_args(
-        site.query, keys, values, site.scale, site.is_causal, _mask(build, site)))
+        query, keys, values, site.scale, site.is_causal, _mask(build, site)))
     return _Replacement(out, build, "simulate", config.k_bits, config.v_bits,
                         config.key_quantizer)
 
@@ -473,7 +486,8 @@ class TurboQuantPass(CustomGraphPass):
 def backend(k_bits: int = 4, v_bits: int = 3, key_quantizer: str = DEFAULT_KEY_QUANTIZER,
             mode: str = "simulate", seed: int = 0, qjl_dim: int | None = None,
             norm_dtype: torch.dtype = torch.float16,
-            center_keys: bool = DEFAULT_CENTER_KEYS) -> TurboQuantBackend:
+            center_keys: bool = DEFAULT_CENTER_KEYS,
+            scale_keys: bool = False) -> TurboQuantBackend:
     """A "turboquant" backend with explicit settings: `torch.compile(m, backend=backend(...))`."""
     return TurboQuantBackend(TurboQuantConfig(k_bits, v_bits, key_quantizer, mode, seed, qjl_dim,
-                                              norm_dtype, center_keys))
+                                              norm_dtype, center_keys, scale_keys))
