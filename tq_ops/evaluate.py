@@ -35,6 +35,7 @@ and KV head each; fp16 K and V of W + S tokens), and "bits @32k" counts everythi
 """
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -44,7 +45,7 @@ import torch
 
 from . import checks
 from .compile import backend
-from .quantizer import DEFAULT_CENTER_KEYS, key_channel_scale, make_quantizers
+from .quantizer import DEFAULT_CENTER_KEYS, make_quantizers, scale_key_channels
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
@@ -266,10 +267,7 @@ def exact_for_query(q_len: int, k_len: int, window: int, sinks: int, device) -> 
 def round_trip(quantizer, x: torch.Tensor) -> torch.Tensor:
     """x (B, H, S, D) compressed by a TurboQuantMSE / TurboQuantProd and decompressed, in x's
     dtype."""
-    constants = quantizer.constants_for(x)
-    fields = torch.ops.tq.compress(x, *constants, quantizer.index_bits, quantizer.norm_dtype)
-    fields = fields if quantizer.qjl is not None else (*fields[:2], None, None)
-    return torch.ops.tq.decompress(*fields, *constants, quantizer.index_bits, x.dtype)
+    return quantizer.dequantize(*quantizer.quantize(x), dtype=x.dtype)
 
 
 def tq_attention(scheme: Scheme, layers: int):
@@ -278,16 +276,18 @@ def tq_attention(scheme: Scheme, layers: int):
     backend's simulate site l (seed 2l, bits `layer_bits`), the keys centred and scaled as the
     backend does; each query reads its window and sink tokens exact (`exact_for_query`)."""
 
+    @functools.lru_cache(maxsize=None)
+    def quantizers(layer: int, k_dim: int, v_dim: int):
+        k_bits, v_bits = layer_bits(scheme, layer, layers)
+        return make_quantizers(k_dim, k_bits, v_bits, scheme.key_quantizer, 2 * layer,
+                               v_head_dim=v_dim)
+
     def attend(module, query, key, value, attention_mask, **kwargs):
-        k_bits, v_bits = layer_bits(scheme, module.layer_idx, layers)
-        kq, vq = make_quantizers(key.shape[-1], k_bits, v_bits, scheme.key_quantizer,
-                                 2 * module.layer_idx, v_head_dim=value.shape[-1])
+        kq, vq = quantizers(module.layer_idx, key.shape[-1], value.shape[-1])
         if scheme.center_keys:
             key = key - key.mean(-2, keepdim=True)
         if scheme.scale_keys:
-            scale = key_channel_scale(key).to(key.dtype)
-            key = key / scale
-            query = query * scale.repeat_interleave(query.shape[1] // key.shape[1], 1)
+            query, key = scale_key_channels(query, key)
         exact = exact_for_query(query.shape[2], key.shape[2], scheme.window, scheme.sinks,
                                 query.device)
         return mixed_attention(module, query, key, value, round_trip(kq, key),

@@ -18,7 +18,8 @@ class PackedKeys(NamedTuple):
 
     indices: uint8 (B, H, S, packed_bytes(D, index_bits)); norms: (B, H, S, 1) in the norm
     dtype; signs: uint8 (B, H, S, packed_bytes(M, 1)) and residual_norms (B, H, S, 1), Prod only
-    (else None); rotation: float32 (D, D); centroids: float32 (2**index_bits,); qjl: float32
+    (else None); rotation: float32 (D, D); centroids: float32 (2**index_bits,), or the upper
+    half (2**(index_bits-1),) of a symmetric codebook (`codebook.half_table`); qjl: float32
     (M, D), Prod only (else None); index_bits: bits per stored code.
     """
 
@@ -36,8 +37,8 @@ class PackedValues(NamedTuple):
     """Compressed values (MSE: no QJL fields) and the constants that decode them.
 
     indices: uint8 (B, H, S, packed_bytes(D, index_bits)); norms: (B, H, S, 1) in the norm
-    dtype; rotation: float32 (D, D); centroids: float32 (2**index_bits,); index_bits: bits per
-    stored code.
+    dtype; rotation: float32 (D, D); centroids: float32, as in `PackedKeys`; index_bits: bits
+    per stored code.
     """
 
     indices: Tensor

@@ -186,17 +186,23 @@ KEY_QUANTIZERS = ("mse", "prod")
 DEFAULT_KEY_QUANTIZER = "mse"  # measured: see README, "Key quantizer choice"
 DEFAULT_CENTER_KEYS = True  # subtract the keys' mean (exact for attention); measured: see README, "Quality evaluation"
 KEY_SCALE_FLOOR = 1 / 32  # a channel's key scale is at least this fraction of the largest one
-KEY_SCALE_POWER = 1.0
 
 
 def key_channel_scale(keys: Tensor) -> Tensor:
     """Per-channel key scales (B, H, 1, D) float32 of keys (B, H, S, D): each channel's RMS
-    over S (of centred keys: its spread), raised to KEY_SCALE_POWER, at least KEY_SCALE_FLOOR
-    times the largest channel's (all ones where every channel is 0). Keys divided by it and
-    queries multiplied by it give the same logits."""
+    over S (of centred keys: its spread), at least KEY_SCALE_FLOOR times the largest
+    channel's (all ones where every channel is 0)."""
     rms = keys.float().square().mean(-2, keepdim=True).sqrt()
     floor = rms.amax(-1, keepdim=True) * KEY_SCALE_FLOOR
-    return torch.where(floor > 0, torch.maximum(rms, floor), 1.0) ** KEY_SCALE_POWER
+    return torch.where(floor > 0, torch.maximum(rms, floor), 1.0)
+
+
+def scale_key_channels(query: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(query * s, keys / s) with s = `key_channel_scale(keys)` in the keys' dtype, repeated over
+    each GQA group of query (B, Hq, L, D): the same logits, keys with channels of equal spread
+    (the lever `scale_keys`)."""
+    scale = key_channel_scale(keys).to(keys.dtype)
+    return query * scale.repeat_interleave(query.shape[1] // keys.shape[1], 1), keys / scale
 
 
 def check_key_quantizer(key_quantizer: str, qjl_dim: int | None = None) -> None:

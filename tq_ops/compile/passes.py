@@ -29,8 +29,7 @@ cent_v stand for new buffers `_tq_const_<i>_k_rotation`, ... holding its quantiz
     out = sdpa(q, k, v, mask, scale)
 ->
     k0 = k - k.mean(-2, keepdim=True)                # with center_keys only; else k0 = k
-    s = key_channel_scale(k0)                        # with scale_keys only: (B, Hkv, 1, D)
-    k0, q = k0 / s, q * s.repeat_interleave(Hq // Hkv, 1)              # (else unchanged)
+    q, k0 = scale_key_channels(q, k0)     # with scale_keys only: q * s, k0 / s, s (B, Hkv, 1, D)
     kc = tq.compress(k0, rot_k, cent_k, qjl_k, k_index_bits, norm_dtype)
     vc = tq.compress(v, rot_v, cent_v, None, v_index_bits, norm_dtype)
     out = tq.attention(q, kc[0], kc[1], kc[2], kc[3], rot_k, cent_k, qjl_k, k_index_bits,
@@ -56,7 +55,7 @@ from ..codebook import MAX_DIM, MIN_DIM
 from ..ops import attention_args
 from ..packed import PackedKeys, PackedValues, named
 from ..quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
-                         key_channel_scale, make_quantizers)
+                         make_quantizers, scale_key_channels)
 from . import patterns
 from .patterns import Attention, Compressed, value_of
 
@@ -303,12 +302,9 @@ def _simulate(gm: GraphModule, site: Attention, config: TurboQuantConfig,
     key, query = site.key, site.query
     if config.center_keys:  # (B, Hkv, S, D) minus its (B, Hkv, 1, D) mean over S
         key = build.call(torch.sub, key, build.call(torch.mean, key, -2, True))
-    if config.scale_keys:  # k / s and q * s, s (B, Hkv, 1, D) repeated over each GQA group
-        groups = value_of(site.query).shape[1] // value_of(site.key).shape[1]
-        scale = build.call(torch.Tensor.to, build.call(key_channel_scale, key),
-                           value_of(site.key).dtype)
-        key = build.call(torch.div, key, scale)
-        query = build.call(torch.mul, query, build.call(torch.repeat_interleave, scale, groups, 1))
+    if config.scale_keys:  # q * s and k / s, s (B, Hkv, 1, D) repeated over each GQA group
+        scaled = build.call(scale_key_channels, query, key)
+        query, key = (build.call(operator.getitem, scaled, i) for i in (0, 1))
     kc = build.call(torch.ops.tq.compress.default, key, k_rot, k_cent, k_qjl, kq.index_bits,
                     config.norm_dtype)
     vc = build.call(torch.ops.tq.compress.default, site.value, v_rot, v_cent, None,
