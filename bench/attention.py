@@ -23,7 +23,7 @@ import torch
 
 import harness
 from tq_ops.ops import attention_args
-from tq_ops.packed import PackedKeys, PackedValues
+from tq_ops.packed import ExactTokens, PackedKeys, PackedValues
 from tq_ops.packing import packed_bytes
 from tq_ops.quantizer import make_quantizers
 
@@ -34,6 +34,8 @@ DEVICE = torch.device("cuda")  # cpu with --dry-run
 CONFIGS = [("K4/V4 mse", "mse", 4, 4), ("K4/V3 mse", "mse", 4, 3), ("K3/V3 mse", "mse", 3, 3),
            ("K4/V4 prod", "prod", 4, 4), ("K3/V3 prod", "prod", 3, 3)]
 QUICK_CONFIGS = CONFIGS[:4]
+SINKS, WINDOW = 4, 128  # rows "+sinks +window": these exact tokens (`ExactTokens`) as well
+WINDOWED = ("K4/V3 mse",)  # configs that get such a row
 QUICK_SHAPES = [(1, 32768), (1, 131072), (8, 32768), (32, 32768), (32, 131072)]
 FULL_SHAPES = [(b, n) for b in (1, 8, 32) for n in (8192, 32768, 131072)]
 
@@ -74,14 +76,26 @@ def cache(batch: int, length: int, key_quantizer: str, k_bits: int, v_bits: int)
     return k, v, nbytes
 
 
-def tq_call(query, k, v, is_causal, kv_lens, tune=None, mask=None):
+def tq_call(query, k, v, is_causal, kv_lens, tune=None, mask=None, exact=None):
     """A no-argument call of the public op (or of the fused kernel with `tune` overrides)."""
-    packed = (query, k, v, DIM ** -0.5, is_causal, mask, kv_lens)
+    packed = (query, k, v, DIM ** -0.5, is_causal, mask, kv_lens, exact)
     if tune is not None:
         fused = fused_kernel()
         return lambda: fused(*packed, tune=tune)
     args = attention_args(*packed)
     return lambda: torch.ops.tq.attention(*args)
+
+
+def exact_tokens(batch: int, length: int) -> tuple[ExactTokens, int]:
+    """Random fp16 SINKS + WINDOW exact tokens whose window ends at `length` -> (tokens,
+    bytes)."""
+    def slots():
+        return torch.randn(batch, KV_HEADS, SINKS + WINDOW, DIM, device=DEVICE,
+                           dtype=torch.float16)
+
+    start = torch.full((batch,), max(length - WINDOW, 0), device=DEVICE, dtype=torch.int32)
+    exact = ExactTokens(slots(), slots(), start, SINKS)
+    return exact, 2 * exact.keys.numel() * exact.keys.element_size()
 
 
 def timed(fn) -> float:
@@ -122,6 +136,11 @@ def decode_table(bw, shapes, configs, rows_out):
             k, v, nbytes = cache(batch, length, key_quantizer, k_bits, v_bits)
             measured.append((f"tq {name}", timed(tq_call(query, k, v, False, lens)),
                              nbytes))
+            if name in WINDOWED:
+                exact, exact_bytes = exact_tokens(batch, length)
+                measured.append((f"tq {name} +sinks{SINKS} +window{WINDOW}",
+                                 timed(tq_call(query, k, v, False, lens, exact=exact)),
+                                 nbytes + exact_bytes))
             del k, v
         for name, ms, nbytes in measured:
             tbs = nbytes / ms / 1e9

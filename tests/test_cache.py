@@ -191,7 +191,9 @@ def test_decode_graph_reads_the_packed_cache(key_quantizer, attention):
         def eager_rewrite(gm, example_inputs):
             sites.extend(rewrite_attention(gm))
             targets.extend(str(n.target) for n in gm.graph.nodes)
-            lens.extend(n.args[-1] for n in gm.graph.nodes if "tq.attention" in str(n.target))
+            names = [a.name for a in torch.ops.tq.attention.default._schema.arguments]
+            lens.extend(dict(zip(names, n.args))["kv_lens"] for n in gm.graph.nodes
+                        if "tq.attention" in str(n.target))
             return gm.forward
 
         fused = torch.compile(model, backend=eager_rewrite, fullgraph=True)(

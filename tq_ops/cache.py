@@ -12,6 +12,12 @@ else at the first `update`, which takes B and the device from the key states:
   the first update (the prefill), taken when the cache is empty; every update stores
   k - k_mean, and `tq::read_cache` returns the centred keys, which attention reads exactly
   as the keys themselves (softmax is invariant to the q.k_mean added to every logit of a row);
+* with `sinks` S or `window` W: `k_exact`, `v_exact` (B, Hkv, S + W, D) in the states' dtype,
+  the exact (centred) vectors of the first S positions and, in a ring, of the last W
+  (`ExactTokens`), and `exact_from` (0-d int64: after a `crop`, the ring lacks the positions
+  below it). Every token is compressed as well; attention reads positions j < S and
+  j >= max(written - W, exact_from) exact, the same set for every query of a step (in a
+  multi-token update, the window as of its end);
 * `cumulative_length` (0-d int64, tokens written) and `errors` (0-d int64, refused compiled
   updates: `CAPACITY | KEY_NORMS | VALUE_NORMS` bits, cleared by `reset`).
 
@@ -34,12 +40,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import checks
 from .norms import vector_norms
-from .packed import PackedKeys, PackedValues
+from .packed import ExactTokens, PackedKeys, PackedValues
 from .packing import packed_bytes
 from .quantizer import (DEFAULT_CENTER_KEYS, DEFAULT_KEY_QUANTIZER, check_key_quantizer,
                         make_quantizers)
 
 _BUFFERS = ("k_indices", "k_norms", "k_signs", "k_residual_norms", "v_indices", "v_norms")
+_EXACT = ("k_exact", "v_exact")  # slots of `ExactTokens`, not positions
 _PER_SEQUENCE = ("k_mean",)  # one row per (batch, kv head), not per slot
 CAPACITY, KEY_NORMS, VALUE_NORMS = 1, 2, 4  # bits of a layer's `errors`
 
@@ -53,13 +60,16 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int, num_heads: int, head_dim: int, k_bits: int,
                  v_bits: int, key_quantizer: str, seed: int, qjl_dim: int | None,
-                 norm_dtype: torch.dtype, center_keys: bool = False):
+                 norm_dtype: torch.dtype, center_keys: bool = False, window: int = 0,
+                 sinks: int = 0):
         super().__init__()
         self.k_quantizer, self.v_quantizer = make_quantizers(head_dim, k_bits, v_bits,
                                                              key_quantizer, seed, qjl_dim,
                                                              norm_dtype)
         self.max_cache_len, self.num_heads, self.head_dim = max_cache_len, num_heads, head_dim
         self.norm_dtype, self.center_keys = norm_dtype, center_keys
+        self.window, self.sinks = window, sinks
+        self.k_exact = self.v_exact = None
         self.k_index_bits = self.k_quantizer.index_bits  # the ops' (Prod keys: k_bits - 1)
         self.v_index_bits = self.v_quantizer.index_bits
         self.cumulative_length = torch.zeros((), dtype=torch.long)
@@ -90,21 +100,37 @@ class TurboQuantLayer(CacheLayerMixin):
         self.v_norms = zeros(1, self.norm_dtype)
         self.k_mean = (torch.zeros(batch, self.num_heads, 1, self.head_dim, device=device)
                        if self.center_keys else None)
+        exact = (batch, self.num_heads, self.sinks + self.window, self.head_dim)
+        has_exact = self.sinks + self.window > 0
+        self.k_exact, self.v_exact = (
+            (torch.zeros(exact, dtype=key_states.dtype, device=device) for _ in range(2))
+            if has_exact else (None, None))
+        self.exact_from = torch.zeros((), dtype=torch.long, device=device)
         self.cumulative_length = self.cumulative_length.to(device)
         self.errors = torch.zeros((), dtype=torch.long, device=device)
         self.batch_size, self.device, self.is_initialized = batch, device, True
         if not torch.compiler.is_compiling():  # a graph cannot mark; its outputs stay unmarked
             for tensor in self.tensors() + self.constants() + [self.cumulative_length,
-                                                               self.errors]:
+                                                               self.errors, self.exact_from]:
                 torch._dynamo.mark_static_address(tensor)
 
-    def tensors(self, per_sequence: bool = True) -> list[Tensor]:
-        """The packed K/V state buffers (what the cache's memory is), with the per-sequence
-        `k_mean` unless per_sequence=False; [] before allocation."""
+    def tensors(self, per_slot_only: bool = False) -> list[Tensor]:
+        """The K/V state buffers (what the cache's memory is): packed, exact and per-sequence,
+        or only those indexed by position (per_slot_only: the packed ones); [] before
+        allocation."""
         if not self.is_initialized:
             return []
-        names = _BUFFERS + (_PER_SEQUENCE if per_sequence else ())
+        names = _BUFFERS + (() if per_slot_only else _EXACT + _PER_SEQUENCE)
         return [t for t in (getattr(self, name) for name in names) if t is not None]
+
+    @property
+    def exact_tokens(self) -> ExactTokens | None:
+        """The sink and window buffers as `tq::read_cache` reads them (start 0-d), or None
+        without sinks or window."""
+        if self.k_exact is None:
+            return None
+        start = torch.maximum(self.cumulative_length - self.window, self.exact_from)
+        return ExactTokens(self.k_exact, self.v_exact, start, self.sinks)
 
     @property
     def packed_keys(self) -> PackedKeys:
@@ -139,6 +165,10 @@ class TurboQuantLayer(CacheLayerMixin):
         checks.same_device(key_states, value_states=value_states)
         if not self.is_initialized:
             return
+        if self.k_exact is not None and key_states.dtype != self.k_exact.dtype:
+            raise ValueError(f"TurboQuantCache keeps its sink and window tokens in "
+                             f"{self.k_exact.dtype}, got key_states in {key_states.dtype}; "
+                             "build it with dtype= the model's dtype")
         if key_states.device != self.device:
             raise ValueError(f"TurboQuantCache was allocated on {self.device}, got key_states "
                              f"on {key_states.device}; build a new cache for another device")
@@ -205,6 +235,8 @@ class TurboQuantLayer(CacheLayerMixin):
         torch.ops.tq.compress_into(value_states, self.v_rotation, self.v_centroids, None,
                                    self.v_index_bits, positions, self.v_indices, self.v_norms,
                                    None, None, self.v_plan)
+        if self.k_exact is not None and length:
+            self._write_exact(key_states, value_states, start, fits)
         self.cumulative_length.add_(torch.where(fits, length, 0))
         if not checks.can_sync(self.cumulative_length):  # compiled: record what eager refuses
             last = positions.clamp(max=self.max_cache_len - 1)
@@ -214,7 +246,24 @@ class TurboQuantLayer(CacheLayerMixin):
                                     + (fits & ~stored[0]).long() * KEY_NORMS
                                     + (fits & ~stored[1]).long() * VALUE_NORMS)
         return torch.ops.tq.read_cache(*self.packed_keys, *self.packed_values,
-                                       self.cumulative_length, key_states.dtype)
+                                       self.cumulative_length, key_states.dtype,
+                                       *(self.exact_tokens or ()))
+
+    def _write_exact(self, key_states: Tensor, value_states: Tensor, start: Tensor,
+                     fits: Tensor) -> None:
+        """Store the exact states of positions [start, start + L) that land in a sink slot or
+        stay in the ring (the last W); no host sync, one write of each whole buffer."""
+        length, ring = key_states.shape[2], self.window
+        end = start + length
+        slot = torch.arange(self.sinks + ring, device=self.device)
+        back = end - 1 - slot  # ring slot: how far its latest position lies behind end - 1
+        position = torch.where(slot < self.sinks, slot,
+                               end - 1 - torch.remainder(back, max(ring, 1)))
+        take = fits & (position >= start) & (position < end) & ((slot < self.sinks) | (back >= 0))
+        index = (position - start).clamp(0, length - 1)
+        for buffer, states in ((self.k_exact, key_states), (self.v_exact, value_states)):
+            fresh = states.index_select(2, index)
+            buffer.copy_(torch.where(take[:, None], fresh, buffer))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the attention mask: every slot, from 0."""
@@ -235,6 +284,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.cumulative_length.zero_()
         if self.is_initialized:
             self.errors.zero_()
+            self.exact_from.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last -tokens_to_remove tokens (a negative int, as transformers'
@@ -246,8 +296,10 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         kept = written + tokens_to_remove
         dropped = torch.arange(kept, written, device=self.device)
-        for tensor in self.tensors(per_sequence=False):
+        for tensor in self.tensors(per_slot_only=True):
             tensor.index_fill_(2, dropped, 0)
+        if self.k_exact is not None:  # the ring no longer holds [kept - W, written - W)
+            self.exact_from.clamp_(min=written - self.window)
         self.cumulative_length.fill_(kept)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -274,15 +326,24 @@ class TurboQuantCache(Cache):
     constants; per_layer_seeds=True gives layer l seeds seed + 2l and seed + 2l + 1.
     center_keys: store keys minus their per-(batch, kv head) mean over the first update
     (attention over them is exact; `k_mean` costs D fp32 per layer, batch row and kv head).
+    sinks / window: attention reads the first `sinks` and the last `window` tokens exact, from
+    copies kept in the states' dtype ((sinks + window) * D * 2 values per layer, batch row and
+    kv head; the module docstring says which positions). dtype: that dtype when the buffers
+    are allocated up front (default: the config's dtype, else float16).
     """
 
     def __init__(self, config, max_cache_len: int, k_bits: int = 4, v_bits: int = 3,
                  key_quantizer: str = DEFAULT_KEY_QUANTIZER, max_batch_size: int | None = None,
                  device: torch.device | str | None = None, seed: int = 0,
                  qjl_dim: int | None = None, norm_dtype: torch.dtype = torch.float16,
-                 per_layer_seeds: bool = False, center_keys: bool = DEFAULT_CENTER_KEYS):
+                 per_layer_seeds: bool = False, center_keys: bool = DEFAULT_CENTER_KEYS,
+                 sinks: int = 0, window: int = 0, dtype: torch.dtype | None = None):
         if not isinstance(center_keys, bool):
             raise TypeError(f"center_keys must be a bool, got {center_keys!r}")
+        checks.int_range("sinks", sinks, 0)
+        checks.int_range("window", window, 0)
+        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
         check_key_quantizer(key_quantizer, qjl_dim)
         checks.int_range("max_cache_len", max_cache_len, 1)
         if max_batch_size is not None:
@@ -294,11 +355,13 @@ class TurboQuantCache(Cache):
         stride = 2 if per_layer_seeds else 0
         layers = [TurboQuantLayer(max_cache_len, kv_heads, head_dim, k_bits, v_bits,
                                   key_quantizer, seed + stride * layer, qjl_dim, norm_dtype,
-                                  center_keys)
+                                  center_keys, window, sinks)
                   for layer in range(text.num_hidden_layers)]
         super().__init__(layers=layers)
         if max_batch_size is not None or device is not None:
+            dtype = dtype or getattr(text, "dtype", None)
             empty = torch.empty(max_batch_size or 1, kv_heads, 0, head_dim,
+                                dtype=dtype if dtype in checks.FLOAT_DTYPES else torch.float16,
                                 device=torch.device("cpu" if device is None else device))
             for layer in self.layers:
                 layer.lazy_initialization(empty, empty)

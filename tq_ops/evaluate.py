@@ -59,10 +59,11 @@ class Scheme:
     """One row of the table: method (one of METHODS), user bits per coordinate for K and V
     (None for "uncompressed"), the key quantizer of "tq" ("mse" or "prod"), whether "tq"
     centres the keys (the lever "center"; None: the backend's default for "tq", off for the
-    other methods) and scales their channels (the lever "scale"). Simulated in the eval tool
-    only (no backend option yet): `window` most recent and `sinks` first tokens read in full
-    precision by each query, and `edge_bits` more bits for K and V of the first and last
-    layers (the lever "edges": 1)."""
+    other methods) and scales their channels (the lever "scale"). Simulated eagerly in the
+    eval tool: `window` most recent and `sinks` first tokens read in full precision by each
+    query (what `TurboQuantCache(window=, sinks=)` gives one-token decode steps; the backend's
+    simulate mode has no such option), and `edge_bits` more bits for K and V of the first and
+    last layers (the lever "edges": 1; no backend or cache option)."""
 
     method: str
     k_bits: int | None = None

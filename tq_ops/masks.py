@@ -1,7 +1,8 @@
-"""Which keys each query sees under `kv_lens` and causal masking (ARCHITECTURE.md, Math).
+"""Which keys each query sees under `kv_lens` and causal masking (ARCHITECTURE.md, Math), and
+which it reads in full precision (`ExactTokens`).
 
-One definition for the reference and the kernels' torch-level steps, so both hide the same
-keys.
+One definition for the reference and the kernels' torch-level steps, so both hide (and read
+exact) the same keys.
 """
 
 import torch
@@ -30,3 +31,28 @@ def visible(batch: int, q_len: int, kv_len: int, is_causal: bool, kv_lens: Tenso
     """Bool (B, 1, Lq, Lk): key j visible to query i (kv_lens and bottom-right causal)."""
     rows = lengths(batch, kv_len, kv_lens, device)
     return visible_keys(rows, q_len, torch.arange(kv_len, device=device), is_causal).unsqueeze(1)
+
+
+def exact_keys(lengths: Tensor, start: Tensor, sinks: int, keys: Tensor) -> Tensor:
+    """Bool (B, K): key position keys[j] of batch row b read in full precision (`ExactTokens`):
+    below `sinks`, or in [start[b], lengths[b])."""
+    keys = keys[None, :]
+    return (keys < sinks) | ((keys >= start[:, None]) & (keys < lengths[:, None]))
+
+
+def exact_slots(keys: Tensor, sinks: int, ring: int) -> Tensor:
+    """Slot of each key position in an `ExactTokens` buffer: j below `sinks`, else
+    sinks + (j - sinks) % ring (any slot for a position that is not exact)."""
+    if ring == 0:
+        return keys.clamp(max=max(sinks - 1, 0))
+    return torch.where(keys < sinks, keys, sinks + torch.remainder(keys - sinks, ring))
+
+
+def overlay_exact(decoded: Tensor, buffer: Tensor, lengths: Tensor, start: Tensor, sinks: int,
+                  keys: Tensor) -> Tensor:
+    """decoded (B, H, K, D) of key positions `keys` (K,) with the exact ones replaced by their
+    `ExactTokens` slots of buffer (B, H, sinks + ring, D), in decoded's dtype."""
+    ring = buffer.shape[2] - sinks
+    exact = exact_keys(lengths, start, sinks, keys)[:, None, :, None]
+    slots = exact_slots(keys, sinks, ring)
+    return torch.where(exact, buffer.index_select(2, slots).to(decoded.dtype), decoded)

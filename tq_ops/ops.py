@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
-from . import checks, reference
+from . import checks, masks, reference
 from .norms import vector_norms
 from .kernels.common import supports
-from .packed import PackedKeys, PackedValues, named
+from .packed import ExactTokens, PackedKeys, PackedValues, named
 from .packing import packed_bytes
 
 
@@ -56,13 +56,18 @@ _reference_op("compress_into", reference.compress_into,
 
 def _grouped(arguments: dict) -> dict:
     """A reader's arguments by name with the packed fields grouped: `keys` (names `k_*`, or
-    unprefixed) and `values` (`v_*`), the signature of the `reference` readers."""
+    unprefixed), `values` (`v_*`) and `exact` (`exact_*`, None when `exact_keys` is None), the
+    signature of the `reference` readers."""
     prefix = "k_" if "k_indices" in arguments else ""
     packed = {"keys": named(PackedKeys, arguments, prefix)}
     names = {prefix + field for field in PackedKeys._fields}
     if "v_indices" in arguments:
         packed["values"] = named(PackedValues, arguments, "v_")
         names |= {"v_" + field for field in PackedValues._fields}
+    if "exact_keys" in arguments:
+        exact = named(ExactTokens, arguments, "exact_")
+        packed["exact"] = None if exact.keys is None else exact
+        names |= {"exact_" + field for field in ExactTokens._fields}
     return dict(packed, **{k: v for k, v in arguments.items() if k not in names})
 
 
@@ -71,9 +76,11 @@ def _reader_twin(name: str, body, fake) -> None:
     flat schema; `body` (a `reference` function) and `fake` take the arguments `_grouped`."""
     schema = getattr(torch.ops.tq, name).default._schema
     names = [argument.name for argument in schema.arguments]
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
 
     def grouped(fn):
-        return lambda *args, **kwargs: fn(**_grouped(dict(zip(names, args), **kwargs)))
+        return lambda *args, **kwargs: fn(**_grouped(dict(defaults, **dict(zip(names, args)),
+                                                          **kwargs)))
 
     flat = str(schema)
     op = custom_op(f"tq::{name}_reference", grouped(body), mutates_args=(),
@@ -229,13 +236,17 @@ def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
                k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
                k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
                v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, written: Tensor,
-               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+               dtype: torch.dtype, exact_keys: Tensor | None = None,
+               exact_values: Tensor | None = None, exact_start: Tensor | None = None,
+               exact_sinks: int = 0) -> tuple[Tensor, Tensor]:
     """One layer of a packed cache, read: keys and values (B, H, S_max, D) in `dtype`.
 
     `written` (0-d int32/int64) is how many slots, from 0, the cache has filled; the slots past
-    it hold zeros. This op is the cache's contract with the compile pass: an attention over
-    its two outputs becomes one `tq::attention` on the packed fields that stops at `written`
-    (kv_lens) wherever a mask hides the unwritten slots.
+    it hold zeros. With `ExactTokens` (exact_start 0-d here, like `written`) the positions it
+    names hold their exact vectors instead of the decompressed ones. This op is the cache's
+    contract with the compile pass: an attention over its two outputs becomes one
+    `tq::attention` on the packed fields (and exact tokens) that stops at `written` (kv_lens)
+    wherever a mask hides the unwritten slots.
     """
     keys = PackedKeys(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                       k_qjl, k_index_bits)
@@ -244,7 +255,16 @@ def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
     checks.tensor("written", written, ndim=0, dtypes=(torch.int32, torch.int64))
     checks.same_device(k_indices, v_indices=v_indices, written=written)
     _check_dtype(dtype)
-    return _decompress(keys, dtype), _decompress(values.as_keys(), dtype)
+    batch = k_indices.shape[0]
+    exact = ExactTokens(exact_keys, exact_values,
+                        None if exact_start is None else exact_start.expand(batch), exact_sinks)
+    if exact_start is not None:
+        checks.tensor("exact_start", exact_start, ndim=0, dtypes=(torch.int32, torch.int64))
+    _check_exact(exact, keys, values, written.expand(batch))
+    k_hat, v_hat = _decompress(keys, dtype), _decompress(values.as_keys(), dtype)
+    if exact_keys is None:
+        return k_hat, v_hat
+    return _overlay(k_hat, v_hat, exact, written)
 
 
 def _check_query(query: Tensor, indices: Tensor, dim) -> None:
@@ -295,42 +315,97 @@ def _check_mask(attn_mask: Tensor | None, kv_lens: Tensor | None, full: tuple) -
                              f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
 
 
+def _check_exact(exact: ExactTokens, keys: PackedKeys, values: PackedValues,
+                 kv_lens: Tensor | None) -> None:
+    """`ExactTokens` beside keys and values: all three tensors or none (then sinks 0), shapes
+    (B, Hkv, sinks + ring, D), start (B,), kv_lens given (exact positions follow it); eagerly,
+    kv_lens[b] - start[b] <= ring (a host sync)."""
+    given = [t is not None for t in exact[:3]]
+    if not any(given):
+        checks.int_range("exact_sinks (without exact tensors)", exact.sinks, 0, 0)
+        return
+    if not all(given):
+        raise ValueError("exact_keys, exact_values and exact_start go together: pass all three "
+                         "or none")
+    if kv_lens is None:
+        raise ValueError("exact_keys need kv_lens: exact positions are counted from each row's "
+                         "length")
+    checks.tensor("exact_keys", exact.keys, ndim=4, dtypes=checks.FLOAT_DTYPES)
+    checks.tensor("exact_values", exact.values, ndim=4, dtypes=(exact.keys.dtype,))
+    checks.tensor("exact_start", exact.start, ndim=1, dtypes=(torch.int32, torch.int64))
+    lead = tuple(keys.indices.shape[:2])
+    slots = exact.keys.shape[2]
+    checks.int_range(f"exact_sinks (at most the {slots} exact slots)", exact.sinks, 0, slots)
+    checks.shape("exact_keys", exact.keys, lead + (slots, keys.rotation.shape[0]))
+    checks.shape("exact_values", exact.values, lead + (slots, values.rotation.shape[0]))
+    checks.shape("exact_start", exact.start, lead[:1])
+    checks.same_device(keys.indices, exact_keys=exact.keys, exact_values=exact.values,
+                       exact_start=exact.start)
+    ring = slots - exact.sinks
+    if lead[0] and checks.can_sync(exact.start) and bool((kv_lens - exact.start > ring).any()):
+        raise ValueError(f"exact_start must be at least kv_lens - {ring} (the ring's slots), got "
+                         f"kv_lens - exact_start up to {int((kv_lens - exact.start).max())}")
+
+
 @triton_op("tq::attention", mutates_args=())
 def attention(query: Tensor, k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
               k_residual_norms: Tensor | None, k_rotation: Tensor, k_centroids: Tensor,
               k_qjl: Tensor | None, k_index_bits: int, v_indices: Tensor, v_norms: Tensor,
               v_rotation: Tensor, v_centroids: Tensor, v_index_bits: int, scale: float,
-              is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
-    """softmax(scale * q.k_hat + mask) @ v_hat -> (B, Hq, Lq, Dv) in the query dtype."""
+              is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None,
+              exact_keys: Tensor | None = None, exact_values: Tensor | None = None,
+              exact_start: Tensor | None = None, exact_sinks: int = 0) -> Tensor:
+    """softmax(scale * q.k_hat + mask) @ v_hat -> (B, Hq, Lq, Dv) in the query dtype; the
+    positions `ExactTokens(exact_keys, exact_values, exact_start, exact_sinks)` names read their
+    exact k and v instead."""
     keys = PackedKeys(k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids,
                       k_qjl, k_index_bits)
     values = PackedValues(v_indices, v_norms, v_rotation, v_centroids, v_index_bits)
+    exact = ExactTokens(exact_keys, exact_values, exact_start, exact_sinks)
     _check_pair(keys, values)
     _check_query(query, k_indices, k_rotation.shape[0])
     checks.same_device(query, v_indices=v_indices, attn_mask=attn_mask, kv_lens=kv_lens)
     full = (query.shape[0], query.shape[1], query.shape[2], k_indices.shape[2])
     _check_mask(attn_mask, kv_lens, full)
+    _check_exact(exact, keys, values, kv_lens)
+    exact = None if exact_keys is None else exact
     scale, is_causal = float(scale), bool(is_causal)
     if not (_reads_on_triton(query, keys) and _reads_on_triton(query, values.as_keys())):
         return torch.ops.tq.attention_reference(
-            *attention_args(query, keys, values, scale, is_causal, attn_mask, kv_lens))
+            *attention_args(query, keys, values, scale, is_causal, attn_mask, kv_lens, exact))
     from .kernels import attention as fused, decompress as unpack, prefill
     # Prefills run faster as fp16 SDPA over decompressed K and V (prefill.py); the rest fused.
     if prefill.flash_prefill_applies(query, keys, values, attn_mask, kv_lens):
-        return prefill.flash_prefill(query, unpack.decompress(keys, torch.float16),
-                                     unpack.decompress(values.as_keys(), torch.float16), scale,
-                                     is_causal, attn_mask, kv_lens)
-    return fused.fused_attention(query, keys, values, scale, is_causal, attn_mask, kv_lens)
+        k_hat = unpack.decompress(keys, torch.float16)
+        v_hat = unpack.decompress(values.as_keys(), torch.float16)
+        if exact is not None:
+            k_hat, v_hat = _overlay(k_hat, v_hat, exact, kv_lens)
+        return prefill.flash_prefill(query, k_hat, v_hat, scale, is_causal, attn_mask, kv_lens)
+    return fused.fused_attention(query, keys, values, scale, is_causal, attn_mask, kv_lens,
+                                 exact)
 
 
 _reader_twin("attention", reference.attention,
-             lambda query, keys, values, scale, is_causal, attn_mask, kv_lens: query.new_empty(
-                 tuple(query.shape[:-1]) + (values.rotation.shape[0],)))
+             lambda query, keys, values, scale, is_causal, attn_mask, kv_lens, exact:
+             query.new_empty(tuple(query.shape[:-1]) + (values.rotation.shape[0],)))
 
 
 def attention_args(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
                    is_causal: bool, attn_mask: Tensor | None = None,
-                   kv_lens: Tensor | None = None) -> tuple:
+                   kv_lens: Tensor | None = None, exact: ExactTokens | None = None) -> tuple:
     """The flat arguments of `tq::attention` (the schema above) from the packed tuples; the
     tuples may hold FX nodes (the compile pass builds its call with them)."""
-    return (query, *keys, *values, scale, is_causal, attn_mask, kv_lens)
+    return (query, *keys, *values, scale, is_causal, attn_mask, kv_lens,
+            *(exact or (None, None, None, 0)))
+
+
+def _overlay(k_hat: Tensor, v_hat: Tensor, exact: ExactTokens,
+             written: Tensor) -> tuple[Tensor, Tensor]:
+    """Decompressed keys and values (B, H, S, D) with the `exact` positions replaced by their
+    exact vectors (`masks.overlay_exact`); written (B,) or 0-d: each row's length."""
+    batch, _, slots, _ = k_hat.shape
+    lengths = written.expand(batch).long()
+    positions = torch.arange(slots, device=k_hat.device)
+    start = exact.start.expand(batch).long()
+    return tuple(masks.overlay_exact(t, buffer, lengths, start, exact.sinks, positions)
+                 for t, buffer in ((k_hat, exact.keys), (v_hat, exact.values)))

@@ -53,6 +53,23 @@ class PackedValues(NamedTuple):
                           None, self.index_bits)
 
 
+class ExactTokens(NamedTuple):
+    """Tokens that attention reads in full precision instead of their compressed copies (a
+    cache's attention sinks and recent window).
+
+    keys (B, Hkv, sinks + ring, Dk) and values (B, Hkv, sinks + ring, Dv), one float dtype:
+    slot j < sinks holds position j, slot sinks + (j - sinks) % ring the position j >= sinks
+    (a ring); start int (B,): position j of batch row b is read exact iff j < sinks or
+    start[b] <= j (< its kv_lens), and compressed otherwise. The holder keeps every exact
+    position's slot current: kv_lens[b] - start[b] <= ring.
+    """
+
+    keys: Tensor
+    values: Tensor
+    start: Tensor
+    sinks: int
+
+
 def named(kind: type, arguments: dict, prefix: str = ""):
     """A `kind` (PackedKeys or PackedValues) from an op call's arguments by name:
     `{prefix}indices`, `{prefix}norms`, ...; an absent optional field is None."""

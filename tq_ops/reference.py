@@ -15,7 +15,7 @@ from torch import Tensor
 from . import checks, masks
 from .codebook import full_table
 from .norms import unit_and_norm
-from .packed import PackedKeys, PackedValues
+from .packed import ExactTokens, PackedKeys, PackedValues
 from .packing import pack, unpack
 
 CHUNK_ELEMENTS = 1 << 18  # decoded (batch x heads x tokens x dim) elements per chunk
@@ -126,9 +126,20 @@ def scores(query: Tensor, keys: PackedKeys) -> Tensor:
     return out
 
 
+def _exact_rotated(buffer: Tensor, rotation: Tensor, exact: ExactTokens, lengths: Tensor,
+                   keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Which key positions `keys` (K,) are read exact, bool (B, 1, 1, K), and their vectors from
+    `buffer` (an `ExactTokens` field) in the rotated domain: float32 (B, Hkv, K, D)."""
+    is_exact = masks.exact_keys(lengths, exact.start.to(lengths), exact.sinks, keys)
+    slots = masks.exact_slots(keys, exact.sinks, buffer.shape[2] - exact.sinks)
+    return is_exact[:, None, None, :], buffer.index_select(2, slots).float() @ rotation.T
+
+
 def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
-              is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
-    """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype.
+              is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None,
+              exact: ExactTokens | None = None) -> Tensor:
+    """softmax(scale * q.k + mask) @ v_hat: (B, Hq, Lq, Dv) in the query dtype; with `exact`,
+    its positions read k and v from the exact buffers instead of k_hat and v_hat.
 
     Online softmax over chunks of keys (running row max, sum and unnormalised output, float32,
     values in the rotated domain), so no temporary holds more than one chunk of keys; keys
@@ -151,8 +162,12 @@ def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: floa
     acc = q_rotated.new_zeros(rows[:-1] + (v_dim,))  # running sum of exp(logit - peak) * v
     rows_per_key = _rows_per_key(query, kv_heads, keys.rotation.shape[0], v_dim, _qjl_rows(keys))
     for part in _chunks(rows_per_key, stop):
-        logits = _key_logits(q_rotated, q_sketch, part, keys).view(grid + (-1,)) * scale
         slots = torch.arange(part.start, part.stop, device=query.device)
+        logits = _key_logits(q_rotated, q_sketch, part, keys)
+        if exact is not None:
+            is_exact, exact_k = _exact_rotated(exact.keys, keys.rotation, exact, lengths, slots)
+            logits = torch.where(is_exact, q_rotated @ exact_k.transpose(-1, -2), logits)
+        logits = logits.view(grid + (-1,)) * scale
         keep = masks.visible_keys(lengths, q_len, slots, is_causal)[:, None, None]  # B,1,1,Lq,chunk
         if mask is not None and mask.dtype == torch.bool:
             keep = keep & mask[..., part].unflatten(1, (kv_heads, -1))
@@ -165,6 +180,10 @@ def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: floa
         decay = torch.exp(peak - shift)
         decoded = _codes_to_unit(values.indices[:, :, part], values.centroids, values.index_bits,
                                  v_dim) * values.norms[:, :, part].float()
+        if exact is not None:
+            is_exact, exact_v = _exact_rotated(exact.values, values.rotation, exact, lengths,
+                                               slots)
+            decoded = torch.where(is_exact.transpose(-1, -2), exact_v, decoded)
         total = total * decay + probs.sum(-1, keepdim=True)
         acc = acc * decay + (probs.flatten(2, 3) @ decoded).view(acc.shape)
         peak = new_peak

@@ -250,3 +250,41 @@ def test_cuda_graph_replay_with_new_lengths():
         host = to(case, "cpu")
         ref = reference.attention(host[0].float(), *host[1:])
         assert rel_err(out, ref) < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim,k_index_bits,v_index_bits,q_len,mask", [
+    (128, 4, 3, 1, None), (128, 4, 4, 4, "bool"), (64, 3, 2, 1, "float"), (256, 4, 3, 2, None)])
+def test_exact_tokens_in_decode_and_under_cuda_graphs(dtype, dim, k_index_bits, v_index_bits,
+                                                      q_len, mask):
+    """Decode with 4 sink and 128 window tokens read exact (`ExactTokens`, in the query dtype)
+    against the reference, row lengths from 0 to past the window; then CUDA-graph replays
+    with new lengths and window starts."""
+    from tq_ops.packed import ExactTokens
+
+    gen = torch.Generator().manual_seed(dim + q_len)
+    lens = torch.tensor([2000, 100, 0, 1333])
+    masks_by_kind = {"bool": torch.rand(4, 1, q_len, 2000, generator=gen) > 0.1,
+                     "float": torch.randn(4, 8, q_len, 2000, generator=gen)}
+    case = attention_case(dim, batch=4, kv_heads=2, group=4, q_len=q_len, kv_len=2000, dim=dim,
+                          k_index_bits=k_index_bits, k_prod=False, v_index_bits=v_index_bits,
+                          dtype=dtype, is_causal=q_len > 1, mask=masks_by_kind.get(mask),
+                          kv_lens=lens)
+    exact = ExactTokens(torch.randn(4, 2, 132, dim, generator=gen).to(dtype),
+                        torch.randn(4, 2, 132, dim, generator=gen).to(dtype),
+                        (lens - 128).clamp(min=0), 4)
+    case = case + (exact,)
+    ref = reference.attention(case[0].float(), *case[1:])
+    assert rel_err(ref, reference.attention(case[0].float(), *case[1:-1])) > 0.05
+    poison()
+    on_gpu = to(case)
+    graph, out = cuda_graph(torch.ops.tq.attention, *ops.attention_args(*on_gpu))
+    assert rel_err(out, ref) < 4e-3
+    for new in ([1, 2000, 129, 5], [300, 0, 2000, 4]):
+        on_gpu[6].copy_(torch.tensor(new))
+        on_gpu[7].start.copy_((torch.tensor(new) - 128).clamp(min=0))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        host = to(on_gpu, "cpu")
+        assert rel_err(out, reference.attention(host[0].float(), *host[1:])) < 4e-3

@@ -13,15 +13,19 @@ without repeat_kv; below, `sdpa`. q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D).
 
 Cache site (`_fuse_cache`), before and after:
 
-    k_hat, v_hat = tq.read_cache(k_indices, k_norms, ..., v_indices, ..., written, dtype)
+    k_hat, v_hat = tq.read_cache(k_indices, k_norms, ..., v_indices, ..., written, dtype,
+                                 k_exact, v_exact, exact_start, sinks)
     out = sdpa(q, k_hat, v_hat, mask, scale)
 ->
     kv_lens = aten.repeat(written, [B])                                  # (B,)
+    start = aten.repeat(exact_start, [B])                                # (B,)
     out = tq.attention(q, k_indices, k_norms, ..., v_indices, ..., scale, is_causal, mask,
-                       kv_lens)
+                       kv_lens, k_exact, v_exact, start, sinks)
 
 kv_lens is set only where a mask hides the unwritten slots (a mask, K and V not cut with
-[:, :, :L], both from the same read_cache), else None; the read_cache node goes once unused.
+[:, :, :L], both from the same read_cache), else None; a cache without sink or window tokens
+passes no exact ones (None, None, None, 0), and one with them is rewritten only where kv_lens
+is set. The read_cache node goes once unused.
 
 Simulate site (`_simulate`, the graph's i-th simulated site; rot_k, cent_k, qjl_k, rot_v and
 cent_v stand for new buffers `_tq_const_<i>_k_rotation`, ... holding its quantizer constants):
@@ -270,14 +274,21 @@ def _fuse_cache(gm: GraphModule, site: Attention) -> _Replacement | str:
     build = _Builder(gm, site.output)
     keys = _packed(build, ks)
     values = named(PackedValues, _packed(build, vs)._asdict())
-    kv_lens = None  # stop at the written slots (the mask hides the rest anyway): decode and
-    # prefill then cost the cache's fill, not its capacity
+    kv_lens = exact = None  # stop at the written slots (the mask hides the rest anyway):
+    # decode and prefill then cost the cache's fill, not its capacity
+    batch = [value_of(keys.indices).shape[0]]
     if (site.attn_mask is not None and ks.length is None and ks.written is not None
             and ks.decompress is vs.decompress):
-        kv_lens = build.call(torch.ops.aten.repeat.default, ks.written,
-                             [value_of(keys.indices).shape[0]])
+        kv_lens = build.call(torch.ops.aten.repeat.default, ks.written, batch)
+        if ks.exact is not None:
+            exact = ks.exact._replace(start=build.call(torch.ops.aten.repeat.default,
+                                                       ks.exact.start, batch))
+    elif ks.exact is not None or vs.exact is not None:
+        return ("the cache keeps exact sink/window tokens, which tq::attention places by the "
+                "written length: needs a mask, K and V uncut, from one read_cache")
     out = build.call(torch.ops.tq.attention.default, *attention_args(
-        site.query, keys, values, site.scale, site.is_causal, _mask(build, site), kv_lens))
+        site.query, keys, values, site.scale, site.is_causal, _mask(build, site), kv_lens,
+        exact))
     k_bits, key_quantizer = _user_bits(ks)
     return _Replacement(out, build, "cache", k_bits, _user_bits(vs)[0], key_quantizer,
                         (ks.decompress, vs.decompress))

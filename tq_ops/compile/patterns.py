@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..packed import PackedKeys, named
+from ..packed import ExactTokens, PackedKeys, named
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -33,12 +33,13 @@ class Compressed:
     """The packed fields behind a decompressed K or V, optionally cut to the first `length`
     tokens (a `[:, :, :length]` slice). `decompress` is the node that decoded them: a
     `tq::decompress`, or the `tq::read_cache` of a TurboQuantCache, whose `written` (0-d count
-    of filled slots) is then set."""
+    of filled slots) is then set, and `exact` where the cache keeps sink or window tokens."""
 
     decompress: Node
     packed: PackedKeys  # of nodes and constants; values from a read_cache have no QJL fields
     length: int | None = None
     written: Node | None = None
+    exact: ExactTokens | None = None  # of nodes (start 0-d) and the sink count
 
 
 @dataclass
@@ -195,8 +196,9 @@ def _arguments(node: Node, op) -> dict:
 def _read_cache_source(node: Node, which: int, length: int | None) -> Compressed:
     """Output `which` (0 keys, 1 values) of a `tq::read_cache` node, as `PackedKeys`."""
     args = _arguments(node, torch.ops.tq.read_cache)
+    exact = named(ExactTokens, args, "exact_")._replace(sinks=args.get("exact_sinks", 0))
     return Compressed(node, named(PackedKeys, args, "k_" if which == 0 else "v_"), length,
-                      args["written"])
+                      args["written"], None if exact.keys is None else exact)
 
 
 def compressed_source(node: Node) -> Compressed | None:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..packed import PackedKeys, PackedValues
+from ..packed import ExactTokens, PackedKeys, PackedValues
 
 from ..codebook import full_table
 from .codes import (PAIRS, PLANES3, SIGN_BITS, SIGNS, TABLE, decode_tile, key_logits,
@@ -39,8 +39,8 @@ def _attention_kernel(
         ki_ptr, ki_sb, ki_sh, ki_ss, kn_ptr, kn_sb, kn_sh, kn_ss,
         ks_ptr, ks_sb, ks_sh, ks_ss, kr_ptr, kr_sb, kr_sh, kr_ss, kc_ptr,
         vi_ptr, vi_sb, vi_sh, vi_ss, vn_ptr, vn_sb, vn_sh, vn_ss, vc_ptr, vr_ptr,
-        mask_ptr, m_sb, m_sh, m_sq, m_sk, lens_ptr,
-        HKV, Lq, Lk, R, CHUNK,
+        mask_ptr, m_sb, m_sh, m_sq, m_sk, lens_ptr, first_ptr,
+        HKV, Lq, Lk, R, CHUNK, SINKS,
         G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         M: tl.constexpr,
         K_W0: tl.constexpr, K_W1: tl.constexpr, K_W2: tl.constexpr, K_NSEG: tl.constexpr,
@@ -52,7 +52,7 @@ def _attention_kernel(
         S_NSEG: tl.constexpr, S_SEGLEN: tl.constexpr, S_SEG_PAD: tl.constexpr,
         HAS_QJL: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_LENS: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_EXACT: tl.constexpr,
         K_MODE: tl.constexpr, V_MODE: tl.constexpr, S_MODE: tl.constexpr, K_PTX: tl.constexpr,
         V_PTX: tl.constexpr, K_HALF: tl.constexpr, V_HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr, DEFER_SUM: tl.constexpr,
@@ -74,6 +74,8 @@ def _attention_kernel(
     sums per key slot, (BLOCK_N, BLOCK_M), and reduce them once after the key loop instead of
     across warps every tile. MASK_KEYS: the mask is the same
     for every row (no head or query axis): one load per key instead of one per key and row.
+    HAS_EXACT (SPLIT only): keys below SINKS and from first[b] (int, (B,)) on are read exact by
+    `_merge_kernel`; this kernel reads the compressed keys in between.
     """
     K_HALVES: tl.constexpr = K_W0 == 4 and K_W1 == 0
     V_HALVES: tl.constexpr = V_W0 == 4 and V_W1 == 0
@@ -85,8 +87,11 @@ def _attention_kernel(
     length = Lk
     if HAS_LENS:
         length = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), Lk)
+    stop = length  # compressed keys end here
+    if HAS_EXACT:
+        stop = tl.minimum(length, tl.load(first_ptr + b).to(tl.int32))
     start = split * CHUNK
-    if SPLIT and start >= length:  # past the written keys: `_merge_kernel` reads no partial
+    if SPLIT and start >= stop:  # past the compressed keys: `_merge_kernel` reads no partial
         return
     k_words = None
     if K_PTX:
@@ -103,7 +108,7 @@ def _attention_kernel(
     row_ok = rows < R
     qi = rows // G
     head = h * G + rows % G
-    end = tl.minimum(start + CHUNK, length)
+    end = tl.minimum(start + CHUNK, stop)
     if IS_CAUSAL:
         last = length - Lq + qi  # last visible key of each row
         end = tl.minimum(end, tl.max(tl.where(row_ok, last, -1), 0) + 1)
@@ -146,6 +151,8 @@ def _attention_kernel(
         acc_hi = tl.zeros([V_SEG_PAD, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([V_SEG_PAD * V_NSEG, BLOCK_M], tl.float32)
+    if HAS_EXACT:
+        start = tl.maximum(start, SINKS)
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
@@ -248,20 +255,65 @@ def _attention_kernel(
 
 
 @triton.jit
+def _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk, length, first, last,
+                  scale, SINKS, RING, DK: tl.constexpr, DK_BLOCK: tl.constexpr,
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Slots [e0, +BLOCK_E) of an `ExactTokens` buffer for one query row: (base-2 logits
+    scale * q.k (+ mask), -inf where the slot's position is not read exact or not visible;
+    the slots). Slot e < SINKS holds position e, slot SINKS + r the latest position j < length
+    with (j - SINKS) % RING == r."""
+    slot = e0 + tl.arange(0, BLOCK_E)
+    back = length - 1 - slot  # ring slots: how far the latest position lies behind length - 1
+    pos = tl.where(slot < SINKS, slot, length - 1 - back % tl.maximum(RING, 1))
+    keep = (slot < SINKS + RING) & (pos < length) & (pos <= last)
+    keep = keep & ((slot < SINKS) | ((back >= 0) & (pos >= first) & (pos >= SINKS)))
+    s = tl.zeros([BLOCK_E], tl.float32)
+    for d0 in tl.static_range(0, DK, DK_BLOCK):
+        d = d0 + tl.arange(0, DK_BLOCK)
+        q = tl.load(q_base + d * q_sd, mask=d < DK, other=0.0).to(tl.float32)
+        k = tl.load(ek_base + slot[:, None] * ek_ss + d[None, :],
+                    mask=keep[:, None] & (d < DK)[None, :], other=0.0).to(tl.float32)
+        s += tl.sum(k * q[None, :], 1)
+    s = s * scale
+    if HAS_MASK:
+        extra = tl.load(mask_base + pos * m_sk, mask=keep, other=0)
+        if MASK_BOOL:
+            keep = keep & (extra != 0)
+        else:
+            s += extra.to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, -float("inf")), slot
+
+
+@triton.jit
 def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_ptr, HKV, R,
-                  NSPLIT, Lk, CHUNK, G: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                  HAS_LENS: tl.constexpr, BLOCK_S: tl.constexpr, OUT_BLOCK: tl.constexpr):
+                  NSPLIT, Lk, CHUNK, q_ptr, q_sb, q_sh, q_ss, q_sd, ek_ptr, ek_sb, ek_sh, ek_ss,
+                  ev_ptr, ev_sb, ev_sh, ev_ss, first_ptr, mask_ptr, m_sb, m_sh, m_sq, m_sk,
+                  scale, Lq, SINKS, RING, G: tl.constexpr, DK: tl.constexpr,
+                  DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_LENS: tl.constexpr,
+                  HAS_EXACT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  MASK_BOOL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+                  DK_BLOCK: tl.constexpr, OUT_BLOCK: tl.constexpr):
     """Merge the rotated-domain partials (o, ml as in _attention_kernel) of row program_id(0)
     of KV head program_id(1), BLOCK_S splits per step, rotate the row back (@ Pi_v, rot
     (DV, DV) fp32, fp32 products, OUT_BLOCK columns per step) and write it to out
-    (B, Hq, Lq, DV), strides out_s*. Only the splits holding keys below the row's length
-    (lens, or Lk) were written: cdiv(length, CHUNK) of the NSPLIT."""
+    (B, Hq, Lq, DV), strides out_s*. Only the splits holding compressed keys below the row's
+    length (lens, or Lk; with HAS_EXACT also below first[b]) were written: cdiv(that,
+    CHUNK) of the NSPLIT. HAS_EXACT (needs HAS_LENS): the row also attends, in full precision,
+    to the `ExactTokens` positions (`_exact_logits`) of ek / ev (B, HKV, SINKS + RING, D),
+    with q (B, Hq, Lq, DK), strides q_s*, in its own dtype, scaled by `scale` (log2 e
+    included), the causal and attn_mask rules of `_attention_kernel`."""
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
     live = NSPLIT
+    length = Lk
     if HAS_LENS:
-        length = tl.minimum(tl.load(lens_ptr + pid_bh // HKV).to(tl.int32), Lk)
-        live = tl.minimum(tl.cdiv(length, CHUNK), NSPLIT)
+        length = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), Lk)
+        stop = length
+        if HAS_EXACT:
+            first = tl.load(first_ptr + b).to(tl.int32)
+            stop = tl.minimum(length, first)
+        live = tl.minimum(tl.cdiv(stop, CHUNK), NSPLIT)
     coords = tl.arange(0, DV_PAD)
     m_all = tl.full([1], -float("inf"), tl.float32)
     l_all = tl.zeros([1], tl.float32)
@@ -281,15 +333,50 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_
         l_all = l_all * alpha + tl.sum(w * l_s, 0)
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         m_all = m_new
-    acc = acc / tl.where(l_all > 0, l_all, 1.0)
-    b = (pid_bh // HKV).to(tl.int64)
-    dst = out_ptr + b * out_sb + (pid_bh % HKV * G + row % G) * out_sh + row // G * out_ss
+    head = pid_bh % HKV * G + row % G
+    exact_w = tl.zeros([1], tl.float32)
+    if HAS_EXACT:  # pass 1: max and sum over the exact positions
+        last = length - 1
+        if IS_CAUSAL:
+            last = length - Lq + row // G
+        q_base = q_ptr + b * q_sb + head * q_sh + row // G * q_ss
+        ek_base = ek_ptr + b * ek_sb + pid_bh % HKV * ek_sh
+        ev_base = ev_ptr + b * ev_sb + pid_bh % HKV * ev_sh
+        mask_base = mask_ptr + b * m_sb + head * m_sh + row // G * m_sq
+        m_e = tl.full([1], -float("inf"), tl.float32)
+        l_e = tl.zeros([1], tl.float32)
+        for e0 in range(0, SINKS + RING, BLOCK_E):
+            s, _ = _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk, length,
+                                 first, last, scale, SINKS, RING, DK, DK_BLOCK, HAS_MASK,
+                                 MASK_BOOL, BLOCK_E)
+            m_new = tl.maximum(m_e, tl.max(s, 0))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+            l_e = l_e * tl.exp2(m_e - m_use) + tl.sum(tl.exp2(s - m_use), 0)
+            m_e = m_new
+        m_new = tl.maximum(m_all, m_e)
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+        exact_w = tl.exp2(m_e - m_use)
+        acc = acc * tl.exp2(m_all - m_use)
+        l_all = l_all * tl.exp2(m_all - m_use) + l_e * exact_w
+    norm = tl.where(l_all > 0, l_all, 1.0)
+    acc = acc / norm
+    exact_w = exact_w / norm
+    dst = out_ptr + b * out_sb + head * out_sh + row // G * out_ss
     for j0 in tl.static_range(0, DV_PAD, OUT_BLOCK):
         cols = j0 + tl.arange(0, OUT_BLOCK)
         pi = tl.load(rot_ptr + coords[:, None] * DV + cols[None, :],
                      mask=(coords < DV)[:, None] & (cols < DV)[None, :], other=0.0)
-        tl.store(dst + cols, tl.sum(acc[:, None] * pi, 0).to(out_ptr.dtype.element_ty),
-                 mask=cols < DV)
+        out = tl.sum(acc[:, None] * pi, 0)
+        if HAS_EXACT:  # pass 2: these columns of the exact values, weighted
+            for e0 in range(0, SINKS + RING, BLOCK_E):
+                s, slot = _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk,
+                                        length, first, last, scale, SINKS, RING, DK, DK_BLOCK,
+                                        HAS_MASK, MASK_BOOL, BLOCK_E)
+                p = tl.exp2(s - tl.where(m_e == -float("inf"), 0.0, m_e))
+                v = tl.load(ev_base + slot[:, None] * ev_ss + cols[None, :],
+                            mask=(p > 0)[:, None] & (cols < DV)[None, :], other=0.0)
+                out += tl.sum(p[:, None] * v.to(tl.float32), 0) * exact_w
+        tl.store(dst + cols, out.to(out_ptr.dtype.element_ty), mask=cols < DV)
 
 
 def _mode(bits: int) -> int:
@@ -352,14 +439,15 @@ def config(batch: int, kv_heads: int, rows: int, kv_len: int, device: torch.devi
 
 def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
                     is_causal: bool, attn_mask: Tensor | None, kv_lens: Tensor | None,
-                    tune: dict | None = None) -> Tensor:
+                    exact: ExactTokens | None = None, tune: dict | None = None) -> Tensor:
     """softmax(scale * q.k_hat + mask) @ v_hat from packed K/V (ARCHITECTURE.md semantics) by
     the fused kernel (split-KV for decode), any shape and mask.
 
     query (B, Hq, Lq, DK) float16/bfloat16/float32; keys, values: packed (B, Hkv, Lk, .)
     fields and constants; attn_mask bool/float broadcastable to (B, Hq, Lq, Lk); kv_lens (B,)
-    int or None (as `tq::attention`). Returns (B, Hq, Lq, DV) in the query dtype. `tune`
-    overrides `config` (benchmarks).
+    int or None; exact: the positions read in full precision, or None (needs kv_lens; as
+    `tq::attention`). Returns (B, Hq, Lq, DV) in the query dtype. `tune` overrides `config`
+    (benchmarks).
     """
     (k_indices, k_norms, k_signs, k_residual_norms, k_rotation, k_centroids, k_qjl,
      k_index_bits) = keys
@@ -397,7 +485,8 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
     lens = kv_lens if kv_lens is not None else q_rot
 
     out = torch.empty(batch, q_heads, q_len, dv, device=query.device, dtype=query.dtype)
-    split = splits > 1 or rows <= 16  # decode (`config`): the merge kernel rotates back
+    # decode (`config`) and exact tokens: the merge kernel rotates back (and reads them)
+    split = splits > 1 or rows <= 16 or exact is not None
     dv_pad = max(16, next_pow2(dv))
     if split:
         part_o = torch.empty(batch, kv_heads, splits, rows, dv, device=query.device,
@@ -410,9 +499,10 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
     v_rot = dense(v_rotation)
     k_table, k_half, k_ptx = _table(k_centroids, k_index_bits)
     v_table, v_half, v_ptx = _table(v_centroids, v_index_bits)
+    first, sinks = (lens, 0) if exact is None else (exact.start, exact.sinks)
     torch.library.wrap_triton(_attention_kernel)[grid](
         q_rot, sq, part_o, *out.stride()[:3], part_ml, *ki, *kn, *ks, *kr, k_table, *vi, *vn,
-        v_table, v_rot, *mask_args, lens, kv_heads, q_len, kv_len, rows, chunk,
+        v_table, v_rot, *mask_args, lens, first, kv_heads, q_len, kv_len, rows, chunk, sinks,
         G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad,
         M=m, **prefixed("K_", plane_layout(dk, k_index_bits)),
         **prefixed("V_", plane_layout(dv, v_index_bits)),
@@ -420,12 +510,25 @@ def fused_attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale
         HAS_QJL=has_qjl, IS_CAUSAL=bool(is_causal), HAS_MASK=attn_mask is not None,
         MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
         MASK_KEYS=mask_keys,
-        HAS_LENS=kv_lens is not None, SPLIT=split, K_MODE=_mode(k_index_bits),
+        HAS_LENS=kv_lens is not None, SPLIT=split, HAS_EXACT=exact is not None,
+        K_MODE=_mode(k_index_bits),
         V_MODE=_mode(v_index_bits), S_MODE=(SIGNS if INTERPRET else SIGN_BITS).value,
         K_PTX=k_ptx, V_PTX=v_ptx, K_HALF=k_half, V_HALF=v_half, **cfg)
     if split:
+        if exact is None:
+            exact_args = (q_rot, 0, 0, 0, 0, q_rot, 0, 0, 0, q_rot, 0, 0, 0, lens)
+            ring = 0
+        else:
+            exact_args = (query, *query.stride(), *strided(exact.keys),
+                          *strided(exact.values), exact.start)
+            ring = exact.keys.shape[2] - sinks
         torch.library.wrap_triton(_merge_kernel)[(rows, batch * kv_heads)](
             part_o, part_ml, v_rot, out, *out.stride()[:3], lens, kv_heads, rows, splits,
-            kv_len, chunk, G=q_heads // kv_heads, DV=dv, DV_PAD=dv_pad,
-            HAS_LENS=kv_lens is not None, BLOCK_S=min(32, next_pow2(splits)), OUT_BLOCK=min(32, dv_pad))
+            kv_len, chunk, *exact_args, *mask_args, scale * LOG2E, q_len, sinks, ring,
+            G=q_heads // kv_heads, DK=dk, DV=dv, DV_PAD=dv_pad, HAS_LENS=kv_lens is not None,
+            HAS_EXACT=exact is not None, IS_CAUSAL=bool(is_causal),
+            HAS_MASK=attn_mask is not None,
+            MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+            BLOCK_S=min(32, next_pow2(splits)), BLOCK_E=32, DK_BLOCK=min(32, next_pow2(dk)),
+            OUT_BLOCK=min(32, dv_pad))
     return out
