@@ -81,11 +81,12 @@ def summary(kernel) -> str:
 
 
 def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool,
-                     num_warps: int = 4):
+                     exact: bool = False, num_warps: int = 4):
     """Split-KV decode at batch 32 / 32k, H_kv 8, GQA 4, d 128 (Prod keys: m = 128 signs),
     with the GPU decode defaults of `attention.config` (at most 128 registers; 64-key tiles
     in three stages for Prod keys or values of other than 4 bits, else 128-key tiles in one).
-    ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers."""
+    ptx: the GPU decode modes (PTX for 2-4-bit codes and signs), else centroid gathers.
+    exact: with sink and window tokens (`ExactTokens`: 4 sinks)."""
     tiles = (attention.DEEP_DECODE if attention.wants_deep_decode(prod, v_index_bits)
              else dict(BLOCK_N=128, num_stages=1))
     length = 32768
@@ -96,7 +97,7 @@ def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool
                 ks_sb=8 * length * 16, ks_sh=length * 16, ks_ss=16, kr_sb=8 * length,
                 kr_sh=length, kr_ss=1, vi_sb=8 * length * v_bytes, vi_sh=length * v_bytes,
                 vi_ss=v_bytes, vn_sb=8 * length, vn_sh=length, vn_ss=1, m_sb=0, m_sh=0, m_sq=0,
-                m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2)
+                m_sk=0, HKV=8, Lq=1, Lk=length, R=4, CHUNK=length // 2, SINKS=4)
     if not prod:
         ints.update(ks_sb=0, ks_sh=0, ks_ss=0, kr_sb=0, kr_sh=0, kr_ss=0)
     mode = {2: PAIRS, 3: PLANES3} if ptx else {}
@@ -105,7 +106,7 @@ def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool
                       **prefixed("V_", plane_layout(128, v_index_bits)),
                       **sign_layout(128 if prod else 16),
                       HAS_QJL=prod, IS_CAUSAL=False, HAS_MASK=False, MASK_BOOL=False,
-                      MASK_KEYS=False, HAS_LENS=True, SPLIT=True,
+                      MASK_KEYS=False, HAS_LENS=True, SPLIT=True, HAS_EXACT=exact,
                       K_MODE=mode.get(k_index_bits, TABLE).value,
                       V_MODE=mode.get(v_index_bits, TABLE).value,
                       S_MODE=(SIGN_BITS if ptx else SIGNS).value, K_PTX=ptx and k_index_bits == 4,
@@ -113,7 +114,7 @@ def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool
                       BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32,
                       DEFER_SUM=tiles.get("DEFER_SUM", False), SKIP_EMPTY=False)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
-                    lens_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
+                    lens_ptr="*i32", first_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
                  num_stages=tiles["num_stages"], maxnreg=128)
 
@@ -138,8 +139,11 @@ def compress_fp16(qjl_dim: int, index_bits: int, block_m: int = 64, num_warps: i
                  num_stages=2)
 
 
-DECODE_VARIANTS = [  # (label, key index_bits, Prod keys, value index_bits, GPU decode modes)
+DECODE_VARIANTS = [  # (label, key index_bits, Prod keys, value index_bits, GPU decode modes,
+    # exact tokens)
     ("K4/V4 mse, PTX", 4, False, 4, True),
+    ("K4/V3 mse, PTX", 4, False, 3, True),
+    ("K4/V3 mse, PTX, exact tokens", 4, False, 3, True, True),
     ("K4/V4 mse, gathers", 4, False, 4, False),
     ("K3/V3 mse, PTX", 3, False, 3, True),
     ("K4/V4 prod, PTX", 3, True, 4, True),
@@ -151,8 +155,8 @@ DECODE_VARIANTS = [  # (label, key index_bits, Prod keys, value index_bits, GPU 
 def main() -> None:
     print("| kernel | registers | stack bytes | loop instructions | top opcodes in the loop |")
     print("|---|---|---|---|---|")
-    for label, k_index_bits, prod, v_index_bits, ptx in DECODE_VARIANTS:
-        kernel = attention_decode(k_index_bits, prod, v_index_bits, ptx)
+    for label, *variant in DECODE_VARIANTS:
+        kernel = attention_decode(*variant)
         print(f"| attention decode {label} " + summary(kernel), flush=True)
     for label, qjl_dim, index_bits in (("MSE 4-bit", 0, 4), ("Prod 4-bit", 128, 3)):
         print(f"| compress fp16 {label} " + summary(compress_fp16(qjl_dim, index_bits)), flush=True)
