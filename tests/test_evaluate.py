@@ -166,26 +166,56 @@ def test_exact_for_query_marks_sinks_and_the_recent_window():
             assert got[i].tolist() == want
 
 
-@pytest.mark.parametrize("center,scale", [(False, False), (True, True)])
-def test_tq_attention_reads_compressed_keys_outside_window_and_sinks(center, scale):
+def split_round_trip(x, low, high):
+    """The "split" lever written out per (batch, head): the half of the channels with the
+    largest RMS over the sequence through `high`, the others through `low`, each part in
+    decreasing RMS order."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            rms = x[b, h].pow(2).mean(0)
+            order = sorted(range(x.shape[-1]), key=lambda c: -float(rms[c]))
+            top, rest = order[:len(order) // 2], order[len(order) // 2:]
+            for channels, quant in ((top, high), (rest, low)):
+                part = ev.round_trip(quant, x[b:b + 1, h:h + 1][..., channels])
+                out[b, h][..., channels] = part[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("center,scale,vcenter,split", [(False, False, False, False),
+                                                        (True, True, True, False),
+                                                        (True, False, False, True)])
+def test_tq_attention_reads_compressed_keys_outside_window_and_sinks(center, scale, vcenter,
+                                                                     split):
     """Query i attends causally to exact K/V of the sink tokens and of its window and to the
-    round-tripped (centred, scaled) K/V of the rest; checked row by row in float64 against the
-    quantizers of site 1, in layer 1 of 3 (the edge bit not applied) and layer 2 (applied)."""
+    round-tripped (centred, scaled) K/V of the rest (values round-tripped minus their mean,
+    then plus it, with vcenter; halves of the channels at b + 1 and b bits with split);
+    checked row by row in float64 against the quantizers of site 1, in layer 1 of 3 (the edge
+    bit not applied) and layer 2 (applied)."""
     length, dim, window, sinks = 12, 16, 3, 2
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, length, dim, generator=g)
     k, v = (torch.randn(1, 2, length, dim, generator=g) for _ in range(2))
     for layer, extra in ((1, 0), (2, 1)):
         scheme = ev.Scheme("tq", 3, 2, center_keys=center, scale_keys=scale, window=window,
-                           sinks=sinks, edge_bits=1)
+                           sinks=sinks, edge_bits=1 - split, center_values=vcenter,
+                           split=split)
         module = SimpleNamespace(num_key_value_groups=2, is_causal=True, layer_idx=layer)
         out, _ = ev.tq_attention(scheme, 3)(module, q, k, v, None)
+        extra = 0 if split else extra
         kq, vq = make_quantizers(dim, 3 + extra, 2 + extra, seed=2 * layer)
         kc = k.double() - k.double().mean(-2, keepdim=True) if center else k.double()
         s = kc.pow(2).mean(-2, keepdim=True).sqrt() if scale else torch.ones(1, 2, 1, dim)
         s = s.maximum(s.max(-1, keepdim=True).values / 32).double()
         kc = (kc / s).float()
-        k_hat, v_hat = ev.round_trip(kq, kc).double(), ev.round_trip(vq, v).double()
+        v_mean = v.mean(-2, keepdim=True) if vcenter else torch.zeros(1, 2, 1, dim)
+        k_hat = ev.round_trip(kq, kc).double()
+        v_hat = (ev.round_trip(vq, v - v_mean) + v_mean).double()
+        if split:
+            low = make_quantizers(dim // 2, 3, 2, seed=2 * layer)
+            high = make_quantizers(dim // 2, 4, 3, seed=2 * layer)
+            k_hat = split_round_trip(kc, low[0], high[0]).double()
+            v_hat = split_round_trip(v, low[1], high[1]).double()
         qs = q.double() * s.repeat_interleave(2, 1)
         for i in range(length):
             exact = [j < sinks or i - window < j for j in range(i + 1)]
@@ -248,6 +278,14 @@ def test_eager_levers_count_their_bits():
         ev.Scheme("tq", 4, 3), ev.Scheme("tq", 4, 3, edge_bits=1),
         ev.Scheme("tq", 4, 3, window=8, sinks=2),
         ev.Scheme("tq", 4, 3, window=8, sinks=2, edge_bits=1)]
+    split = ev.Scheme("tq", 2, 2, split=True)  # 32 channels at 3 bits, 32 at 2, two norms
+    assert split.eager and ev.bits_per_element(split, d, 32, layers) == pytest.approx(
+        (2.5 + 32 / d, 2.5 + 32 / d))
+    assert ev.bits_per_element(ev.Scheme("tq", 3, 3, "prod", split=True), d, 32, 1)[0] == \
+        pytest.approx(3.5 + 64 / d)  # 2/3-bit codes + 1 sign each, two norms per part
+    assert [s.name for s in ev.default_schemes([(4, 3)], levers=("vcenter",),
+                                               baselines=False)[1:]] == [
+        "tq K4/V3 mse +center", "tq K4/V3 mse +center +vcenter"]
     with pytest.raises(ValueError, match="edge_bits"):
         ev.Scheme("tq", 8, 4, edge_bits=1)
     with pytest.raises(ValueError, match="window"):

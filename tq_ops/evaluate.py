@@ -49,7 +49,8 @@ from .quantizer import DEFAULT_CENTER_KEYS, make_quantizers, scale_key_channels
 from .packing import packed_bytes
 
 METHODS = ("uncompressed", "tq", "rtn", "kivi")
-LEVERS = ("center", "scale", "edges")
+LEVERS = ("center", "scale", "edges", "vcenter", "split")
+SPLIT_SHARE = 2  # the lever "split": head_dim // 2 channels at one more bit (b + 0.5 bits)
 CONTEXT = 32768  # the sequence length of the "bits @32k" column
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -62,8 +63,15 @@ class Scheme:
     other methods) and scales their channels (the lever "scale"). Simulated eagerly in the
     eval tool: `window` most recent and `sinks` first tokens read in full precision by each
     query (what `TurboQuantCache(window=, sinks=)` gives one-token decode steps; the backend's
-    simulate mode has no such option), and `edge_bits` more bits for K and V of the first and
-    last layers (the lever "edges": 1; no backend or cache option)."""
+    simulate mode has no such option), `edge_bits` more bits for K and V of the first and
+    last layers (the lever "edges": 1), `center_values`, values minus their mean over the
+    sequence compressed and the mean added back (the lever "vcenter"), and `split`, the
+    paper's outlier-channel split for fractional widths: the head_dim // SPLIT_SHARE channels
+    of largest RMS over the sequence (per batch row and KV head, after centring and scaling)
+    at one more bit, the rest at the scheme's bits, each part (its channels in decreasing RMS
+    order) its own TurboQuant instance (rotation, norm, codebook of its dimension): K2/V2 +split stores 2.5
+    bits per coordinate (the paper's 32 of 128 channels at 3 bits store 2.25, not the 2.5 it
+    states). The lever "split"; none of the three has a backend or cache option."""
 
     method: str
     k_bits: int | None = None
@@ -74,6 +82,8 @@ class Scheme:
     window: int = 0
     sinks: int = 0
     edge_bits: int = 0
+    center_values: bool = False
+    split: bool = False
 
     def __post_init__(self):
         if self.center_keys is None:
@@ -83,18 +93,22 @@ class Scheme:
         if self.method != "uncompressed":
             for name in ("k_bits", "v_bits"):
                 checks.int_range(name, getattr(self, name), 1, 8)
-        for lever in ("center_keys", "scale_keys", "window", "sinks", "edge_bits"):
+        for lever in ("center_keys", "scale_keys", "window", "sinks", "edge_bits",
+                      "center_values", "split"):
             if getattr(self, lever) and self.method != "tq":
                 raise ValueError(f"{lever} applies to method 'tq' only, got {self.method!r}")
         for name in ("window", "sinks"):
             checks.int_range(name, getattr(self, name), 0)
         if self.method == "tq":
-            checks.int_range("edge_bits", self.edge_bits, 0, 8 - max(self.k_bits, self.v_bits))
+            checks.int_range("edge_bits", self.edge_bits, 0,
+                             8 - max(self.k_bits, self.v_bits) - self.split)
 
     @property
     def eager(self) -> bool:
-        """Whether the scheme needs levers the backend does not have (window, sinks, edges)."""
-        return bool(self.window or self.sinks or self.edge_bits)
+        """Whether the scheme needs levers the backend does not have (window, sinks, edges,
+        vcenter, split)."""
+        return bool(self.window or self.sinks or self.edge_bits or self.center_values
+                    or self.split)
 
     @property
     def name(self) -> str:
@@ -107,6 +121,8 @@ class Scheme:
         suffix += f" +window{self.window}" if self.window else ""
         suffix += f" +sinks{self.sinks}" if self.sinks else ""
         suffix += f" +edges{self.edge_bits}" if self.edge_bits else ""
+        suffix += " +vcenter" if self.center_values else ""
+        suffix += " +split" if self.split else ""
         return f"{label} K{self.k_bits}/V{self.v_bits}{suffix}"
 
 
@@ -125,9 +141,13 @@ def default_schemes(bits: list[tuple[int, int]], key_quantizers=("mse",), levers
             centring = (False, True) if "center" in levers else (DEFAULT_CENTER_KEYS,)
             scaling = (False, True) if "scale" in levers else (False,)
             edges = (0, 1) if "edges" in levers else (0,)
+            vcentring = (False, True) if "vcenter" in levers else (False,)
+            splits = (False, True) if "split" in levers else (False,)
             schemes += [Scheme("tq", k, v, kq, center_keys=c, scale_keys=s, window=w,
-                               sinks=sinks if w else 0, edge_bits=e)
-                        for c in centring for s in scaling for w in windows for e in edges]
+                               sinks=sinks if w else 0, edge_bits=e, center_values=cv,
+                               split=sp)
+                        for c in centring for s in scaling for w in windows for e in edges
+                        for cv in vcentring for sp in splits]
         schemes += [Scheme("rtn", k, v), Scheme("kivi", k, v)] if baselines else []
     return schemes
 
@@ -146,14 +166,19 @@ def bits_per_element(scheme: Scheme, head_dim: int, group: int,
     if scheme.method == "uncompressed":
         return 16.0, 16.0
     if scheme.method == "tq":
+        def stored(bits: int, prod: bool) -> int:  # bits of one vector (each part of a split)
+            parts = [(d - d // SPLIT_SHARE, bits), (d // SPLIT_SHARE, bits + 1)] \
+                if scheme.split else [(d, bits)]
+            if prod:  # (b-1)-bit codes, QJL signs, two fp16 norms per part
+                return sum(8 * (packed_bytes(n, b - 1) + packed_bytes(n, 1)) + 32
+                           for n, b in parts)
+            return sum(8 * packed_bytes(n, b) + 16 for n, b in parts)
+
         key = value = 0.0
         for layer in range(layers):
             k_bits, v_bits = layer_bits(scheme, layer, layers)
-            if scheme.key_quantizer == "prod":  # (b-1)-bit codes, d QJL signs, two fp16 norms
-                key += 8 * (packed_bytes(d, k_bits - 1) + packed_bytes(d, 1)) + 32
-            else:
-                key += 8 * packed_bytes(d, k_bits) + 16
-            value += 8 * packed_bytes(d, v_bits) + 16
+            key += stored(k_bits, scheme.key_quantizer == "prod")
+            value += stored(v_bits, False)
         return key / d / layers, value / d / layers
     value = scheme.v_bits + 32 / d  # per-token fp16 scale and zero
     key = scheme.k_bits + (32 / d if scheme.method == "rtn" else 32 / group)
@@ -275,24 +300,39 @@ def tq_attention(scheme: Scheme, layers: int):
     """An attention function (AttentionInterface signature) for "tq" with the levers the
     backend lacks (`Scheme.eager`). K and V of layer l go through the quantizers of the
     backend's simulate site l (seed 2l, bits `layer_bits`), the keys centred and scaled as the
-    backend does; each query reads its window and sink tokens exact (`exact_for_query`)."""
+    backend does, the values centred with "vcenter"; each query reads its window and sink
+    tokens exact (`exact_for_query`)."""
 
     @functools.lru_cache(maxsize=None)
-    def quantizers(layer: int, k_dim: int, v_dim: int):
+    def quantizers(layer: int, k_dim: int, v_dim: int, extra: int = 0):
         k_bits, v_bits = layer_bits(scheme, layer, layers)
-        return make_quantizers(k_dim, k_bits, v_bits, scheme.key_quantizer, 2 * layer,
-                               v_head_dim=v_dim)
+        return make_quantizers(k_dim, k_bits + extra, v_bits + extra, scheme.key_quantizer,
+                               2 * layer, v_head_dim=v_dim)
+
+    def compressed(layer: int, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x (keys: which 0, values: 1) round-tripped, split into two parts with "split"."""
+        if not scheme.split:
+            return round_trip(quantizers(layer, x.shape[-1], x.shape[-1])[which], x)
+        dim = x.shape[-1]
+        high = dim // SPLIT_SHARE
+        order = x.pow(2).mean(-2, keepdim=True).argsort(-1, descending=True).expand(x.shape)
+        parts = x.gather(-1, order)
+        parts = torch.cat([round_trip(quantizers(layer, high, high, 1)[which], parts[..., :high]),
+                           round_trip(quantizers(layer, dim - high, dim - high)[which],
+                                      parts[..., high:])], -1)
+        return torch.empty_like(x).scatter_(-1, order, parts)
 
     def attend(module, query, key, value, attention_mask, **kwargs):
-        kq, vq = quantizers(module.layer_idx, key.shape[-1], value.shape[-1])
         if scheme.center_keys:
             key = key - key.mean(-2, keepdim=True)
         if scheme.scale_keys:
             query, key = scale_key_channels(query, key)
         exact = exact_for_query(query.shape[2], key.shape[2], scheme.window, scheme.sinks,
                                 query.device)
-        return mixed_attention(module, query, key, value, round_trip(kq, key),
-                               round_trip(vq, value), ~exact, attention_mask, **kwargs)
+        mean = value.mean(-2, keepdim=True) if scheme.center_values else 0.0
+        value_read = compressed(module.layer_idx, value - mean, 1) + mean  # weights sum to 1
+        return mixed_attention(module, query, key, value, compressed(module.layer_idx, key, 0),
+                               value_read, ~exact, attention_mask, **kwargs)
 
     return attend
 
@@ -420,10 +460,11 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     model: a transformers causal LM using attn_implementation "sdpa", in eval mode.
     ids: (n,) token ids on the model's device. stride defaults to max_length // 2.
     Returns one dict per scheme: scheme, method, k_bits, v_bits, key_quantizer, center_keys,
-    scale_keys, window, sinks, edge_bits, k_bits_per_element, v_bits_per_element (of compressed
-    tokens, mean over layers), bytes_per_token (K + V, all layers and KV heads),
-    sequence_bytes (per sequence: the fp32 key means of "center" and scales of "scale", the
-    fp16 K and V of window and sink tokens), bits_32k (bits per K/V element of a CONTEXT-token
+    scale_keys, window, sinks, edge_bits, center_values, split, k_bits_per_element,
+    v_bits_per_element (of compressed tokens, mean over layers), bytes_per_token (K + V, all
+    layers and KV heads), sequence_bytes (per sequence: the fp32 key means of "center", scales
+    of "scale" and value means of "vcenter", the fp16 K and V of window and sink tokens, a bit
+    per K and V channel naming the "split" part), bits_32k (bits per K/V element of a CONTEXT-token
     sequence, all of these included), perplexity,
     delta_ppl_pct (vs uncompressed), kl_mean and kl_p90 (nats), top1_agreement
     (fraction), tokens (scored).
@@ -459,7 +500,9 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
         k_bpe, v_bpe = bits_per_element(scheme, head_dim, group, layers)
         elements = layers * kv_heads * head_dim  # of K (or of V) per token
         exact = scheme.window + scheme.sinks  # tokens kept in fp16 (K and V)
-        sequence_bytes = elements * (4 * (scheme.center_keys + scheme.scale_keys) + 4 * exact)
+        means = scheme.center_keys + scheme.scale_keys + scheme.center_values  # fp32 vectors
+        split = scheme.method == "tq" and scheme.split  # a bit per K and V channel: in the split
+        sequence_bytes = elements * (4 * means + 4 * exact + split / 4)
         results.append({
             "scheme": scheme.name, "method": scheme.method, "k_bits": scheme.k_bits,
             "v_bits": scheme.v_bits,
@@ -471,6 +514,7 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
             "bits_32k": ((k_bpe + v_bpe) / 2 * (CONTEXT - exact) + 8 * sequence_bytes
                          / (2 * elements)) / CONTEXT,
             "window": scheme.window, "sinks": scheme.sinks, "edge_bits": scheme.edge_bits,
+            "center_values": scheme.center_values, "split": scheme.split,
             "perplexity": math.exp(tally.nll / count), "kl_mean": float(kl.mean()),
             "kl_p90": float(torch.quantile(kl, 0.9)), "top1_agreement": tally.top1 / count,
             "tokens": count})
@@ -589,8 +633,8 @@ def main(argv=None) -> int:
                         help="tq key quantizers, comma-separated: mse, prod or mse,prod")
     parser.add_argument("--levers", default="",
                         help="tq quality levers to show both off and on, comma-separated: "
-                        "center, scale, edges (default: one row per tq scheme, levers at their "
-                        "defaults)")
+                        "center, scale, edges, vcenter, split (default: one row per tq scheme, "
+                        "levers at their defaults)")
     parser.add_argument("--fp-window", type=_int_list, default=[0],
                         help="tq rows with each of these full-precision windows of recent "
                         "tokens, comma-separated (0: none; simulated eagerly)")
