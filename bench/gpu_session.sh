@@ -6,11 +6,15 @@
 # Each step has its own timeout and the whole session ends by $BUDGET_S (default 530 s);
 # logs go to $OUT (default gpu-out/), one file per step, each headed by GPU, date and commit.
 #   run on the device:  TQ_COMMIT=<hash> bash bench/gpu_session.sh
-# (TQ_COMMIT names the commit where the copied tree has no .git.) Not run here: the full
+# (TQ_COMMIT names the commit where the copied tree has no .git.) AB_BASE=<dir> (a checkout of
+# an earlier commit, e.g. `git archive <rev> | tar -x -C <dir>`, untracked so that it travels)
+# and AB_COMMIT=<its hash> add that tree's decode tables after this one's, for a same-call A/B.
+# Not run here: the full
 # attention tables (bench/attention.py), bench/compress.py and bench/decode_model.py.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 if [ -z "${TQ_COMMIT:-}" ] && git rev-parse --short HEAD >/dev/null 2>&1; then
     TQ_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)
@@ -32,6 +36,10 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 step gpu_tests.log 300 python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --tb=short tests/gpu
 step attention_quick.md 150 python3 bench/attention.py --quick --json "$out/attention_quick.json"
+if [ -n "${AB_BASE:-}" ]; then
+    step attention_quick_base.md 150 env -C "$AB_BASE" PYTHONPATH=. TQ_COMMIT="${AB_COMMIT:-base}" \
+        python3 bench/attention.py --quick --json "$out/attention_quick_base.json"
+fi
 step host.md 120 python3 bench/host.py
 left=$((end - SECONDS - 60))  # serve starts no row in its last 60 s, then prints
 if [ "$left" -ge 60 ]; then
