@@ -301,7 +301,9 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_
     CHUNK) of the NSPLIT. HAS_EXACT (needs HAS_LENS): the row also attends, in full precision,
     to the `ExactTokens` positions (`_exact_logits`) of ek / ev (B, HKV, SINKS + RING, D),
     with q (B, Hq, Lq, DK), strides q_s*, in its own dtype, scaled by `scale` (log2 e
-    included), the causal and attn_mask rules of `_attention_kernel`."""
+    included), the causal and attn_mask rules of `_attention_kernel`: one online softmax over
+    BLOCK_E slots at a time (each exact key and value read once), its weighted sum added to
+    the rotated-back output column block by column block."""
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -334,8 +336,7 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         m_all = m_new
     head = pid_bh % HKV * G + row % G
-    exact_w = tl.zeros([1], tl.float32)
-    if HAS_EXACT:  # pass 1: max and sum over the exact positions
+    if HAS_EXACT:  # an online softmax over the exact positions, folded into the merged one
         last = length - 1
         if IS_CAUSAL:
             last = length - Lq + row // G
@@ -345,13 +346,19 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_
         mask_base = mask_ptr + b * m_sb + head * m_sh + row // G * m_sq
         m_e = tl.full([1], -float("inf"), tl.float32)
         l_e = tl.zeros([1], tl.float32)
+        exact_o = tl.zeros([DV_PAD], tl.float32)
         for e0 in range(0, SINKS + RING, BLOCK_E):
-            s, _ = _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk, length,
-                                 first, last, scale, SINKS, RING, DK, DK_BLOCK, HAS_MASK,
-                                 MASK_BOOL, BLOCK_E)
+            s, slot = _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk, length,
+                                    first, last, scale, SINKS, RING, DK, DK_BLOCK, HAS_MASK,
+                                    MASK_BOOL, BLOCK_E)
             m_new = tl.maximum(m_e, tl.max(s, 0))
             m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-            l_e = l_e * tl.exp2(m_e - m_use) + tl.sum(tl.exp2(s - m_use), 0)
+            alpha = tl.exp2(m_e - m_use)
+            p = tl.exp2(s - m_use)
+            v = tl.load(ev_base + slot[:, None] * ev_ss + coords[None, :],
+                        mask=(p > 0)[:, None] & (coords < DV)[None, :], other=0.0)
+            l_e = l_e * alpha + tl.sum(p, 0)
+            exact_o = exact_o * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
             m_e = m_new
         m_new = tl.maximum(m_all, m_e)
         m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -360,23 +367,16 @@ def _merge_kernel(o_ptr, ml_ptr, rot_ptr, out_ptr, out_sb, out_sh, out_ss, lens_
         l_all = l_all * tl.exp2(m_all - m_use) + l_e * exact_w
     norm = tl.where(l_all > 0, l_all, 1.0)
     acc = acc / norm
-    exact_w = exact_w / norm
     dst = out_ptr + b * out_sb + head * out_sh + row // G * out_ss
     for j0 in tl.static_range(0, DV_PAD, OUT_BLOCK):
         cols = j0 + tl.arange(0, OUT_BLOCK)
         pi = tl.load(rot_ptr + coords[:, None] * DV + cols[None, :],
                      mask=(coords < DV)[:, None] & (cols < DV)[None, :], other=0.0)
-        out = tl.sum(acc[:, None] * pi, 0)
-        if HAS_EXACT:  # pass 2: these columns of the exact values, weighted
-            for e0 in range(0, SINKS + RING, BLOCK_E):
-                s, slot = _exact_logits(e0, q_base, q_sd, ek_base, ek_ss, mask_base, m_sk,
-                                        length, first, last, scale, SINKS, RING, DK, DK_BLOCK,
-                                        HAS_MASK, MASK_BOOL, BLOCK_E)
-                p = tl.exp2(s - tl.where(m_e == -float("inf"), 0.0, m_e))
-                v = tl.load(ev_base + slot[:, None] * ev_ss + cols[None, :],
-                            mask=(p > 0)[:, None] & (cols < DV)[None, :], other=0.0)
-                out += tl.sum(p[:, None] * v.to(tl.float32), 0) * exact_w
-        tl.store(dst + cols, out.to(out_ptr.dtype.element_ty), mask=cols < DV)
+        terms = acc[:, None] * pi
+        if HAS_EXACT:  # these columns of the exact values' sum (a register vector: selected)
+            terms += tl.where(coords[:, None] == cols[None, :],
+                              (exact_o * exact_w / norm)[:, None], 0.0)
+        tl.store(dst + cols, tl.sum(terms, 0).to(out_ptr.dtype.element_ty), mask=cols < DV)
 
 
 def _mode(bits: int) -> int:
