@@ -9,7 +9,8 @@ Rows: latency (batch 1 at each of --contexts) and throughput (at --throughput-co
 largest batch whose cache fits, or each of --batches) for each cache configuration:
 fp16-gqa (a StaticCache in the model dtype, SDPA with enable_gqa: the baseline), fp16 (the
 same cache through transformers' default "sdpa" path, which repeats K/V per query head), and
-TurboQuantCache k4v4 / k4v3 / k3v3 (MSE keys) through the "turboquant" backend.
+TurboQuantCache k4v4 / k4v3 / k3v3 (MSE keys) through the "turboquant" backend, and k4v3 with
+4 sink and 128 window tokens read exact (k4v3-window).
 
 Compilation: the decoder layer's forward is compiled once per configuration and shape
 (`SharedLayers`) and every layer runs through it, each seeing only its own cache layer, so a
@@ -39,13 +40,15 @@ import harness
 from tq_ops.cache import TurboQuantCache
 from tq_ops.compile import backend
 
-# name: (label, TurboQuant bits (k, v) or None for a StaticCache in the model dtype, attention);
+# name: (label, TurboQuant (k bits, v bits[, sinks, window]) or None for a StaticCache in the
+# model dtype, attention);
 # "fp16" names the uncompressed cache whether the model runs in float16 or bfloat16
 CONFIGS = {
     "fp16-gqa": ("{dtype} StaticCache, SDPA enable_gqa", None, "sdpa_gqa"),
     "k4v4": ("TurboQuantCache K4/V4", (4, 4), "sdpa"),
     "k4v3": ("TurboQuantCache K4/V3", (4, 3), "sdpa"),
     "k3v3": ("TurboQuantCache K3/V3", (3, 3), "sdpa"),
+    "k4v3-window": ("TurboQuantCache K4/V3 +sinks4 +window128", (4, 3, 4, 128), "sdpa"),
     "fp16": ("{dtype} StaticCache, transformers sdpa (repeat_kv)", None, "sdpa"),
 }
 BASELINE = "fp16-gqa"
@@ -103,8 +106,10 @@ def make_cache(model, bits, context: int, batch: int, device):
     """The configuration's cache, allocated now for `batch` sequences of `context` slots."""
     if bits is None:
         return dm.static_cache(model, context, batch, device)
-    return TurboQuantCache(config=model.config, max_cache_len=context, k_bits=bits[0],
-                           v_bits=bits[1], max_batch_size=batch, device=device)
+    k_bits, v_bits, sinks, window = (*bits, 0, 0)[:4]
+    return TurboQuantCache(config=model.config, max_cache_len=context, k_bits=k_bits,
+                           v_bits=v_bits, max_batch_size=batch, device=device, sinks=sinks,
+                           window=window, dtype=model.dtype)
 
 
 def cache_bytes(cache) -> int:
