@@ -145,6 +145,8 @@ def test_read_cache_overlays_the_exact_tokens():
             torch.tensor(22), 3)
     torch.library.opcheck(torch.ops.tq.read_cache.default, args)
     k_hat, v_hat = torch.ops.tq.read_cache(*args)
+    with pytest.raises(ValueError, match="exact_start must have 0 dimensions"):
+        torch.ops.tq.read_cache(*args[:-2], torch.tensor([22]), 3)
     plain_k = torch.ops.tq.decompress(*keys, torch.float32)
     for j in range(40):
         slot = j if j < 3 else 3 + (j - 3) % 8

@@ -255,11 +255,11 @@ def read_cache(k_indices: Tensor, k_norms: Tensor, k_signs: Tensor | None,
     checks.tensor("written", written, ndim=0, dtypes=(torch.int32, torch.int64))
     checks.same_device(k_indices, v_indices=v_indices, written=written)
     _check_dtype(dtype)
+    if exact_start is not None:
+        checks.tensor("exact_start", exact_start, ndim=0, dtypes=(torch.int32, torch.int64))
     batch = k_indices.shape[0]
     exact = ExactTokens(exact_keys, exact_values,
                         None if exact_start is None else exact_start.expand(batch), exact_sinks)
-    if exact_start is not None:
-        checks.tensor("exact_start", exact_start, ndim=0, dtypes=(torch.int32, torch.int64))
     _check_exact(exact, keys, values, written.expand(batch))
     k_hat, v_hat = _decompress(keys, dtype), _decompress(values.as_keys(), dtype)
     if exact_keys is None:
