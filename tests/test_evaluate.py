@@ -315,6 +315,37 @@ def test_windows_score_each_token_once():
     assert scored == list(range(1, 23))
 
 
+def test_perplexity_and_kl_match_a_direct_computation():
+    """The uncompressed row's perplexity and a tq row's mean KL equal what full-sequence logits
+    give when each scored token is taken from its window by hand (the tool keeps only the
+    scored positions' logits and reduces them in chunks)."""
+    model = ev.random_llama()
+    ids = torch.randint(512, (50,), generator=torch.Generator().manual_seed(4))
+    scheme = ev.Scheme("tq", 2, 2, window=3)
+    rows = ev.evaluate(model, ids, [ev.Scheme("uncompressed"), scheme], max_length=20,
+                       stride=7)
+    nll, kl = [], []
+    swap = ev._AttentionSwap(model, "tq_eval_direct", ev.tq_attention(scheme, 2))
+    with torch.no_grad():
+        for begin, end, first in ev.windows(50, 20, 7):
+            full = model(input_ids=ids[None, begin:end]).logits[0].double().log_softmax(-1)
+            approx = swap(ids[None, begin:end])[0].double().log_softmax(-1)
+            for t in range(first, end):  # logits at window row t - 1 - begin predict token t
+                nll.append(-full[t - 1 - begin, ids[t]])
+                p = full[t - 1 - begin]
+                kl.append((p.exp() * (p - approx[t - 1 - begin])).sum())
+    # float32 logits of fewer positions may round differently: an off-by-one row would not
+    assert math.isclose(rows[0]["perplexity"], math.exp(float(torch.stack(nll).mean())),
+                        rel_tol=1e-6)
+    assert math.isclose(rows[1]["kl_mean"], float(torch.stack(kl).mean()), rel_tol=1e-4)
+    tally, chunked = ev._Tally(), ev._Tally()
+    logits, reference = torch.randn(2, 10, 512, generator=torch.Generator().manual_seed(5))
+    tally.add(logits, reference, ids[:10])
+    chunked.add(logits, reference, ids[:10], rows=3)
+    assert math.isclose(tally.nll, chunked.nll, rel_tol=1e-12) and tally.top1 == chunked.top1
+    assert torch.equal(torch.cat(tally.kl), torch.cat(chunked.kl))
+
+
 def test_cli_routes_eval_to_the_tool(capsys):
     """`tq-ops eval` reaches evaluate.main (its own --help), `tq-ops demo` stays the demo's."""
     from tq_ops import cli

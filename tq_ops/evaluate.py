@@ -351,10 +351,11 @@ class _AttentionSwap:
         AttentionMaskInterface.register(name, sdpa_mask)
         self.model, self.name = model, name
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Logits of the last `keep` positions of ids (all for 0)."""
         self.model.set_attn_implementation(self.name)
         try:
-            return self.model(input_ids=ids, use_cache=False).logits
+            return self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         finally:
             self.model.set_attn_implementation("sdpa")
 
@@ -371,8 +372,8 @@ class _Compiled:
         self.compiled = torch.compile(model, backend=self.compiler, dynamic=False)
         self.scheme, self.layers = scheme, layers
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.compiled(input_ids=ids, use_cache=False).logits
+    def __call__(self, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        logits = self.compiled(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         if len(self.compiler.sites) < self.layers:
             raise RuntimeError(f"{self.scheme.name}: the turboquant pass rewrote "
                                f"{len(self.compiler.sites)} attention sites for {self.layers} "
@@ -442,14 +443,19 @@ class _Tally:
     top1: int = 0
     kl: list = field(default_factory=list)
 
-    def add(self, logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor):
-        """logits, reference (T, vocab) of the scored positions; targets (T,) token ids."""
-        logp = torch.log_softmax(logits.double(), -1)
-        ref = torch.log_softmax(reference.double(), -1)
-        self.nll -= float(logp.gather(-1, targets[:, None]).sum())
-        self.top1 += int((logits.argmax(-1) == reference.argmax(-1)).sum())
-        kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
-        self.kl.append(kl.cpu())
+    def add(self, logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor,
+            rows: int = 256):
+        """logits, reference (T, vocab) of the scored positions; targets (T,) token ids. In
+        float64, `rows` positions at a time (a 262k vocabulary makes each (T, vocab) float64
+        temporary 2 MB per position)."""
+        for part in range(0, targets.shape[0], rows):
+            cut = slice(part, part + rows)
+            logp = torch.log_softmax(logits[cut].double(), -1)
+            ref = torch.log_softmax(reference[cut].double(), -1)
+            self.nll -= float(logp.gather(-1, targets[cut, None]).sum())
+            self.top1 += int((logits[cut].argmax(-1) == reference[cut].argmax(-1)).sum())
+            kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
+            self.kl.append(kl.cpu())
 
 
 @torch.no_grad()
@@ -484,12 +490,13 @@ def evaluate(model, ids: torch.Tensor, schemes: list[Scheme], max_length: int = 
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for begin, end, first in spans:
             window = ids[None, begin:end]
-            rows = slice(first - begin - 1, end - begin - 1)  # logits at row r predict r + 1
-            targets = ids[first:end]
-            reference = model(input_ids=window, use_cache=False).logits[0, rows]
+            keep = end - first + 1  # logits of positions first - 1 .. end - 1 (each predicts
+            targets = ids[first:end]  # the next token), the last one unused
+            reference = model(input_ids=window, use_cache=False,
+                              logits_to_keep=keep).logits[0, :-1]
             for scheme, tally in tallies.items():
                 logits = reference if scheme.method == "uncompressed" else (
-                    runners[scheme](window)[0, rows])
+                    runners[scheme](window, keep)[0, :-1])
                 tally.add(logits, reference, targets)
             bar.update()
     bar.close()
