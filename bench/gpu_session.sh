@@ -7,8 +7,9 @@
 # logs go to $OUT (default gpu-out/), one file per step, each headed by GPU, date and commit.
 #   run on the device:  TQ_COMMIT=<hash> bash bench/gpu_session.sh
 # (TQ_COMMIT names the commit where the copied tree has no .git.) AB_BASE=<dir> (a checkout of
-# an earlier commit, e.g. `git archive <rev> | tar -x -C <dir>`, untracked so that it travels)
-# and AB_COMMIT=<its hash> add that tree's decode tables after this one's, for a same-call A/B.
+# an earlier commit, e.g. `git archive <rev> | tar -x -C ab/base`; ab/ is git-ignored, so the
+# device run needs carry=["ab"]) and AB_COMMIT=<its hash> add that tree's decode tables after
+# this one's, for a same-call A/B.
 # Not run here: the full
 # attention tables (bench/attention.py), bench/compress.py and bench/decode_model.py.
 set -uo pipefail
