@@ -114,7 +114,8 @@ def attention_decode(k_index_bits: int, prod: bool, v_index_bits: int, ptx: bool
                       BLOCK_M=16, BLOCK_N=tiles["BLOCK_N"], OUT_BLOCK=32,
                       DEFER_SUM=tiles.get("DEFER_SUM", False), SKIP_EMPTY=False)
     pointers = dict(o_ptr="*fp32", ml_ptr="*fp32", ki_ptr="*u8", ks_ptr="*u8", vi_ptr="*u8",
-                    lens_ptr="*i32", first_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32", vr_ptr="*fp32")
+                    lens_ptr="*i32", first_ptr="*i32", kc_ptr="*fp32", vc_ptr="*fp32",
+                    vr_ptr="*fp32")
     return build(attention._attention_kernel, constexprs, ints, pointers, num_warps=num_warps,
                  num_stages=tiles["num_stages"], maxnreg=128)
 

@@ -100,11 +100,10 @@ class TurboQuantLayer(CacheLayerMixin):
         self.v_norms = zeros(1, self.norm_dtype)
         self.k_mean = (torch.zeros(batch, self.num_heads, 1, self.head_dim, device=device)
                        if self.center_keys else None)
-        exact = (batch, self.num_heads, self.sinks + self.window, self.head_dim)
-        has_exact = self.sinks + self.window > 0
-        self.k_exact, self.v_exact = (
-            (torch.zeros(exact, dtype=key_states.dtype, device=device) for _ in range(2))
-            if has_exact else (None, None))
+        if self.sinks + self.window:
+            self.k_exact, self.v_exact = (
+                torch.zeros(lead[:2] + (self.sinks + self.window, self.head_dim),
+                            dtype=key_states.dtype, device=device) for _ in range(2))
         self.exact_from = torch.zeros((), dtype=torch.long, device=device)
         self.cumulative_length = self.cumulative_length.to(device)
         self.errors = torch.zeros((), dtype=torch.long, device=device)

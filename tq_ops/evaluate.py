@@ -14,8 +14,9 @@ Schemes (K and V bits per coordinate given per scheme):
   first; with "scale" (`scale_keys=True`) each key channel is divided by its spread and the
   query multiplied by it. Levers the backend does not have yet are simulated here, eagerly,
   with the same quantizers (site l's seeds) on the same centred / scaled keys: a window of
-  the W most recent and the S first ("sink") tokens that each query reads exact, and "edges"
-  (one more bit for K and V in the first and last layers).
+  the W most recent and the S first ("sink") tokens that each query reads exact, "edges"
+  (one more bit for K and V in the first and last layers), "vcenter" (values centred) and
+  "split" (half the channels at one more bit; `Scheme`).
 * "rtn": per-token asymmetric integer round-to-nearest, min/max over head_dim per token and
   head, fp16 scale and zero.
 * "kivi": KIVI-style: keys per channel over groups of `group` tokens, values per token, fp16
@@ -69,9 +70,10 @@ class Scheme:
     paper's outlier-channel split for fractional widths: the head_dim // SPLIT_SHARE channels
     of largest RMS over the sequence (per batch row and KV head, after centring and scaling)
     at one more bit, the rest at the scheme's bits, each part (its channels in decreasing RMS
-    order) its own TurboQuant instance (rotation, norm, codebook of its dimension): K2/V2 +split stores 2.5
-    bits per coordinate (the paper's 32 of 128 channels at 3 bits store 2.25, not the 2.5 it
-    states). The lever "split"; none of the three has a backend or cache option."""
+    order) its own TurboQuant instance (rotation, norm, codebook of its dimension): K2/V2
+    +split stores 2.5 bits per coordinate (the paper's 32 of 128 channels at 3 bits store
+    2.25, not the 2.5 it states). The lever "split"; none of the three has a backend or cache
+    option."""
 
     method: str
     k_bits: int | None = None

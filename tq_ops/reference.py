@@ -126,13 +126,12 @@ def scores(query: Tensor, keys: PackedKeys) -> Tensor:
     return out
 
 
-def _exact_rotated(buffer: Tensor, rotation: Tensor, exact: ExactTokens, lengths: Tensor,
-                   keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Which key positions `keys` (K,) are read exact, bool (B, 1, 1, K), and their vectors from
-    `buffer` (an `ExactTokens` field) in the rotated domain: float32 (B, Hkv, K, D)."""
+def _exact_part(exact: ExactTokens, lengths: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Which key positions `keys` (K,) are read exact, bool (B, 1, 1, K), and their slots in
+    the `ExactTokens` buffers (K,)."""
     is_exact = masks.exact_keys(lengths, exact.start.to(lengths), exact.sinks, keys)
-    slots = masks.exact_slots(keys, exact.sinks, buffer.shape[2] - exact.sinks)
-    return is_exact[:, None, None, :], buffer.index_select(2, slots).float() @ rotation.T
+    slots = masks.exact_slots(keys, exact.sinks, exact.keys.shape[2] - exact.sinks)
+    return is_exact[:, None, None, :], slots
 
 
 def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: float,
@@ -164,8 +163,9 @@ def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: floa
     for part in _chunks(rows_per_key, stop):
         slots = torch.arange(part.start, part.stop, device=query.device)
         logits = _key_logits(q_rotated, q_sketch, part, keys)
-        if exact is not None:
-            is_exact, exact_k = _exact_rotated(exact.keys, keys.rotation, exact, lengths, slots)
+        if exact is not None:  # exact k and v, rotated like the codes (Pi orthogonal)
+            is_exact, exact_slots = _exact_part(exact, lengths, slots)
+            exact_k = exact.keys.index_select(2, exact_slots).float() @ keys.rotation.T
             logits = torch.where(is_exact, q_rotated @ exact_k.transpose(-1, -2), logits)
         logits = logits.view(grid + (-1,)) * scale
         keep = masks.visible_keys(lengths, q_len, slots, is_causal)[:, None, None]  # B,1,1,Lq,chunk
@@ -181,8 +181,7 @@ def attention(query: Tensor, keys: PackedKeys, values: PackedValues, scale: floa
         decoded = _codes_to_unit(values.indices[:, :, part], values.centroids, values.index_bits,
                                  v_dim) * values.norms[:, :, part].float()
         if exact is not None:
-            is_exact, exact_v = _exact_rotated(exact.values, values.rotation, exact, lengths,
-                                               slots)
+            exact_v = exact.values.index_select(2, exact_slots).float() @ values.rotation.T
             decoded = torch.where(is_exact.transpose(-1, -2), exact_v, decoded)
         total = total * decay + probs.sum(-1, keepdim=True)
         acc = acc * decay + (probs.flatten(2, 3) @ decoded).view(acc.shape)
